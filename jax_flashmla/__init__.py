@@ -1,0 +1,35 @@
+"""jax_flashmla: FlashMLA-style Multi-head Latent Attention kernels for JAX.
+
+Every op is a pure, jittable JAX function with FlashMLA's name and argument order. Each takes
+`implementation=None | "cuda" | "xla"`: None runs the CUDA kernel where it supports the inputs
+and the device (an sm_90 Hopper GPU), else the plain-JAX reference in `jax_flashmla.reference`.
+Set JAX_FLASHMLA_FORCE_XLA=all (or a comma-separated list of op names) to send ops to their
+reference for A/B debugging.
+"""
+
+from jax_flashmla._src.platform import assume_device
+from jax_flashmla.ops.combine import combine_splits
+from jax_flashmla.ops.decode import flash_mla_with_kvcache
+from jax_flashmla.ops.dense_prefill import (
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
+from jax_flashmla.ops.metadata import get_mla_metadata
+from jax_flashmla.ops.quant import dequantize_k_cache, quantize_k_cache
+from jax_flashmla.ops.sparse_prefill import flash_mla_sparse_fwd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "assume_device",
+    "combine_splits",
+    "dequantize_k_cache",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_mla_sparse_fwd",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
+    "quantize_k_cache",
+]

@@ -1,0 +1,304 @@
+"""flash_mla_with_kvcache: MLA decoding over a paged KV cache (dense BF16/FP16 or sparse FP8)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_flashmla._src import checks, platform
+from jax_flashmla._src.primitive import METADATA_FIELDS
+from jax_flashmla.ops import metadata as metadata_op
+from jax_flashmla.ops import quant
+from jax_flashmla.reference import decode as reference
+
+OP = "flash_mla_with_kvcache"
+
+FP8_CACHE_DTYPES = (jnp.float8_e4m3fn, jnp.uint8)
+
+#: Multiple that topk (and extra_topk) must be, as for FlashMLA's sparse kernels.
+TOPK_MULTIPLE = 64
+
+
+def flash_mla_with_kvcache(
+    q: jax.Array,
+    k_cache: jax.Array,
+    block_table: jax.Array | None,
+    cache_seqlens: jax.Array | None,
+    head_dim_v: int,
+    tile_scheduler_metadata: jax.Array | None = None,
+    num_splits: jax.Array | None = None,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    is_fp8_kvcache: bool = False,
+    indices: jax.Array | None = None,
+    attn_sink: jax.Array | None = None,
+    topk_length: jax.Array | None = None,
+    extra_k_cache: jax.Array | None = None,
+    extra_indices_in_kvcache: jax.Array | None = None,
+    extra_topk_length: jax.Array | None = None,
+    implementation: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """MLA decode attention over a paged KV cache. Returns (out, lse).
+
+    Dense mode (indices None): request i's token t lives in row t % page of physical block
+    block_table[i, t // page]; query j of s_q sees keys t < cache_seqlens[i] (and, if causal,
+    t <= cache_seqlens[i] - s_q + j: bottom-right aligned). Block-table entries past
+    ceil(cache_seqlens[i] / page) are never read.
+
+    Sparse mode (indices given, FP8 cache): query token j of request i attends the keys
+    indices[i, j, :topk_length[i]] (value = physical_block * page + offset; -1 = none), plus
+    extra_indices_in_kvcache into extra_k_cache when given; one softmax over both.
+
+    Args:
+      q: [b, s_q, h_q, d_qk], bfloat16 or float16 (bfloat16 in sparse mode).
+      k_cache: dense: [num_blocks, page, h_kv, d_qk], q's dtype, h_q % h_kv == 0. With
+        is_fp8_kvcache: float8_e4m3fn (or uint8) [num_blocks, page, 1, 656] ("V32" layout,
+        d_qk 576) or [num_blocks, page, 1, 584] ("MODEL1", d_qk 512); see
+        `jax_flashmla.quantize_k_cache`.
+      block_table: int32 [b, max_blocks_per_seq] (dense); must be None in sparse mode.
+      cache_seqlens: int32 [b] (dense, 0 allowed); must be None in sparse mode.
+      head_dim_v: d_v, 512 (V is the first d_v dims of each cache row).
+      tile_scheduler_metadata, num_splits: from `get_mla_metadata` for these shapes, or both
+        None to compute them here. Reuse one pair for every layer of a decode step.
+      softmax_scale: static float, default d_qk ** -0.5.
+      causal: static bool, bottom-right causal mask over the s_q queries (dense mode only).
+      is_fp8_kvcache: static bool, the cache is FP8 (required in sparse mode; in dense mode
+        the FP8 cache is dequantised).
+      indices: int32 [b, s_q, topk], topk a multiple of 64 (sparse mode).
+      attn_sink: float32 [h_q]: out *= 1 / (1 + exp(attn_sink - lse)); lse is unchanged.
+      topk_length: int32 [b], keys of `indices` that count per request (sparse mode).
+      extra_k_cache: second FP8 cache with its own page size, same layout (sparse mode).
+      extra_indices_in_kvcache: int32 [b, s_q, extra_topk] into extra_k_cache.
+      extra_topk_length: int32 [b].
+      implementation: None (the kernel when it supports the inputs and device, else the XLA
+        reference), "cuda" (the kernel or a ValueError saying why not) or "xla".
+
+    Returns:
+      out: [b, s_q, h_q, head_dim_v] in q's dtype; 0 for a query with no key to attend.
+      lse: float32 [b, h_q, s_q], natural-log logsumexp of softmax_scale * q.k; +inf for a
+        query with no key.
+
+    Raises:
+      TypeError: an argument has the wrong dtype or is not an array / Python value.
+      ValueError: a rank or shape is wrong, h_q % h_kv != 0, head_dim_v > d_qk, the batch
+        sizes differ, the metadata was built for other shapes, topk is not a multiple of 64,
+        a sparse-only argument is given in dense mode (or the reverse), or implementation is
+        "cuda" where no kernel can take these inputs.
+    """
+    checks.check_array(OP, "q", q, ndim=4, shape_doc="[batch, s_q, h_q, d_qk]")
+    checks.check_array(
+        OP,
+        "k_cache",
+        k_cache,
+        ndim=4,
+        shape_doc="[num_blocks, page_block_size, h_kv, d_qk or bytes per token]",
+    )
+    d_v = checks.check_int(OP, "head_dim_v", head_dim_v, minimum=1)
+    causal = checks.check_bool(OP, "causal", causal)
+    is_fp8 = checks.check_bool(OP, "is_fp8_kvcache", is_fp8_kvcache)
+    _, s_q, h_q, d_qk = q.shape
+    if s_q < 1 or h_q < 1:
+        raise ValueError(f"{OP}: q must have s_q >= 1 and h_q >= 1; got shape {q.shape}")
+    scale = checks.check_scale(OP, "softmax_scale", softmax_scale, d_qk**-0.5)
+    if d_v > d_qk:
+        raise ValueError(f"{OP}: head_dim_v must be <= d_qk ({d_qk}); got {d_v}")
+    sparse_args = {
+        "attn_sink": attn_sink,
+        "topk_length": topk_length,
+        "extra_k_cache": extra_k_cache,
+        "extra_indices_in_kvcache": extra_indices_in_kvcache,
+        "extra_topk_length": extra_topk_length,
+    }
+    if is_fp8:
+        checks.check_array(OP, "k_cache", k_cache, dtypes=FP8_CACHE_DTYPES)
+        layout = _fp8_layout("k_cache", k_cache, d_qk)
+        cache = quant.dequantize_k_cache(k_cache, layout=layout, dtype=jnp.bfloat16)
+    else:
+        checks.check_array(OP, "q", q, dtypes=checks.FLOAT16_TYPES)
+        checks.check_array(OP, "k_cache", k_cache, dtypes=(q.dtype,))
+        cache = k_cache
+    if cache.shape[-1] != d_qk:
+        raise ValueError(
+            f"{OP}: k_cache must have d_qk = {d_qk} (q's last dim); got shape {k_cache.shape}"
+        )
+    h_kv = cache.shape[2]
+    if h_kv < 1 or h_q % h_kv:
+        raise ValueError(f"{OP}: h_q must be a multiple of h_kv; got h_q={h_q}, h_kv={h_kv}")
+    if k_cache.shape[1] < 1:
+        raise ValueError(f"{OP}: k_cache page_block_size must be >= 1; got {k_cache.shape}")
+
+    if indices is None:
+        for name, value in sparse_args.items():
+            if value is not None:
+                raise ValueError(f"{OP}: {name} is only accepted in sparse mode (with indices)")
+        _check_dense_inputs(q, block_table, cache_seqlens)
+    else:
+        if not is_fp8:
+            raise ValueError(f"{OP}: sparse mode (indices given) needs is_fp8_kvcache=True")
+        if causal:
+            raise ValueError(f"{OP}: causal must be False in sparse mode (indices given)")
+        if block_table is not None or cache_seqlens is not None:
+            raise ValueError(
+                f"{OP}: block_table and cache_seqlens must be None in sparse mode: indices "
+                "already hold physical_block * page + offset"
+            )
+        checks.check_array(OP, "q", q, dtypes=(jnp.bfloat16,))
+        if h_kv != 1:
+            raise ValueError(f"{OP}: sparse mode needs h_kv == 1; got k_cache {k_cache.shape}")
+        _check_sparse_inputs(q, k_cache, indices, sparse_args)
+
+    _check_metadata(q, h_kv, tile_scheduler_metadata, num_splits)
+
+    # No decode kernel is built yet: the reference serves every call ("cuda" explains why).
+    platform.choose_implementation(OP, implementation, "the decode kernels are not built yet")
+    if indices is None:
+        return reference.dense_decode(
+            q,
+            cache,
+            block_table,
+            cache_seqlens,
+            head_dim_v=d_v,
+            softmax_scale=scale,
+            causal=causal,
+        )
+    extra = None
+    if extra_k_cache is not None:
+        extra = quant.dequantize_k_cache(
+            extra_k_cache,
+            layout=_fp8_layout("extra_k_cache", extra_k_cache, d_qk),
+            dtype=jnp.bfloat16,
+        )
+    return reference.sparse_decode(
+        q,
+        cache,
+        indices,
+        topk_length=topk_length,
+        attn_sink=attn_sink,
+        extra_k_cache=extra,
+        extra_indices=extra_indices_in_kvcache,
+        extra_topk_length=extra_topk_length,
+        softmax_scale=scale,
+        head_dim_v=d_v,
+    )
+
+
+def _fp8_layout(name: str, cache: jax.Array, d_qk: int) -> str:
+    """The FP8 layout whose bytes per token match `cache`, checked against q's d_qk."""
+    for layout_name, layout in quant.FP8_LAYOUTS.items():
+        if cache.shape[-1] == layout.bytes_per_token:
+            if layout.d_qk != d_qk:
+                raise ValueError(
+                    f"{OP}: the {layout_name} FP8 layout of {name} holds d_qk = {layout.d_qk}, "
+                    f"but q has d_qk = {d_qk}"
+                )
+            if cache.shape[2] != 1:
+                raise ValueError(f"{OP}: an FP8 {name} must have h_kv == 1; got {cache.shape}")
+            return layout_name
+    sizes = ", ".join(f"{n}: {lay.bytes_per_token}" for n, lay in quant.FP8_LAYOUTS.items())
+    raise ValueError(
+        f"{OP}: an FP8 {name} must have a last dim of bytes per token ({sizes}); "
+        f"got shape {cache.shape}"
+    )
+
+
+def _check_dense_inputs(q: jax.Array, block_table, cache_seqlens) -> None:
+    b = q.shape[0]
+    if block_table is None or cache_seqlens is None:
+        raise ValueError(f"{OP}: dense mode (indices None) needs block_table and cache_seqlens")
+    checks.check_array(
+        OP,
+        "block_table",
+        block_table,
+        ndim=2,
+        dtypes=checks.INT32,
+        shape_doc="[batch, max_blocks_per_seq]",
+    )
+    checks.check_array(
+        OP, "cache_seqlens", cache_seqlens, ndim=1, dtypes=checks.INT32, shape_doc="[batch]"
+    )
+    if block_table.shape[0] != b or cache_seqlens.shape[0] != b:
+        raise ValueError(
+            f"{OP}: q, block_table and cache_seqlens must share the batch size; got "
+            f"{b}, {block_table.shape[0]} and {cache_seqlens.shape[0]}"
+        )
+
+
+def _check_sparse_inputs(q, k_cache, indices, sparse_args) -> None:
+    b, s_q, h_q, _ = q.shape
+    checks.check_array(
+        OP,
+        "indices",
+        indices,
+        ndim=3,
+        dtypes=checks.INT32,
+        shape=(b, s_q, None),
+        shape_doc="[batch, s_q, topk]",
+    )
+    topk = indices.shape[2]
+    if topk < TOPK_MULTIPLE or topk % TOPK_MULTIPLE:
+        raise ValueError(
+            f"{OP}: topk (indices.shape[2]) must be a positive multiple of 64; got {topk}"
+        )
+    if sparse_args["attn_sink"] is not None:
+        checks.check_array(
+            OP,
+            "attn_sink",
+            sparse_args["attn_sink"],
+            dtypes=checks.FLOAT32,
+            shape=(h_q,),
+            shape_doc="[h_q]",
+        )
+    for name in ("topk_length", "extra_topk_length"):
+        if sparse_args[name] is not None:
+            checks.check_array(
+                OP, name, sparse_args[name], dtypes=checks.INT32, shape=(b,), shape_doc="[batch]"
+            )
+    extra_cache = sparse_args["extra_k_cache"]
+    extra_indices = sparse_args["extra_indices_in_kvcache"]
+    if (extra_cache is None) != (extra_indices is None):
+        raise ValueError(f"{OP}: extra_k_cache and extra_indices_in_kvcache go together")
+    if sparse_args["extra_topk_length"] is not None and extra_cache is None:
+        raise ValueError(f"{OP}: extra_topk_length needs extra_k_cache")
+    if extra_cache is not None:
+        checks.check_array(OP, "extra_k_cache", extra_cache, ndim=4, dtypes=FP8_CACHE_DTYPES)
+        if extra_cache.shape[-1] != k_cache.shape[-1]:
+            raise ValueError(
+                f"{OP}: extra_k_cache must have k_cache's layout (last dim "
+                f"{k_cache.shape[-1]}); got shape {extra_cache.shape}"
+            )
+        checks.check_array(
+            OP,
+            "extra_indices_in_kvcache",
+            extra_indices,
+            dtypes=checks.INT32,
+            shape=(b, s_q, None),
+            shape_doc="[batch, s_q, extra_topk]",
+        )
+        extra_topk = extra_indices.shape[2]
+        if extra_topk < TOPK_MULTIPLE or extra_topk % TOPK_MULTIPLE:
+            raise ValueError(
+                f"{OP}: extra_topk (extra_indices_in_kvcache.shape[2]) must be a "
+                f"positive multiple of 64; got {extra_topk}"
+            )
+
+
+def _check_metadata(q, h_kv, tile_scheduler_metadata, num_splits) -> None:
+    """The metadata must be absent or built by get_mla_metadata for these shapes."""
+    if (tile_scheduler_metadata is None) != (num_splits is None):
+        raise ValueError(f"{OP}: pass both tile_scheduler_metadata and num_splits, or neither")
+    if tile_scheduler_metadata is None:
+        return
+    b, s_q, h_q, _ = q.shape
+    parts = metadata_op.num_sm_parts(s_q * h_q // h_kv, h_kv)
+    for name, value, shape in (
+        ("tile_scheduler_metadata", tile_scheduler_metadata, (parts, METADATA_FIELDS)),
+        ("num_splits", num_splits, (b + 1,)),
+    ):
+        checks.check_array(OP, name, value, dtypes=checks.INT32)
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"{OP}: {name} has shape {tuple(value.shape)} but these inputs need {shape}: "
+                f"build it with get_mla_metadata(cache_seqlens, {s_q * h_q // h_kv}, {h_kv}) "
+                f"for q of shape {q.shape}"
+            )

@@ -1,0 +1,96 @@
+"""get_mla_metadata: the split-KV schedule of the decode kernels, as a jittable op."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_flashmla._src import checks, platform
+from jax_flashmla._src.primitive import METADATA_FIELDS, SCHEDULER_BLOCK_TOKENS, mla_metadata_p
+
+OP = "get_mla_metadata"
+
+#: Rows of queries one decode CTA handles for one KV head.
+QUERY_ROWS_PER_TILE = 64
+
+#: Largest batch the scheduler kernel takes (it keeps per-request prefix sums in shared memory).
+MAX_BATCH = 32768
+
+
+def num_sm_parts(num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+    """How many parts the KV work is split into: about one CTA per SM.
+
+    max(num_SMs // h_kv // ceil(s_q*h_q/h_kv / 64), 1), with the SM count of the target device
+    (132 on an H200; 132 is also assumed where there is no GPU).
+    """
+    tiles = -(-num_q_tokens_per_head_k // QUERY_ROWS_PER_TILE)
+    return max(platform.target_device().num_sms // num_heads_k // tiles, 1)
+
+
+def get_mla_metadata(
+    cache_seqlens: jax.Array,
+    num_q_tokens_per_head_k: int,
+    num_heads_k: int,
+    *,
+    num_heads_q: int | None = None,
+    is_fp8_kvcache: bool = False,
+    topk: int | None = None,
+    implementation: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Split-KV schedule for `flash_mla_with_kvcache`: compute once per step, reuse per layer.
+
+    Args:
+      cache_seqlens: int32 [b], KV length of each request (0 allowed). Ignored when `topk` is
+        given (every request then attends `topk` keys per query).
+      num_q_tokens_per_head_k: s_q * h_q // h_kv, the query rows that share one KV head.
+      num_heads_k: h_kv, KV heads of the cache (1 for MLA).
+      num_heads_q: h_q, optional; checked to be a multiple of `num_heads_k` when given.
+      is_fp8_kvcache: the cache is FP8 (accepted for FlashMLA compatibility; the schedule is
+        the same).
+      topk: sparse decode: keys per query token (a positive multiple of 64).
+      implementation: None (the CUDA scheduler on a Hopper GPU, else the reference), "cuda" or
+        "xla". Both compute the identical schedule.
+
+    Returns:
+      tile_scheduler_metadata: int32 [num_sm_parts, 8]; num_sm_parts =
+        max(num_SMs // h_kv // ceil(num_q_tokens_per_head_k / 64), 1). Row p is
+        [begin_req, end_req (inclusive), begin_block, end_block (exclusive), begin_split_idx,
+        begin_req is split, end_req is split, 0], blocks being 64-token KV tiles; an empty part
+        is [b, -1, 0, 0, 0, 0, 0, 0]. See `jax_flashmla.reference.schedule` for the scheme.
+      num_splits: int32 [b + 1], exclusive prefix sum of the pieces each request is split into.
+
+    Raises:
+      TypeError: cache_seqlens is not an int32 array; a count is not a Python int.
+      ValueError: cache_seqlens is not rank 1 or has more than 32768 entries; a count is < 1;
+        num_heads_q is not a multiple of num_heads_k; topk is not a positive multiple of 64;
+        implementation is unknown, or "cuda" where the kernel cannot run.
+    """
+    checks.check_array(
+        OP, "cache_seqlens", cache_seqlens, ndim=1, dtypes=checks.INT32, shape_doc="[batch]"
+    )
+    if cache_seqlens.shape[0] > MAX_BATCH:
+        raise ValueError(
+            f"{OP}: cache_seqlens may have at most {MAX_BATCH} requests; "
+            f"got {cache_seqlens.shape[0]}"
+        )
+    rows = checks.check_int(OP, "num_q_tokens_per_head_k", num_q_tokens_per_head_k, minimum=1)
+    h_kv = checks.check_int(OP, "num_heads_k", num_heads_k, minimum=1)
+    if num_heads_q is not None:
+        h_q = checks.check_int(OP, "num_heads_q", num_heads_q, minimum=1)
+        if h_q % h_kv:
+            raise ValueError(
+                f"{OP}: num_heads_q must be a multiple of num_heads_k; got {h_q} and {h_kv}"
+            )
+    checks.check_bool(OP, "is_fp8_kvcache", is_fp8_kvcache)
+    fixed_length = -1
+    if topk is not None:
+        fixed_length = checks.check_int(OP, "topk", topk, minimum=1)
+        if fixed_length % SCHEDULER_BLOCK_TOKENS:
+            raise ValueError(f"{OP}: topk must be a multiple of 64; got {fixed_length}")
+    num_parts = num_sm_parts(rows, h_kv)
+    params = {"num_parts": num_parts, "fixed_length": fixed_length}
+    if platform.choose_implementation(OP, implementation) == "xla":
+        metadata, num_splits = mla_metadata_p.reference(cache_seqlens, **params)
+    else:
+        metadata, num_splits = mla_metadata_p.bind(cache_seqlens, **params)
+    assert metadata.shape == (num_parts, METADATA_FIELDS)
+    return metadata, num_splits

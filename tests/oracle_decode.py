@@ -1,0 +1,479 @@
+"""Float64 NumPy oracles, test-data builders and the comparison rule for the MLA ops.
+
+Everything here is plain NumPy and deliberately shares no code with jax_flashmla: the oracles
+loop over requests, tokens and heads and gather keys one by one, so they are slow but easy to
+check by eye. Inputs may be bf16/fp16/fp32 NumPy arrays (or JAX arrays); they are converted
+to float64 first. The builders follow semantics.md ("Test data"): values ~ N(0, 1) / 10
+clamped to [-1, 1], random block placement, garbage block-table entries and NaN in every
+cache element that must not be read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FP16 = np.dtype(np.float16)
+
+# Value the tests put in block-table entries that must never be dereferenced.
+GARBAGE_BLOCK = 2147480000
+
+# Tolerances of semantics.md, as keyword arguments for check_close.
+DENSE_DECODE_OUT_TOL = {"abs_tol": 8e-4, "rel_tol": 2.01 / 128, "cos_tol": 5e-6}
+DENSE_DECODE_LSE_TOL = {"abs_tol": 1e-6, "rel_tol": 8.01 / 65536}
+SPARSE_DECODE_OUT_TOL = {"abs_tol": 1e-3, "rel_tol": 2.01 / 128, "cos_tol": 5e-6}
+SPARSE_DECODE_LSE_TOL = {"abs_tol": 1e-6, "rel_tol": 8.01 / 65536}
+SPARSE_PREFILL_OUT_TOL = {"abs_tol": 8e-4, "rel_tol": 3.01 / 128, "cos_tol": 7e-6}
+SPARSE_PREFILL_LSE_TOL = {"abs_tol": 1e-6, "rel_tol": 2.01 / 65536}
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison
+# ----------------------------------------------------------------------------------------------
+
+
+def check_close(
+    actual,
+    ref,
+    *,
+    abs_tol: float,
+    rel_tol: float,
+    cos_tol: float | None = None,
+    name: str = "value",
+) -> None:
+    """Asserts semantics.md's rule; raises AssertionError describing the failure.
+
+    - non-finite positions (inf / NaN) must coincide exactly, with the same value;
+    - each finite element passes if |a - r| < abs_tol or |a - r| / (|r| + 1e-6) < rel_tol;
+    - if cos_tol is given, 1 - 2 sum(a r) / sum(a^2 + r^2) over the finite positions, in
+      float64, must be <= cos_tol.
+    """
+    a = np.asarray(actual).astype(np.float64)
+    r = np.asarray(ref).astype(np.float64)
+    if a.shape != r.shape:
+        raise AssertionError(f"{name}: shape {a.shape} != reference shape {r.shape}")
+
+    a_finite = np.isfinite(a)
+    r_finite = np.isfinite(r)
+    same_special = (a == r) | (np.isnan(a) & np.isnan(r))
+    special_bad = (a_finite != r_finite) | (~a_finite & ~r_finite & ~same_special)
+    if special_bad.any():
+        where = np.argwhere(special_bad)
+        first = tuple(int(i) for i in where[0])
+        raise AssertionError(
+            f"{name}: inf/NaN positions differ at {len(where)} of {a.size} elements; "
+            f"first at {first}: actual {a[first]!r}, reference {r[first]!r}"
+        )
+
+    with np.errstate(invalid="ignore"):  # inf - inf at the (already checked) special places
+        err = np.where(r_finite, np.abs(a - r), 0.0)
+    passes = (err < abs_tol) | (err / (np.abs(np.where(r_finite, r, 0.0)) + 1e-6) < rel_tol)
+    failing = r_finite & ~passes
+    if failing.any():
+        worst = np.unravel_index(np.argmax(np.where(failing, err, -1.0)), a.shape)
+        worst = tuple(int(i) for i in worst)
+        raise AssertionError(
+            f"{name}: {int(failing.sum())} of {a.size} elements out of tolerance "
+            f"(abs_tol {abs_tol:g}, rel_tol {rel_tol:g}); worst at {worst}: actual "
+            f"{a[worst]!r}, reference {r[worst]!r}, |diff| {err[worst]:.3e}"
+        )
+
+    if cos_tol is not None:
+        af = a[r_finite]
+        rf = r[r_finite]
+        denom = float(np.sum(af * af + rf * rf))
+        cos_diff = 0.0 if denom == 0.0 else 1.0 - 2.0 * float(np.sum(af * rf)) / denom
+        if cos_diff > cos_tol:
+            raise AssertionError(f"{name}: cosine difference {cos_diff:.3e} > {cos_tol:g}")
+
+
+def assert_same_up_to_rounding(actual, expected, *, name: str = "value") -> None:
+    """Asserts two runs of one computation agree up to rounding.
+
+    For results of the same fp32 math evaluated with another grouping (e.g. another chunk size,
+    which on GPU may pick another matmul algorithm): each element within 1e-6 absolutely (for
+    values near 0, where a dot product's rounding is large relative to its result) or within
+    4 fp32 ulp / 1 ulp of a bf16 or fp16 output; the same inf/NaN positions.
+    """
+    a = np.asarray(actual)
+    e = np.asarray(expected)
+    assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, e.dtype, a.shape, e.shape)
+    eps = 2.0**-7 if a.dtype == BF16 else float(np.finfo(a.dtype).eps)
+    ulps = 4 if a.dtype == np.float32 else 1
+    check_close(a, e, abs_tol=1e-6, rel_tol=ulps * eps * 1.0001, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Oracles
+# ----------------------------------------------------------------------------------------------
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x).astype(np.float64)
+
+
+def _attend_one(query: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float):
+    """One query row against its key list: (out [dv], lse, max_logit); lonely -> 0, inf, -inf."""
+    if keys.shape[0] == 0:
+        return np.zeros(values.shape[1]), np.inf, -np.inf
+    logits = scale * (keys @ query)
+    top = logits.max()
+    weights = np.exp(logits - top)
+    total = weights.sum()
+    return (weights @ values) / total, top + np.log(total), top
+
+
+def _sink_factor(sink: float, lse: float) -> float:
+    if np.isinf(lse):  # lonely row: output stays 0 whatever the sink
+        return 1.0
+    with np.errstate(over="ignore"):
+        return float(1.0 / (1.0 + np.exp(sink - lse)))
+
+
+def dense_decode_oracle(
+    q,
+    k_cache,
+    block_table,
+    cache_seqlens,
+    *,
+    head_dim_v: int = 512,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense paged decode. Returns out [b, s_q, h_q, dv] and lse [b, h_q, s_q], float64."""
+    q = _f64(q)
+    k_cache = _f64(k_cache)
+    block_table = np.asarray(block_table)
+    cache_seqlens = np.asarray(cache_seqlens)
+    b, s_q, h_q, d_qk = q.shape
+    page, h_kv = k_cache.shape[1], k_cache.shape[2]
+    group = h_q // h_kv
+    scale = d_qk**-0.5 if softmax_scale is None else softmax_scale
+    out = np.zeros((b, s_q, h_q, head_dim_v))
+    lse = np.zeros((b, h_q, s_q))
+    for i in range(b):
+        length = int(cache_seqlens[i])
+        # Token t of request i lives in block block_table[i, t // page], row t % page.
+        tokens = (
+            np.stack([k_cache[block_table[i, t // page], t % page] for t in range(length)])
+            if length > 0
+            else np.zeros((0, h_kv, d_qk))
+        )
+        for h in range(h_q):
+            kv_head = h // group
+            for s in range(s_q):
+                visible = length
+                if causal:
+                    visible = max(0, min(length, length - s_q + s + 1))
+                keys = tokens[:visible, kv_head, :]
+                o, l, _ = _attend_one(q[i, s, h], keys, keys[:, :head_dim_v], scale)
+                out[i, s, h] = o
+                lse[i, h, s] = l
+    return out, lse
+
+
+def _selected_rows(cache: np.ndarray, idx: np.ndarray, length: int) -> list[np.ndarray]:
+    """Rows of cache [num_blocks, page, 1, d] picked by the first `length` valid slots."""
+    num_blocks, page = cache.shape[0], cache.shape[1]
+    rows = []
+    for slot in range(min(length, idx.shape[0])):
+        value = int(idx[slot])
+        if 0 <= value < num_blocks * page:
+            rows.append(cache[value // page, value % page, 0])
+    return rows
+
+
+def sparse_decode_oracle(
+    q,
+    k_cache,
+    indices,
+    *,
+    topk_length=None,
+    attn_sink=None,
+    extra_k_cache=None,
+    extra_indices=None,
+    extra_topk_length=None,
+    softmax_scale: float | None = None,
+    head_dim_v: int = 512,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse decode on a dequantised cache. Returns out [b, s_q, h_q, dv], lse [b, h_q, s_q]."""
+    q = _f64(q)
+    k_cache = _f64(k_cache)
+    indices = np.asarray(indices)
+    b, s_q, h_q, d_qk = q.shape
+    scale = d_qk**-0.5 if softmax_scale is None else softmax_scale
+    if extra_k_cache is not None:
+        extra_k_cache = _f64(extra_k_cache)
+        extra_indices = np.asarray(extra_indices)
+    out = np.zeros((b, s_q, h_q, head_dim_v))
+    lse = np.zeros((b, h_q, s_q))
+    for i in range(b):
+        count = indices.shape[2] if topk_length is None else int(topk_length[i])
+        for s in range(s_q):
+            rows = _selected_rows(k_cache, indices[i, s], count)
+            if extra_k_cache is not None:
+                extra_count = (
+                    extra_indices.shape[2]
+                    if extra_topk_length is None
+                    else int(extra_topk_length[i])
+                )
+                rows += _selected_rows(extra_k_cache, extra_indices[i, s], extra_count)
+            keys = np.stack(rows) if rows else np.zeros((0, d_qk))
+            for h in range(h_q):
+                o, l, _ = _attend_one(q[i, s, h], keys, keys[:, :head_dim_v], scale)
+                if attn_sink is not None:
+                    o = o * _sink_factor(float(attn_sink[h]), l)
+                out[i, s, h] = o
+                lse[i, h, s] = l
+    return out, lse
+
+
+def sparse_prefill_oracle(
+    q, kv, indices, sm_scale: float, d_v: int = 512, attn_sink=None, topk_length=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse prefill. Returns out [s_q, h_q, d_v], max_logits [s_q, h_q], lse [s_q, h_q]."""
+    q = _f64(q)
+    kv = _f64(kv)
+    indices = np.asarray(indices)
+    s_q, h_q, _ = q.shape
+    s_kv = kv.shape[0]
+    topk = indices.shape[2]
+    out = np.zeros((s_q, h_q, d_v))
+    max_logits = np.zeros((s_q, h_q))
+    lse = np.zeros((s_q, h_q))
+    for t in range(s_q):
+        count = topk if topk_length is None else int(topk_length[t])
+        picked = [int(j) for j in indices[t, 0, : max(0, min(count, topk))]]
+        picked = [j for j in picked if 0 <= j < s_kv]
+        keys = kv[picked, 0, :] if picked else np.zeros((0, kv.shape[2]))
+        for h in range(h_q):
+            o, l, m = _attend_one(q[t, h], keys, keys[:, :d_v], sm_scale)
+            if attn_sink is not None:
+                o = o * _sink_factor(float(attn_sink[h]), l)
+            out[t, h] = o
+            max_logits[t, h] = m
+            lse[t, h] = l
+    return out, max_logits, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Test data
+# ----------------------------------------------------------------------------------------------
+
+
+def random_values(rng: np.random.Generator, shape: Sequence[int], dtype) -> np.ndarray:
+    """N(0, 1) / 10 clamped to [-1, 1], rounded to `dtype` (FlashMLA's test distribution)."""
+    x = np.clip(rng.standard_normal(tuple(shape)) / 10.0, -1.0, 1.0)
+    return x.astype(np.float32).astype(dtype)
+
+
+def make_seqlens(
+    rng: np.random.Generator,
+    b: int,
+    s_k: int,
+    *,
+    s_q: int = 1,
+    varlen: bool = False,
+    zero_requests: Sequence[int] = (),
+) -> np.ndarray:
+    """int32 [b]: s_k each, or max(N(s_k, s_k / 2), s_q) if varlen; 0 for `zero_requests`."""
+    if varlen:
+        lengths = np.maximum(rng.normal(s_k, s_k / 2, size=b), s_q).astype(np.int32)
+    else:
+        lengths = np.full(b, s_k, np.int32)
+    lengths[list(zero_requests)] = 0
+    return lengths
+
+
+def make_paged_cache(
+    rng: np.random.Generator,
+    seqlens: Sequence[int],
+    *,
+    page: int,
+    h_kv: int,
+    d_qk: int,
+    dtype,
+    extra_blocks_per_seq: int = 1,
+    spare_blocks: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A paged cache holding len(seqlens) requests, in randomly permuted blocks.
+
+    Each request owns max_blocks = ceil(max(seqlens) / page) + extra_blocks_per_seq block-table
+    entries; `spare_blocks` more blocks belong to nobody. Entries past a request's
+    ceil(len / page) blocks are GARBAGE_BLOCK. NaN fills every element no request may read: rows
+    at or past a request's length, the blocks it does not use and the spare blocks.
+    Returns k_cache [num_blocks, page, h_kv, d_qk] (dtype) and block_table int32 [b, max_blocks].
+    """
+    seqlens = [int(x) for x in seqlens]
+    b = len(seqlens)
+    max_blocks = -(-max(seqlens, default=0) // page) + extra_blocks_per_seq
+    max_blocks = max(max_blocks, 1)
+    num_blocks = b * max_blocks + spare_blocks
+    owned = rng.permutation(num_blocks)[: b * max_blocks].reshape(b, max_blocks)
+    cache = np.clip(rng.standard_normal((num_blocks, page, h_kv, d_qk)) / 10.0, -1.0, 1.0)
+    cache = cache.astype(np.float32)
+    readable = np.zeros((num_blocks, page), bool)
+    block_table = owned.astype(np.int32)
+    for i, length in enumerate(seqlens):
+        positions = np.arange(length)
+        readable[owned[i, positions // page], positions % page] = True
+        block_table[i, -(-length // page) :] = GARBAGE_BLOCK
+    cache[~readable] = np.nan
+    return cache.astype(dtype), block_table
+
+
+def make_dense_decode_inputs(
+    rng: np.random.Generator,
+    *,
+    b: int,
+    s_q: int,
+    s_k: int,
+    h_q: int,
+    h_kv: int,
+    d_qk: int = 576,
+    page: int = 64,
+    dtype=BF16,
+    varlen: bool = False,
+    seqlens: Sequence[int] | None = None,
+    zero_requests: Sequence[int] = (),
+    spare_blocks: int = 2,
+) -> dict[str, np.ndarray]:
+    """q, k_cache, block_table, cache_seqlens (NumPy; q and k_cache in `dtype`).
+
+    `seqlens` overrides the drawn lengths (e.g. lengths < s_q for causal lonely queries).
+    """
+    if seqlens is None:
+        lengths = make_seqlens(rng, b, s_k, s_q=s_q, varlen=varlen, zero_requests=zero_requests)
+    else:
+        lengths = np.asarray(seqlens, np.int32)
+    k_cache, block_table = make_paged_cache(
+        rng, lengths, page=page, h_kv=h_kv, d_qk=d_qk, dtype=dtype, spare_blocks=spare_blocks
+    )
+    return {
+        "q": random_values(rng, (b, s_q, h_q, d_qk), dtype),
+        "k_cache": k_cache,
+        "block_table": block_table,
+        "cache_seqlens": lengths,
+    }
+
+
+def make_sparse_cache_and_indices(
+    rng: np.random.Generator,
+    *,
+    b: int,
+    s_q: int,
+    topk: int,
+    page: int,
+    s_kv: int,
+    d_qk: int = 576,
+    dtype=BF16,
+    varlen: bool = True,
+    invalid_frac: float = 0.1,
+    out_of_range_frac: float = 0.0,
+    duplicates: bool = False,
+    topk_length: Sequence[int] | None = None,
+    nan_unselected: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A paged single-head cache and top-k indices into it, for sparse decode.
+
+    Request i has a context of length ~ max(N(s_kv, s_kv / 2), 1) (or s_kv) laid out through a
+    random block table; each (request, query token) selects topk context positions (distinct
+    unless `duplicates`; -1 for missing ones when the context is shorter than topk), stored as
+    physical_block * page + row. Then `invalid_frac` of the slots become -1 and
+    `out_of_range_frac` become other invalid values (< -1 or >= num_blocks * page).
+    NaN fills every token outside the contexts; with `nan_unselected`, also every token no
+    counted slot (valid, and before topk_length[i]) selects.
+    Returns k_cache [num_blocks, page, 1, d_qk] (dtype) and indices int32 [b, s_q, topk].
+    """
+    seqlens = make_seqlens(rng, b, s_kv, varlen=varlen)
+    seqlens = np.maximum(seqlens, 1)
+    cache, block_table = make_paged_cache(
+        rng, seqlens, page=page, h_kv=1, d_qk=d_qk, dtype=np.float32, spare_blocks=1
+    )
+    num_tokens = cache.shape[0] * page
+    indices = np.full((b, s_q, topk), -1, np.int64)
+    for i in range(b):
+        length = int(seqlens[i])
+        for s in range(s_q):
+            if duplicates:
+                positions = rng.integers(0, length, size=topk)
+            else:
+                positions = rng.permutation(length)[:topk]
+            physical = block_table[i, positions // page].astype(np.int64) * page + positions % page
+            slots = rng.permutation(topk)[: len(physical)]
+            indices[i, s, slots] = physical
+    draw = rng.random(indices.shape)
+    indices[draw < invalid_frac] = -1
+    wild = (draw >= invalid_frac) & (draw < invalid_frac + out_of_range_frac)
+    choices = np.array([-2, -(2**31), num_tokens, num_tokens + 7, 2**31 - 1], np.int64)
+    indices[wild] = rng.choice(choices, size=int(wild.sum()))
+    indices = indices.astype(np.int32)
+
+    if nan_unselected:
+        used = np.zeros(num_tokens, bool)
+        for i in range(b):
+            count = topk if topk_length is None else int(topk_length[i])
+            counted = indices[i, :, : max(0, min(count, topk))].reshape(-1)
+            counted = counted[(counted >= 0) & (counted < num_tokens)]
+            used[counted] = True
+        flat = cache.reshape(num_tokens, d_qk)
+        flat[~used] = np.nan
+    return cache.astype(dtype), indices
+
+
+def make_sparse_prefill_inputs(
+    rng: np.random.Generator,
+    *,
+    s_q: int,
+    s_kv: int,
+    h_q: int,
+    topk: int,
+    d_qk: int = 576,
+    dtype=BF16,
+    invalid_frac: float = 0.1,
+    out_of_range_frac: float = 0.05,
+    with_topk_length: bool = False,
+    nan_unselected: bool = True,
+) -> dict[str, np.ndarray | None]:
+    """q [s_q, h_q, d_qk], kv [s_kv, 1, d_qk], indices int32 [s_q, 1, topk], topk_length.
+
+    Each token selects distinct positions of [0, s_kv) (-1 pads when s_kv < topk); then
+    `invalid_frac` slots become -1 and `out_of_range_frac` become other invalid values (< -1 or
+    >= s_kv). topk_length (if asked) is uniform in [0, topk] with 0 and topk both present.
+    With `nan_unselected`, kv rows no counted slot selects are NaN.
+    """
+    indices = np.full((s_q, 1, topk), -1, np.int64)
+    for t in range(s_q):
+        positions = rng.permutation(s_kv)[:topk]
+        indices[t, 0, rng.permutation(topk)[: len(positions)]] = positions
+    draw = rng.random(indices.shape)
+    indices[draw < invalid_frac] = -1
+    wild = (draw >= invalid_frac) & (draw < invalid_frac + out_of_range_frac)
+    choices = np.array([-2, -(2**31), s_kv, s_kv + 3, 2**31 - 1], np.int64)
+    indices[wild] = rng.choice(choices, size=int(wild.sum()))
+    indices = indices.astype(np.int32)
+
+    topk_length = None
+    if with_topk_length:
+        topk_length = rng.integers(0, topk + 1, size=s_q).astype(np.int32)
+        topk_length[0] = 0
+        if s_q > 1:
+            topk_length[1] = topk
+
+    kv = np.clip(rng.standard_normal((s_kv, 1, d_qk)) / 10.0, -1.0, 1.0).astype(np.float32)
+    if nan_unselected:
+        used = np.zeros(s_kv, bool)
+        for t in range(s_q):
+            count = topk if topk_length is None else int(topk_length[t])
+            counted = indices[t, 0, :count]
+            used[counted[(counted >= 0) & (counted < s_kv)]] = True
+        kv[~used] = np.nan
+    return {
+        "q": random_values(rng, (s_q, h_q, d_qk), dtype),
+        "kv": kv.astype(dtype),
+        "indices": indices,
+        "topk_length": topk_length,
+    }

@@ -1,0 +1,107 @@
+"""The CUDA path without a GPU: ops lower to their FFI custom calls with the right operands,
+results and attributes, and the same primitives lower to their references elsewhere."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flashmla as fm
+from jax_flashmla._src import platform
+from jax_flashmla._src.primitive import combine_p, mla_metadata_p
+from jax_flashmla.reference.schedule import combine_splits, mla_metadata
+
+pytestmark = pytest.mark.skipif(
+    platform.extension() is None, reason=platform.extension_unavailable_reason()
+)
+
+
+def cuda_hlo(fn, *args) -> str:
+    with platform.assume_device():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def custom_calls(hlo: str) -> list[str]:
+    return [line for line in hlo.splitlines() if "stablehlo.custom_call" in line]
+
+
+def test_extension_registers_every_target():
+    names = set(platform.extension().registrations())
+    assert {mla_metadata_p.ffi_target, combine_p.ffi_target} <= names
+    assert "sm_90a" in platform.extension().compiled_architectures()
+
+
+def test_metadata_lowers_to_custom_call():
+    lens = jax.ShapeDtypeStruct((5,), jnp.int32)
+    (call,) = custom_calls(cuda_hlo(lambda x: fm.get_mla_metadata(x, 128, 1), lens))
+    assert "@jax_flashmla_mla_metadata" in call
+    assert "(tensor<5xi32>) -> (tensor<66x8xi32>, tensor<6xi32>)" in call
+    for attribute in (
+        "block_tokens = 64 : i64",
+        "fixed_overhead = 5 : i64",
+        "fixed_length = -1 : i64",
+    ):
+        assert attribute in call, call
+    (call,) = custom_calls(cuda_hlo(lambda x: fm.get_mla_metadata(x, 64, 1, topk=2048), lens))
+    assert "fixed_length = 2048 : i64" in call and "tensor<132x8xi32>" in call
+
+
+def test_combine_lowers_to_custom_call():
+    args = (
+        jax.ShapeDtypeStruct((10, 2, 16, 512), jnp.float32),
+        jax.ShapeDtypeStruct((10, 2, 16), jnp.float32),
+        jax.ShapeDtypeStruct((5,), jnp.int32),
+    )
+    (call,) = custom_calls(cuda_hlo(lambda *a: fm.combine_splits(*a, out_dtype=jnp.float16), *args))
+    assert "@jax_flashmla_combine" in call
+    assert re.search(
+        r"\(tensor<10x2x16x512xf32>, tensor<10x2x16xf32>, tensor<5xi32>, "
+        r"tensor<0xf32>\) -> \(tensor<4x2x16x512xf16>, tensor<4x16x2xf32>\)",
+        call,
+    )
+    sink = jax.ShapeDtypeStruct((16,), jnp.float32)
+    (call,) = custom_calls(cuda_hlo(fm.combine_splits, *args, sink))
+    assert "tensor<16xf32>) -> (tensor<4x2x16x512xbf16>" in call
+
+
+def test_handlers_are_command_buffer_compatible_calls():
+    lens = jax.ShapeDtypeStruct((5,), jnp.int32)
+    (call,) = custom_calls(cuda_hlo(lambda x: fm.get_mla_metadata(x, 128, 1), lens))
+    assert "api_version = 4" in call  # typed FFI; the traits live in the C++ handler
+
+
+def test_vmap_lowers_to_a_loop_of_custom_calls():
+    lens = jax.ShapeDtypeStruct((3, 5), jnp.int32)
+    hlo = cuda_hlo(jax.vmap(lambda x: fm.get_mla_metadata(x, 128, 1)), lens)
+    assert len(custom_calls(hlo)) == 1 and "stablehlo.while" in hlo
+
+
+def test_primitives_fall_back_to_reference_on_cpu(rng):
+    """Bound under an assumed GPU but run on the CPU: the reference lowering answers."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU lowering")
+    lens = jnp.asarray(rng.integers(0, 5000, 9), jnp.int32)
+    with platform.assume_device():
+        metadata, num_splits = jax.jit(lambda x: fm.get_mla_metadata(x, 128, 1))(lens)
+        batched = jax.jit(jax.vmap(lambda x: fm.get_mla_metadata(x, 128, 1)))(
+            jnp.stack([lens, lens // 2])
+        )
+    ref = mla_metadata(lens, num_parts=66, block_tokens=64, fixed_overhead=5)
+    np.testing.assert_array_equal(metadata, ref[0])
+    np.testing.assert_array_equal(num_splits, ref[1])
+    np.testing.assert_array_equal(
+        batched[1][1], mla_metadata(lens // 2, num_parts=66, block_tokens=64, fixed_overhead=5)[1]
+    )
+
+    partial_o = jnp.asarray(rng.normal(size=(6, 1, 2, 8)), jnp.float32)
+    partial_lse = jnp.asarray(rng.normal(size=(6, 1, 2)), jnp.float32)
+    splits = jnp.array([0, 2, 3, 5], jnp.int32)
+    with platform.assume_device():
+        out, lse = jax.jit(fm.combine_splits)(partial_o, partial_lse, splits)
+    ref_out, ref_lse = combine_splits(partial_o, partial_lse, splits, None, out_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(lse, ref_lse)
