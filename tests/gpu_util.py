@@ -23,10 +23,9 @@ def run_with_command_buffers(script: str) -> str:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=CUSTOM_CALL"
-        " --xla_gpu_graph_min_graph_size=1"
     ).strip()
     result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout

@@ -117,6 +117,16 @@ for _ in range(3):
 ref_out, ref_lse = fm.combine_splits(po, pl, s, implementation="xla")
 np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-4)
 np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), rtol=1e-2)
+q = jnp.asarray(rng.normal(size=(128, 1, 128, 576)) / 10, jnp.bfloat16)
+cache = jnp.asarray(rng.normal(size=(128 * 141, 64, 1, 576)) / 10, jnp.bfloat16)
+table = jnp.arange(128 * 141, dtype=jnp.int32).reshape(128, 141)
+decode = jax.jit(lambda *a: fm.flash_mla_with_kvcache(*a, 512, implementation="cuda"))
+for _ in range(3):
+    dec_out, dec_lse = decode(q, cache, table, lens)
+ref_out, ref_lse = fm.flash_mla_with_kvcache(q, cache, table, lens, 512, implementation="xla")
+np.testing.assert_allclose(np.asarray(dec_lse), np.asarray(ref_lse), rtol=1e-4)
+np.testing.assert_allclose(np.asarray(dec_out, np.float32), np.asarray(ref_out, np.float32),
+                           atol=2e-3, rtol=2e-2)
 print("command buffers ok")
 """
 

@@ -68,10 +68,13 @@ def test_combine_lowers_to_custom_call():
     assert "tensor<16xf32>) -> (tensor<4x2x16x512xbf16>" in call
 
 
-def test_handlers_are_command_buffer_compatible_calls():
+def test_calls_use_the_typed_ffi():
+    """Attributes travel as a typed-FFI dictionary (the handlers' command-buffer traits live in
+    C++ and are exercised by the GPU tests under XLA command buffers)."""
     lens = jax.ShapeDtypeStruct((5,), jnp.int32)
     (call,) = custom_calls(cuda_hlo(lambda x: fm.get_mla_metadata(x, 128, 1), lens))
-    assert "api_version = 4" in call  # typed FFI; the traits live in the C++ handler
+    assert "mhlo.backend_config = {block_tokens = 64 : i64" in call
+    assert 'backend_config = ""' in call
 
 
 def test_vmap_lowers_to_a_loop_of_custom_calls():
@@ -105,3 +108,40 @@ def test_primitives_fall_back_to_reference_on_cpu(rng):
     ref_out, ref_lse = combine_splits(partial_o, partial_lse, splits, None, out_dtype=jnp.bfloat16)
     np.testing.assert_array_equal(out, ref_out)
     np.testing.assert_array_equal(lse, ref_lse)
+
+
+def test_dense_decode_lowers_to_metadata_then_kernel():
+    q = jax.ShapeDtypeStruct((4, 2, 128, 576), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((40, 64, 1, 576), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((4, 10), jnp.int32)
+    lens = jax.ShapeDtypeStruct((4,), jnp.int32)
+    hlo = cuda_hlo(
+        lambda *a: fm.flash_mla_with_kvcache(*a, 512, softmax_scale=0.1, causal=True),
+        q,
+        cache,
+        table,
+        lens,
+    )
+    metadata_call, decode_call = custom_calls(hlo)
+    assert "@jax_flashmla_mla_metadata" in metadata_call
+    assert "@jax_flashmla_decode_dense_sm90" in decode_call
+    assert (
+        "(tensor<4x2x128x576xbf16>, tensor<40x64x1x576xbf16>, tensor<4x10xi32>, tensor<4xi32>, "
+        "tensor<33x8xi32>, tensor<5xi32>) -> (tensor<4x2x128x512xbf16>, tensor<4x128x2xf32>, "
+        "tensor<37x2x128x512xf32>, tensor<37x2x128xf32>)"
+    ) in decode_call
+    assert "causal = true" in decode_call and "softmax_scale = 1.000000e-01 : f32" in decode_call
+
+
+def test_dense_decode_kernel_only_for_its_shapes():
+    """Page 32 or fp8 caches go to the reference; implementation='cuda' says why."""
+    q = jax.ShapeDtypeStruct((2, 1, 16, 576), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((8, 32, 1, 576), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((2, 4), jnp.int32)
+    lens = jax.ShapeDtypeStruct((2,), jnp.int32)
+    hlo = cuda_hlo(lambda *a: fm.flash_mla_with_kvcache(*a, 512), q, cache, table, lens)
+    assert not custom_calls(hlo)
+    with platform.assume_device(), pytest.raises(ValueError, match="page_block_size 64; got 32"):
+        jax.jit(lambda *a: fm.flash_mla_with_kvcache(*a, 512, implementation="cuda")).trace(
+            q, cache, table, lens
+        )

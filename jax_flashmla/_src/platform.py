@@ -146,7 +146,7 @@ def choose_implementation(
         return "cuda"
     if implementation == "cuda":
         raise ValueError(f"{op}: implementation='cuda' is unavailable: {reason}")
-    if not device_reason and extension_unavailable_reason():
-        # A Hopper GPU without the extension is worth one warning: it is slow, not wrong.
-        _warn_once(f"jax_flashmla: using the XLA reference for every op: {reason}")
+    if not device_reason:
+        # On a Hopper GPU the reference is slow, not wrong: say so once per reason.
+        _warn_once(f"jax_flashmla: {op} runs its XLA reference: {reason}")
     return "xla"

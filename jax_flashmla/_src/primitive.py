@@ -174,3 +174,66 @@ class CombinePrimitive(KernelPrimitive):
 
 mla_metadata_p = MlaMetadataPrimitive()
 combine_p = CombinePrimitive()
+
+
+#: Geometry of the dense decode kernel: d_qk 576 (512 latent + 64 RoPE), d_v 512, page 64.
+DECODE_HEAD_DIM_QK = 576
+DECODE_HEAD_DIM_V = 512
+DECODE_PAGE_SIZE = 64
+
+
+class DenseDecodePrimitive(KernelPrimitive):
+    """Hopper dense decode: (q, k_cache, block_table, cache_seqlens, metadata, num_splits)
+    -> (out, lse, partial_o, partial_lse); the last two are the split-KV workspace."""
+
+    name = "jax_flashmla_decode_dense"
+    ffi_target = "jax_flashmla_decode_dense_sm90"
+
+    def abstract(
+        self, q, k_cache, block_table, cache_seqlens, metadata, num_splits, *, softmax_scale, causal
+    ):
+        b, s_q, h_q, _ = q.shape
+        rows = b + metadata.shape[0]
+        return (
+            jax.core.ShapedArray((b, s_q, h_q, DECODE_HEAD_DIM_V), q.dtype),
+            jax.core.ShapedArray((b, h_q, s_q), jnp.float32),
+            jax.core.ShapedArray((rows, s_q, h_q, DECODE_HEAD_DIM_V), jnp.float32),
+            jax.core.ShapedArray((rows, s_q, h_q), jnp.float32),
+        )
+
+    def reference(
+        self, q, k_cache, block_table, cache_seqlens, metadata, num_splits, *, softmax_scale, causal
+    ):
+        from jax_flashmla.reference.decode import dense_decode
+
+        out, lse = dense_decode(
+            q,
+            k_cache,
+            block_table,
+            cache_seqlens,
+            head_dim_v=DECODE_HEAD_DIM_V,
+            softmax_scale=softmax_scale,
+            causal=causal,
+        )
+        _, _, partial_o, partial_lse = self.abstract(
+            q,
+            k_cache,
+            block_table,
+            cache_seqlens,
+            metadata,
+            num_splits,
+            softmax_scale=softmax_scale,
+            causal=causal,
+        )
+        return (
+            out,
+            lse,
+            jnp.zeros(partial_o.shape, partial_o.dtype),
+            jnp.zeros(partial_lse.shape, partial_lse.dtype),
+        )
+
+    def ffi_attributes(self, *, softmax_scale, causal):
+        return {"softmax_scale": np.float32(softmax_scale), "causal": bool(causal)}
+
+
+dense_decode_p = DenseDecodePrimitive()

@@ -6,7 +6,13 @@ import jax
 import jax.numpy as jnp
 
 from jax_flashmla._src import checks, platform
-from jax_flashmla._src.primitive import METADATA_FIELDS
+from jax_flashmla._src.primitive import (
+    DECODE_HEAD_DIM_QK,
+    DECODE_HEAD_DIM_V,
+    DECODE_PAGE_SIZE,
+    METADATA_FIELDS,
+    dense_decode_p,
+)
 from jax_flashmla.ops import metadata as metadata_op
 from jax_flashmla.ops import quant
 from jax_flashmla.reference import decode as reference
@@ -150,9 +156,24 @@ def flash_mla_with_kvcache(
 
     _check_metadata(q, h_kv, tile_scheduler_metadata, num_splits)
 
-    # No decode kernel is built yet: the reference serves every call ("cuda" explains why).
-    platform.choose_implementation(OP, implementation, "the decode kernels are not built yet")
     if indices is None:
+        reason = _dense_kernel_unsupported_reason(q, k_cache, d_v, is_fp8)
+        if platform.choose_implementation(OP, implementation, reason) == "cuda":
+            if tile_scheduler_metadata is None:
+                tile_scheduler_metadata, num_splits = metadata_op.get_mla_metadata(
+                    cache_seqlens, s_q * h_q // h_kv, h_kv, implementation="cuda"
+                )
+            out, lse, _, _ = dense_decode_p.bind(
+                q,
+                k_cache,
+                block_table,
+                cache_seqlens,
+                tile_scheduler_metadata,
+                num_splits,
+                softmax_scale=scale,
+                causal=causal,
+            )
+            return out, lse
         return reference.dense_decode(
             q,
             cache,
@@ -162,6 +183,7 @@ def flash_mla_with_kvcache(
             softmax_scale=scale,
             causal=causal,
         )
+    platform.choose_implementation(OP, implementation, "the sparse decode kernel is not built yet")
     extra = None
     if extra_k_cache is not None:
         extra = quant.dequantize_k_cache(
@@ -181,6 +203,19 @@ def flash_mla_with_kvcache(
         softmax_scale=scale,
         head_dim_v=d_v,
     )
+
+
+def _dense_kernel_unsupported_reason(q, k_cache, d_v: int, is_fp8: bool) -> str:
+    """Why the Hopper dense decode kernel cannot take these inputs ("" when it can)."""
+    if is_fp8:
+        return "the FP8 dense decode kernel is not built yet"
+    if q.shape[-1] != DECODE_HEAD_DIM_QK or d_v != DECODE_HEAD_DIM_V:
+        return f"the kernel needs d_qk 576 and head_dim_v 512; got {q.shape[-1]} and {d_v}"
+    if k_cache.shape[1] != DECODE_PAGE_SIZE:
+        return f"the kernel needs page_block_size 64; got {k_cache.shape[1]}"
+    if k_cache.shape[0] == 0:
+        return "the kernel needs a cache of at least one block"
+    return ""
 
 
 def _fp8_layout(name: str, cache: jax.Array, d_qk: int) -> str:

@@ -1,0 +1,124 @@
+// Launcher of the dense decode: tensor maps, the decode kernel, then the split-KV combine.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "kernels/common/combine.cuh"
+#include "kernels/sm90/decode_dense/decode_dense_args.cuh"
+
+namespace jfm {
+namespace {
+
+using sm90::decode_dense::KernelArgs;
+using sm90::decode_dense::TileShape;
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's tensor-map encoder, looked up once through the runtime (no -lcuda needed).
+EncodeTiledFn encode_tiled() {
+  static EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      return static_cast<EncodeTiledFn>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// A 16-bit tensor map with 128-byte swizzle; dims and box innermost first, strides in bytes
+// for dims 1.. (rank - 1).
+template <int kRank>
+bool encode_map(CUtensorMap* map, const void* base, const cuuint64_t (&dims)[kRank],
+                const cuuint64_t (&strides)[kRank - 1], const cuuint32_t (&box)[kRank]) {
+  const EncodeTiledFn encode = encode_tiled();
+  if (encode == nullptr) return false;
+  cuuint32_t element_strides[kRank];
+  for (int i = 0; i < kRank; ++i) element_strides[i] = 1;
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, kRank, const_cast<void*>(base), dims,
+                strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace
+
+const char* dense_decode_params_error(const DenseDecodeParams& p) {
+  if (p.batch < 0 || p.s_q < 1 || p.h_q < 1 || p.h_kv < 1 || p.num_blocks < 0 ||
+      p.max_blocks_per_seq < 0 || p.num_parts < 1) {
+    return "sizes must be positive (batch, num_blocks and max_blocks_per_seq may be 0)";
+  }
+  if (p.h_q % p.h_kv != 0) return "h_q must be a multiple of h_kv";
+  if (p.h_kv > 65535 || p.num_parts > INT_MAX) return "too many KV heads or scheduler parts";
+  const TileShape tile = sm90::decode_dense::tile_shape(p.s_q, p.h_q, p.h_kv);
+  if (tile.num_tiles > 65535) return "too many query tiles (s_q * h_q / h_kv too large)";
+  if (p.batch * p.s_q > INT_MAX || p.num_blocks * kDecodePageSize > INT_MAX) {
+    return "batch * s_q and num_blocks * 64 must fit in int32 (TMA coordinates)";
+  }
+  const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16; };
+  if (misaligned(p.q) || misaligned(p.k_cache) || misaligned(p.out) || misaligned(p.partial_o)) {
+    return "q, k_cache, out and partial_o must be 16-byte aligned";
+  }
+  if (!(p.softmax_scale > 0.f)) return "softmax_scale must be > 0";
+  return nullptr;
+}
+
+cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream) {
+  if (dense_decode_params_error(p) != nullptr) return cudaErrorInvalidValue;
+  if (p.batch == 0) return cudaSuccess;
+
+  KernelArgs args{};
+  args.params = p;
+  args.tile = sm90::decode_dense::tile_shape(p.s_q, p.h_q, p.h_kv);
+  args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const TileShape& tile = args.tile;
+  const cuuint64_t row_bytes = kDecodeHeadDimQK * 2;
+  // q [batch * s_q, h_kv, group, 576]: one box is a tile of query rows for one 64-dim chunk.
+  const bool q_ok = encode_map<4>(
+      &args.q_map, p.q,
+      {kDecodeHeadDimQK, static_cast<cuuint64_t>(tile.group), static_cast<cuuint64_t>(p.h_kv),
+       static_cast<cuuint64_t>(p.batch * p.s_q)},
+      {row_bytes, row_bytes * tile.group, row_bytes * p.h_q},
+      {64, static_cast<cuuint32_t>(tile.heads_per_tile), 1,
+       static_cast<cuuint32_t>(tile.s_per_tile)});
+  // k_cache [num_blocks * 64, h_kv, 576]: one box is 64 tokens x 64 dims of one KV head.
+  const bool kv_ok =
+      p.num_blocks == 0 ||
+      encode_map<3>(&args.kv_map, p.k_cache,
+                    {kDecodeHeadDimQK, static_cast<cuuint64_t>(p.h_kv),
+                     static_cast<cuuint64_t>(p.num_blocks * kDecodePageSize)},
+                    {row_bytes, row_bytes * p.h_kv}, {64, 1, kDecodePageSize});
+  if (!q_ok || !kv_ok) return cudaErrorInvalidValue;
+
+  cudaError_t err = p.dtype == DecodeDtype::kBF16
+                        ? sm90::decode_dense::launch_typed<__nv_bfloat16>(args, stream)
+                        : sm90::decode_dense::launch_typed<__half>(args, stream);
+  if (err != cudaSuccess) return err;
+
+  CombineParams combine;
+  combine.partial_o = p.partial_o;
+  combine.partial_lse = p.partial_lse;
+  combine.num_splits = p.num_splits;
+  combine.out = p.out;
+  combine.lse = p.lse;
+  combine.batch = p.batch;
+  combine.seqlen_q = p.s_q;
+  combine.num_heads = p.h_q;
+  combine.head_dim_v = kDecodeHeadDimV;
+  combine.num_partial_rows = p.batch + p.num_parts;
+  combine.out_dtype = p.dtype == DecodeDtype::kBF16 ? OutDtype::kBF16 : OutDtype::kF16;
+  combine.skip_unsplit = true;
+  return launch_combine(combine, stream);
+}
+
+}  // namespace jfm

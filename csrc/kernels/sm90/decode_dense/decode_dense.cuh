@@ -1,0 +1,55 @@
+// Dense MLA decode over a paged BF16/FP16 KV cache on Hopper (sm_90a): the plain interface.
+// No JAX/XLA/CuTe includes: the FFI handler includes only this header.
+//
+// One CTA handles one split-KV part (a row of the scheduler metadata), one KV head and one
+// tile of up to 64 query rows (s_q x the h_q / h_kv heads sharing the KV head). For each
+// request of its part it streams the part's 64-token KV blocks through shared memory with TMA,
+// computes S = Q K^T and O += softmax(S) V on wgmma, and writes either the final output (an
+// unsplit request) or an fp32 partial output and LSE that the combine kernel merges.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace jfm {
+
+enum class DecodeDtype : int { kBF16 = 0, kF16 = 1 };
+
+struct DenseDecodeParams {
+  const void* q = nullptr;                // [batch, s_q, h_q, 576]
+  const void* k_cache = nullptr;          // [num_blocks, 64, h_kv, 576]
+  const int32_t* block_table = nullptr;   // [batch, max_blocks_per_seq]
+  const int32_t* cache_seqlens = nullptr; // [batch]
+  const int32_t* tile_metadata = nullptr; // [num_parts, 8], see reference/schedule.py
+  const int32_t* num_splits = nullptr;    // [batch + 1]
+  void* out = nullptr;                    // [batch, s_q, h_q, 512], q's dtype
+  float* lse = nullptr;                   // [batch, h_q, s_q]
+  float* partial_o = nullptr;             // [batch + num_parts, s_q, h_q, 512]
+  float* partial_lse = nullptr;           // [batch + num_parts, s_q, h_q]
+  int64_t batch = 0;
+  int64_t s_q = 0;
+  int64_t h_q = 0;
+  int64_t h_kv = 0;
+  int64_t num_blocks = 0;
+  int64_t max_blocks_per_seq = 0;
+  int64_t num_parts = 0;
+  float softmax_scale = 0.f;
+  bool causal = false;
+  DecodeDtype dtype = DecodeDtype::kBF16;
+};
+
+// Geometry shared by the kernel and its callers.
+constexpr int kDecodeHeadDimQK = 576;
+constexpr int kDecodeHeadDimV = 512;
+constexpr int kDecodePageSize = 64;
+constexpr int kDecodeTileRows = 64;
+
+// nullptr when the parameters are valid for the kernel, else a static message.
+const char* dense_decode_params_error(const DenseDecodeParams& params);
+
+// Launches the decode kernel and then the combine kernel on `stream`. No allocation, no
+// synchronisation (graph capturable). Returns the first CUDA error.
+cudaError_t launch_dense_decode(const DenseDecodeParams& params, cudaStream_t stream);
+
+}  // namespace jfm

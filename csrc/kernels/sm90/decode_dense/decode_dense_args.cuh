@@ -1,0 +1,54 @@
+// Host-visible pieces of the dense decode kernel: its argument block and query tiling.
+// Free of CuTe so that the launcher compiles quickly; the kernel header includes it.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/sm90/decode_dense/decode_dense.cuh"
+
+namespace jfm::sm90::decode_dense {
+
+// How the query rows of one KV head are cut into tiles of at most 64 rows: a tile holds
+// `heads_per_tile` consecutive heads of `s_per_tile` consecutive query tokens (row r of the
+// tile is token s0 + r / heads_per_tile, head j0 + r % heads_per_tile of the group).
+struct TileShape {
+  int group;           // h_q / h_kv query heads per KV head
+  int heads_per_tile;
+  int s_per_tile;
+  int head_tiles;      // tiles across the group's heads
+  int num_tiles;       // tiles per (request, KV head)
+};
+
+inline TileShape tile_shape(int64_t s_q, int64_t h_q, int64_t h_kv) {
+  TileShape t;
+  t.group = static_cast<int>(h_q / h_kv);
+  if (t.group >= kDecodeTileRows) {
+    t.heads_per_tile = kDecodeTileRows;
+    t.s_per_tile = 1;
+    t.head_tiles = (t.group + kDecodeTileRows - 1) / kDecodeTileRows;
+    t.num_tiles = static_cast<int>(s_q) * t.head_tiles;
+  } else {
+    t.heads_per_tile = t.group;
+    t.s_per_tile = static_cast<int>(s_q < kDecodeTileRows / t.group ? s_q : kDecodeTileRows / t.group);
+    t.head_tiles = 1;
+    t.num_tiles = static_cast<int>((s_q + t.s_per_tile - 1) / t.s_per_tile);
+  }
+  return t;
+}
+
+struct KernelArgs {
+  CUtensorMap q_map;   // [batch * s_q, h_kv, group, 576] viewed 4-D, box {64, hpt, 1, spt}
+  CUtensorMap kv_map;  // [num_blocks * 64, h_kv, 576] viewed 3-D, box {64, 1, 64}
+  DenseDecodeParams params;
+  TileShape tile;
+  float scale_log2;    // softmax_scale * log2(e)
+};
+
+// Implemented per element type in decode_dense_bf16.cu / decode_dense_f16.cu.
+template <typename Element>
+cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream);
+
+}  // namespace jfm::sm90::decode_dense
