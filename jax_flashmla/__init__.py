@@ -8,6 +8,7 @@ reference for A/B debugging.
 """
 
 from jax_flashmla._src.platform import assume_device
+from jax_flashmla._src.primitive import FFI_TARGETS
 from jax_flashmla.ops.combine import combine_splits
 from jax_flashmla.ops.decode import flash_mla_with_kvcache
 from jax_flashmla.ops.dense_prefill import (
@@ -22,6 +23,7 @@ from jax_flashmla.ops.sparse_prefill import flash_mla_sparse_fwd
 __version__ = "0.1.0"
 
 __all__ = [
+    "FFI_TARGETS",
     "assume_device",
     "combine_splits",
     "dequantize_k_cache",

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 
+# 8 virtual CPU devices for the sharding tests; set before JAX starts its backends. (GPU tests
+# still run on the GPU: this only splits the host platform.)
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
 import pytest
 
 from jax_flashmla._src import platform

@@ -49,7 +49,9 @@ def assume_device(
     """Trace as if for a given GPU, e.g. to lower for CUDA on a machine without one.
 
     Inside the block every op picks its kernel as it would on that GPU; combine with
-    `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` to inspect the custom calls.
+    `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` to inspect the custom calls, or
+    with `jax.export.export(jax.jit(f), platforms=["cuda"])`. The choice is made at trace time
+    and jit caches traces per Python function: jit a function not yet traced outside the block.
     """
     global _assumed_device
     previous = _assumed_device

@@ -237,3 +237,7 @@ class DenseDecodePrimitive(KernelPrimitive):
 
 
 dense_decode_p = DenseDecodePrimitive()
+
+#: Every XLA FFI custom-call target the ops may emit, e.g. to allow them in `jax.export`:
+#: ``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in FFI_TARGETS]``.
+FFI_TARGETS = tuple(p.ffi_target for p in (mla_metadata_p, combine_p, dense_decode_p))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_flashmla._src import checks, platform
+from jax_flashmla._src import checks, platform, sharding
 from jax_flashmla._src.primitive import (
     DECODE_HEAD_DIM_QK,
     DECODE_HEAD_DIM_V,
@@ -158,30 +158,18 @@ def flash_mla_with_kvcache(
 
     if indices is None:
         reason = _dense_kernel_unsupported_reason(q, k_cache, d_v, is_fp8)
-        if platform.choose_implementation(OP, implementation, reason) == "cuda":
-            if tile_scheduler_metadata is None:
-                tile_scheduler_metadata, num_splits = metadata_op.get_mla_metadata(
-                    cache_seqlens, s_q * h_q // h_kv, h_kv, implementation="cuda"
-                )
-            out, lse, _, _ = dense_decode_p.bind(
-                q,
-                k_cache,
-                block_table,
-                cache_seqlens,
-                tile_scheduler_metadata,
-                num_splits,
-                softmax_scale=scale,
-                causal=causal,
-            )
-            return out, lse
-        return reference.dense_decode(
+        use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
+        metadata = () if tile_scheduler_metadata is None else (tile_scheduler_metadata, num_splits)
+        return _dense_decode(
             q,
-            cache,
+            k_cache if use_kernel else cache,
             block_table,
             cache_seqlens,
-            head_dim_v=d_v,
+            metadata,
             softmax_scale=scale,
             causal=causal,
+            head_dim_v=d_v,
+            use_kernel=use_kernel,
         )
     platform.choose_implementation(OP, implementation, "the sparse decode kernel is not built yet")
     extra = None
@@ -191,17 +179,119 @@ def flash_mla_with_kvcache(
             layout=_fp8_layout("extra_k_cache", extra_k_cache, d_qk),
             dtype=jnp.bfloat16,
         )
-    return reference.sparse_decode(
+    return _sparse_decode(
         q,
         cache,
         indices,
-        topk_length=topk_length,
-        attn_sink=attn_sink,
-        extra_k_cache=extra,
-        extra_indices=extra_indices_in_kvcache,
-        extra_topk_length=extra_topk_length,
+        attn_sink,
+        topk_length,
+        extra,
+        extra_indices_in_kvcache,
+        extra_topk_length,
         softmax_scale=scale,
         head_dim_v=d_v,
+    )
+
+
+# Dims of the decode operands for the sharding rules (jax_flashmla._src.sharding): batch b,
+# query heads (k g) = KV heads x heads per KV head. Batch and heads may be sharded; the cache
+# is replicated, or split along its KV heads together with the query heads.
+_DECODE_RESULT_DIMS = ("b s (k g) v", "b (k g) s")
+
+
+def _dense_decode(
+    q, cache, block_table, cache_seqlens, metadata, *, softmax_scale, causal, head_dim_v, use_kernel
+):
+    """Dense decode on the kernel or the reference, partitioned over batch and heads."""
+    h_q, h_kv = q.shape[2], cache.shape[2]
+
+    def compute(q, cache, block_table, cache_seqlens, *metadata):
+        if not use_kernel:
+            return reference.dense_decode(
+                q,
+                cache,
+                block_table,
+                cache_seqlens,
+                head_dim_v=head_dim_v,
+                softmax_scale=softmax_scale,
+                causal=causal,
+            )
+        local_h_q, local_h_kv = q.shape[2], cache.shape[2]
+        if not metadata:
+            metadata = metadata_op.get_mla_metadata(
+                cache_seqlens,
+                q.shape[1] * local_h_q // local_h_kv,
+                local_h_kv,
+                implementation="cuda",
+            )
+        out, lse, _, _ = dense_decode_p.bind(
+            q,
+            cache,
+            block_table,
+            cache_seqlens,
+            *metadata,
+            softmax_scale=softmax_scale,
+            causal=causal,
+        )
+        return out, lse
+
+    def per_shard(factor_axes):
+        # A schedule covers the whole batch at the global head count: each shard makes its own.
+        return lambda q, cache, block_table, cache_seqlens, *metadata: compute(
+            q, cache, block_table, cache_seqlens
+        )
+
+    return sharding.partitioned_call(
+        compute,
+        (q, cache, block_table, cache_seqlens, *metadata),
+        ("b s (k g) d", "n p k d", "b m", "b", *(("o f", "c") if metadata else ())),
+        _DECODE_RESULT_DIMS,
+        shardable=frozenset({"b", sharding.head_factor(h_kv)}),
+        given_sizes={"g": h_q // h_kv},
+        local_fn=per_shard if metadata else None,
+    )
+
+
+def _sparse_decode(
+    q,
+    cache,
+    indices,
+    attn_sink,
+    topk_length,
+    extra_cache,
+    extra_indices,
+    extra_topk_length,
+    *,
+    softmax_scale,
+    head_dim_v,
+):
+    """Sparse decode on the (dequantised) caches, partitioned over batch and heads."""
+    optional = {
+        "attn_sink": (attn_sink, "(k g)"),
+        "topk_length": (topk_length, "b"),
+        "extra_k_cache": (extra_cache, "e r k d"),
+        "extra_indices": (extra_indices, "b s u"),
+        "extra_topk_length": (extra_topk_length, "b"),
+    }
+    present = [name for name, (value, _) in optional.items() if value is not None]
+
+    def compute(q, cache, indices, *rest):
+        return reference.sparse_decode(
+            q,
+            cache,
+            indices,
+            **dict(zip(present, rest, strict=True)),
+            softmax_scale=softmax_scale,
+            head_dim_v=head_dim_v,
+        )
+
+    return sharding.partitioned_call(
+        compute,
+        (q, cache, indices, *(optional[n][0] for n in present)),
+        ("b s (k g) d", "n p k d", "b s t", *(optional[n][1] for n in present)),
+        _DECODE_RESULT_DIMS,
+        shardable=frozenset({"b", "g"}),
+        given_sizes={"g": q.shape[2]},
     )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from jax_flashmla._src import checks, platform
+from jax_flashmla._src import checks, platform, sharding
 from jax_flashmla.reference import mha as reference
 
 OP = "flash_attn_varlen_func"
@@ -99,9 +101,88 @@ def flash_attn_varlen_func(
     scale = checks.check_scale(OP, "softmax_scale", softmax_scale, d_qk**-0.5)
     causal = checks.check_bool(OP, "causal", causal)
     platform.choose_implementation(OP, implementation, "the MHA prefill kernel is not built yet")
-    return reference.mha_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale=scale, causal=causal
+    return _mha(q, k, v, cu_seqlens_q, cu_seqlens_k, (max_q, max_k, scale, causal))
+
+
+# Heads (k g) = KV heads x query heads per KV head may be sharded; tokens stay whole because a
+# variable-length sequence may cross any token boundary.
+_MHA_DIMS = ("t (k g) d", "u k d", "u k e", "c", "c")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _mha(q, k, v, cu_q, cu_k, statics):
+    return _mha_forward(q, k, v, cu_q, cu_k, statics)
+
+
+def _mha_forward(q, k, v, cu_q, cu_k, statics):
+    max_q, max_k, scale, causal = statics
+
+    def compute(q, k, v, cu_q, cu_k):
+        return reference.mha_varlen(
+            q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal
+        )
+
+    return sharding.partitioned_call(
+        compute,
+        (q, k, v, cu_q, cu_k),
+        _MHA_DIMS,
+        ("t (k g) e", "t (k g)"),
+        shardable=frozenset(sharding.head_factor(k.shape[1])),
+        given_sizes={"g": q.shape[1] // k.shape[1]},
     )
+
+
+def _mha_fwd(q, k, v, cu_q, cu_k, statics):
+    return _mha_forward(q, k, v, cu_q, cu_k, statics), (q, k, v, cu_q, cu_k)
+
+
+def _mha_bwd(statics, residuals, cotangents):
+    q, k, v, cu_q, cu_k = residuals
+    d_out, _ = cotangents  # lse is not differentiated
+    max_q, max_k, scale, causal = statics
+
+    def grads_f32(q, k, v, cu_q, cu_k, d_out):
+        # In float32 (the reference computes in it anyway) so that partial sums over sharded
+        # heads are rounded to the input dtype once, as in the unsharded call.
+        def out_only(q, k, v):
+            return reference.mha_varlen(
+                q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal
+            )[0]
+
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        return jax.vjp(out_only, *f32)[1](d_out.astype(jnp.float32))
+
+    def grads(q, k, v, cu_q, cu_k, d_out):
+        return tuple(
+            g.astype(x.dtype)
+            for g, x in zip(grads_f32(q, k, v, cu_q, cu_k, d_out), (q, k, v), strict=True)
+        )
+
+    def per_shard(factor_axes):
+        # Query heads of one KV head split across devices: each holds part of dk and dv.
+        group_axes = factor_axes.get("g", ())
+
+        def sharded_grads(q, k, v, cu_q, cu_k, d_out):
+            dq, dk, dv = grads_f32(q, k, v, cu_q, cu_k, d_out)
+            if group_axes:
+                dk, dv = jax.lax.psum(dk, group_axes), jax.lax.psum(dv, group_axes)
+            return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+        return sharded_grads
+
+    dq, dk, dv = sharding.partitioned_call(
+        grads,
+        (q, k, v, cu_q, cu_k, d_out),
+        (*_MHA_DIMS, "t (k g) e"),
+        ("t (k g) d", "u k d", "u k e"),
+        shardable=frozenset(sharding.head_factor(k.shape[1])),
+        given_sizes={"g": q.shape[1] // k.shape[1]},
+        local_fn=per_shard,
+    )
+    return dq, dk, dv, None, None
+
+
+_mha.defvjp(_mha_fwd, _mha_bwd)
 
 
 def flash_attn_varlen_qkvpacked_func(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_flashmla._src import checks, platform
+from jax_flashmla._src import checks, platform, sharding
 from jax_flashmla.reference import sparse_prefill as reference
 
 OP = "flash_mla_sparse_fwd"
@@ -84,6 +84,19 @@ def flash_mla_sparse_fwd(
             OP, "topk_length", topk_length, dtypes=checks.INT32, shape=(s_q,), shape_doc="[s_q]"
         )
     platform.choose_implementation(OP, implementation, "the sparse prefill kernel is not built yet")
-    return reference.sparse_prefill(
-        q, kv, indices, scale, d_v=d_v, attn_sink=attn_sink, topk_length=topk_length
+    optional = {"attn_sink": (attn_sink, "h"), "topk_length": (topk_length, "t")}
+    present = [name for name, (value, _) in optional.items() if value is not None]
+
+    def compute(q, kv, indices, *rest):
+        return reference.sparse_prefill(
+            q, kv, indices, scale, d_v=d_v, **dict(zip(present, rest, strict=True))
+        )
+
+    # Query tokens t and heads h may be sharded; kv is replicated.
+    return sharding.partitioned_call(
+        compute,
+        (q, kv, indices, *(optional[n][0] for n in present)),
+        ("t h d", "n k d", "t k x", *(optional[n][1] for n in present)),
+        ("t h v", "t h", "t h"),
+        shardable=frozenset("th"),
     )

@@ -1,0 +1,227 @@
+"""Sharding rules on 8 virtual CPU devices: automatic sharding runs every op per shard (equal
+results, no all-gather / all-to-all of q, caches or outputs), and the ops work inside
+shard_map and pmap with device-local cache pools."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_flashmla as fm
+
+pytestmark = pytest.mark.skipif(len(jax.devices("cpu")) < 8, reason="needs 8 CPU devices")
+
+
+def auto_mesh(shape=(2, 4), names=("data", "model")):
+    devices = np.array(jax.devices("cpu")[: int(np.prod(shape))]).reshape(shape)
+    return jax.sharding.Mesh(devices, names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def collectives(compiled_text: str) -> list[str]:
+    return re.findall(r"\b(all-gather|all-to-all|all-reduce|collective-permute)\b", compiled_text)
+
+
+def decode_inputs(rng, b=8, s_q=2, h_q=8, h_kv=1, page=16, max_len=90):
+    lens = rng.integers(0, max_len, b).astype(np.int32)
+    blocks = -(-max_len // page)
+    table = rng.permutation(b * blocks).reshape(b, blocks).astype(np.int32)
+    q = jnp.asarray(rng.normal(size=(b, s_q, h_q, 576)) / 10, jnp.bfloat16)
+    cache = jnp.asarray(rng.normal(size=(b * blocks, page, h_kv, 576)) / 10, jnp.bfloat16)
+    return q, cache, jnp.asarray(table), jnp.asarray(lens)
+
+
+def run_sharded(fn, args, specs, mesh):
+    placed = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(args, specs, strict=True)]
+    jitted = jax.jit(fn)
+    text = jitted.lower(*placed).compile().as_text()
+    return jitted(*placed), text
+
+
+def assert_same(sharded, single):
+    """Equal up to fp32 rounding order: XLA may fuse the reference differently per shard shape
+    (inf positions must match exactly; bf16 outputs within one unit in the last place)."""
+    for x, y in zip(sharded, single, strict=True):
+        rtol = 1e-6 if y.dtype == jnp.float32 else 2.0**-7
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        np.testing.assert_array_equal(np.isinf(x), np.isinf(y))
+        finite = np.isfinite(y)
+        np.testing.assert_allclose(x[finite], y[finite], rtol=rtol, atol=1e-6)
+
+
+DECODE_LAYOUTS = {
+    "heads": (P(None, None, "model"), P(), P(), P()),
+    "batch": (P("data"), P(), P("data"), P("data")),
+    "batch_and_heads": (P("data", None, "model"), P(), P("data"), P("data")),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(DECODE_LAYOUTS))
+@pytest.mark.parametrize("with_metadata", [False, True])
+def test_dense_decode_auto_sharding(rng, layout, with_metadata):
+    q, cache, table, lens = decode_inputs(rng)
+    mesh = auto_mesh()
+
+    def decode(q, cache, table, lens):
+        metadata = fm.get_mla_metadata(lens, 2 * 8, 1) if with_metadata else (None, None)
+        return fm.flash_mla_with_kvcache(q, cache, table, lens, 512, *metadata, causal=True)
+
+    out, text = run_sharded(decode, (q, cache, table, lens), DECODE_LAYOUTS[layout], mesh)
+    assert collectives(text) == [], collectives(text)
+    assert_same(out, decode(q, cache, table, lens))
+    want = tuple(DECODE_LAYOUTS[layout][0])
+    got = tuple(out[0].sharding.spec)
+    assert got + (None,) * (4 - len(got)) == want + (None,) * (4 - len(want))
+
+
+def test_dense_decode_gqa_shards_cache_heads(rng):
+    q, cache, table, lens = decode_inputs(rng, h_q=8, h_kv=4)
+    mesh = auto_mesh()
+    specs = (P(None, None, "model"), P(None, None, "model"), P(), P())
+
+    def decode(*a):
+        return fm.flash_mla_with_kvcache(*a, 512)
+
+    out, text = run_sharded(decode, (q, cache, table, lens), specs, mesh)
+    assert collectives(text) == []
+    assert_same(out, decode(q, cache, table, lens))
+
+
+def test_cache_sharded_along_blocks_is_resharded_not_wrong(rng):
+    """An unsupported input sharding is resharded (documented), and the answer stays right."""
+    q, cache, table, lens = decode_inputs(rng)
+    mesh = auto_mesh()
+    specs = (P("data"), P("model"), P("data"), P("data"))
+
+    def decode(*a):
+        return fm.flash_mla_with_kvcache(*a, 512)
+
+    out, text = run_sharded(decode, (q, cache, table, lens), specs, mesh)
+    assert "all-gather" in collectives(text)  # the cache is replicated for the kernel
+    assert_same(out, decode(q, cache, table, lens))
+
+
+def test_sparse_decode_auto_sharding(rng):
+    q = jnp.asarray(rng.normal(size=(8, 1, 16, 576)) / 10, jnp.bfloat16)
+    cache = fm.quantize_k_cache(jnp.asarray(rng.normal(size=(6, 16, 1, 576)) / 10, jnp.bfloat16))
+    indices = jnp.asarray(rng.integers(-1, 96, (8, 1, 64)), jnp.int32)
+    sink = jnp.asarray(rng.normal(size=16), jnp.float32)
+    topk_length = jnp.asarray(rng.integers(0, 65, 8), jnp.int32)
+    mesh = auto_mesh()
+
+    def decode(q, cache, indices, sink, topk_length):
+        return fm.flash_mla_with_kvcache(
+            q,
+            cache,
+            None,
+            None,
+            512,
+            is_fp8_kvcache=True,
+            indices=indices,
+            attn_sink=sink,
+            topk_length=topk_length,
+        )
+
+    specs = (P("data", None, "model"), P(), P("data"), P("model"), P("data"))
+    out, text = run_sharded(decode, (q, cache, indices, sink, topk_length), specs, mesh)
+    assert collectives(text) == []
+    assert_same(out, decode(q, cache, indices, sink, topk_length))
+
+
+def test_dense_decode_in_shard_map_with_device_local_pools(rng):
+    """Data parallel serving: each device owns a cache pool and a block table of local ids."""
+    devices = 8
+    per_device = [decode_inputs(rng, b=2) for _ in range(devices)]
+    q, cache, table, lens = (jnp.concatenate(parts) for parts in zip(*per_device, strict=True))
+    mesh = auto_mesh((devices,), ("data",))
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P("data")))
+    def decode(q, cache, table, lens):
+        metadata = fm.get_mla_metadata(lens, 2 * 8, 1)
+        return fm.flash_mla_with_kvcache(q, cache, table, lens, 512, *metadata)
+
+    out, lse = decode(q, cache, table, lens)
+    for d, item in enumerate(per_device):
+        single_out, single_lse = fm.flash_mla_with_kvcache(*item, 512)
+        np.testing.assert_array_equal(np.asarray(out[2 * d : 2 * d + 2]), np.asarray(single_out))
+        np.testing.assert_array_equal(np.asarray(lse[2 * d : 2 * d + 2]), np.asarray(single_lse))
+
+
+def test_dense_decode_under_pmap(rng):
+    per_device = [decode_inputs(rng, b=2) for _ in range(8)]
+    stacked = [jnp.stack(parts) for parts in zip(*per_device, strict=True)]
+    out, lse = jax.pmap(
+        lambda *a: fm.flash_mla_with_kvcache(*a, 512), devices=jax.devices("cpu")[:8]
+    )(*stacked)
+    for d, item in enumerate(per_device):
+        single = fm.flash_mla_with_kvcache(*item, 512)
+        np.testing.assert_array_equal(np.asarray(out[d]), np.asarray(single[0]))
+        np.testing.assert_array_equal(np.asarray(lse[d]), np.asarray(single[1]))
+
+
+def test_sparse_prefill_auto_sharding(rng):
+    q = jnp.asarray(rng.normal(size=(16, 8, 576)) / 10, jnp.bfloat16)
+    kv = jnp.asarray(rng.normal(size=(40, 1, 576)) / 10, jnp.bfloat16)
+    indices = jnp.asarray(rng.integers(-3, 45, (16, 1, 64)), jnp.int32)
+    topk_length = jnp.asarray(rng.integers(0, 65, 16), jnp.int32)
+    sink = jnp.asarray(rng.normal(size=8), jnp.float32)
+    mesh = auto_mesh()
+
+    def prefill(q, kv, indices, sink, topk_length):
+        return fm.flash_mla_sparse_fwd(
+            q, kv, indices, 0.05, attn_sink=sink, topk_length=topk_length
+        )
+
+    specs = (P("data", "model"), P(), P("data"), P("model"), P("data"))
+    out, text = run_sharded(prefill, (q, kv, indices, sink, topk_length), specs, mesh)
+    assert collectives(text) == []
+    assert_same(out, prefill(q, kv, indices, sink, topk_length))
+
+
+@pytest.mark.parametrize("h,h_k", [(8, 8), (8, 2), (4, 1)])
+def test_mha_heads_sharded_forward_and_gradients(rng, h, h_k):
+    cu = jnp.array([0, 5, 5, 16], jnp.int32)
+    q = jnp.asarray(rng.normal(size=(16, h, 128)) / 10, jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(16, h_k, 128)) / 10, jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(16, h_k, 128)) / 10, jnp.bfloat16)
+    d_out = jnp.asarray(rng.normal(size=(16, h, 128)), jnp.float32)
+    # KV heads are sharded when there are several, else the query heads of the one KV head.
+    devices = min(4, h_k) if h_k > 1 else 4
+    mesh = auto_mesh((devices,), ("model",))
+
+    def loss(q, k, v):
+        out, _ = fm.flash_attn_varlen_func(q, k, v, cu, cu, 11, 11, causal=True)
+        return jnp.sum(out.astype(jnp.float32) * d_out)
+
+    def forward_and_grads(q, k, v):
+        out = fm.flash_attn_varlen_func(q, k, v, cu, cu, 11, 11, causal=True)
+        return (*out, *jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+
+    kv_spec = P(None, "model") if h_k > 1 else P()
+    specs = (P(None, "model"), kv_spec, kv_spec)
+    got, text = run_sharded(forward_and_grads, (q, k, v), specs, mesh)
+    assert not {"all-gather", "all-to-all"} & set(collectives(text))
+    want = forward_and_grads(q, k, v)
+    assert_same(got[:2], want[:2])
+    for g, w in zip(got[2:], want[2:], strict=True):  # bf16 gradients: one rounding apart
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2.0**-7, atol=1e-6
+        )
+
+
+def test_explicit_mesh_axes(rng):
+    """jax.make_mesh's default (Explicit) axes work as well as Auto ones."""
+    q, cache, table, lens = decode_inputs(rng)
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    with set_mesh(mesh):
+        q_sharded = jax.device_put(q, NamedSharding(mesh, P("data", None, "model")))
+        out = jax.jit(lambda *a: fm.flash_mla_with_kvcache(*a, 512))(q_sharded, cache, table, lens)
+    assert_same(out, fm.flash_mla_with_kvcache(q, cache, table, lens, 512))
+    assert tuple(out[0].sharding.spec)[:3] == ("data", None, "model")
