@@ -225,3 +225,71 @@ def test_explicit_mesh_axes(rng):
         out = jax.jit(lambda *a: fm.flash_mla_with_kvcache(*a, 512))(q_sharded, cache, table, lens)
     assert_same(out, fm.flash_mla_with_kvcache(q, cache, table, lens, 512))
     assert tuple(out[0].sharding.spec)[:3] == ("data", None, "model")
+
+
+def _all_ops_per_device(rng):
+    """One call of every op on small per-device inputs: (name, fn, args) triples."""
+    q, cache, table, lens = decode_inputs(rng, b=2)
+    fp8 = fm.quantize_k_cache(cache)
+    indices = jnp.asarray(rng.integers(-1, cache.shape[0] * 16, (2, 2, 64)), jnp.int32)
+    pq = jnp.asarray(rng.normal(size=(4, 8, 576)) / 10, jnp.bfloat16)
+    kv = jnp.asarray(rng.normal(size=(20, 1, 576)) / 10, jnp.bfloat16)
+    p_idx = jnp.asarray(rng.integers(-2, 22, (4, 1, 64)), jnp.int32)
+    cu = jnp.array([0, 3, 7], jnp.int32)
+    mq, mk, mv = (jnp.asarray(rng.normal(size=(7, 2, 128)) / 10, jnp.bfloat16) for _ in range(3))
+    splits = jnp.array([0, 2, 3], jnp.int32)
+    po = jnp.asarray(rng.normal(size=(4, 1, 8, 16)), jnp.float32)
+    pl = jnp.asarray(rng.normal(size=(4, 1, 8)), jnp.float32)
+    return [
+        ("metadata", lambda lens: fm.get_mla_metadata(lens, 16, 1), (lens,)),
+        ("dense decode", lambda *a: fm.flash_mla_with_kvcache(*a, 512), (q, cache, table, lens)),
+        (
+            "sparse decode",
+            lambda q, c, i: fm.flash_mla_with_kvcache(
+                q, c, None, None, 512, is_fp8_kvcache=True, indices=i
+            ),
+            (q, fp8, indices),
+        ),
+        ("sparse prefill", lambda *a: fm.flash_mla_sparse_fwd(*a, 0.05), (pq, kv, p_idx)),
+        (
+            "mha",
+            lambda q, k, v, cu: fm.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True),
+            (mq, mk, mv, cu),
+        ),
+        (
+            "mha grad",
+            lambda q, k, v, cu: jax.grad(
+                lambda q: jnp.sum(
+                    fm.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4)[0].astype(jnp.float32)
+                )
+            )(q),
+            (mq, mk, mv, cu),
+        ),
+        ("combine", lambda po, pl, s: fm.combine_splits(po, pl, s), (po, pl, splits)),
+    ]
+
+
+@pytest.mark.parametrize("transform", ["shard_map", "pmap"])
+def test_every_op_per_device(rng, transform):
+    """Each device runs its own inputs (its own cache pool): results equal the single calls."""
+    per_device = [_all_ops_per_device(rng) for _ in range(8)]
+    mesh = auto_mesh((8,), ("data",))
+    for k, (name, fn, _) in enumerate(per_device[0]):
+        args = [
+            jnp.stack([ops[k][2][i] for ops in per_device]) for i in range(len(per_device[0][k][2]))
+        ]
+        if transform == "pmap":
+            got = jax.pmap(fn, devices=jax.devices("cpu")[:8])(*args)
+        else:
+
+            def local(*xs, fn=fn):  # shard_map keeps the device axis: drop it inside
+                out = fn(*(x[0] for x in xs))
+                return jax.tree.map(lambda y: y[None], out)
+
+            got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P("data")))(
+                *args
+            )
+        for d, ops in enumerate(per_device):
+            want = ops[k][1](*ops[k][2])
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_array_equal(np.asarray(g[d]), np.asarray(w), err_msg=name)
