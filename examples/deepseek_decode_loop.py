@@ -223,7 +223,25 @@ def make_step(cfg: ModelConfig, impl: str | None, mesh, layer_loop: str):
         )
         x = params["embed"][tokens].astype(jnp.float32)
         if layer_loop == "scan":
-            x, caches = jax.lax.scan(lambda x, wc: layer(x, *wc), x, (params["layers"], caches))
+            # The stacked caches [layers, blocks, ...] viewed as one pool of layers * blocks
+            # blocks (a free reshape): layer l's blocks are its block ids + l * blocks. The pool
+            # is carried through the scan, so the decode kernel reads it where it lies and the
+            # new rows are written in place: no per-layer slice or write-back of a cache.
+            layers, blocks = caches.shape[:2]
+            pool = caches.reshape(layers * blocks, *caches.shape[2:])
+
+            def pooled_layer(carry, xs):
+                x, pool = carry
+                w, index = xs
+                x, pool = attention_layer(
+                    x, w, pool, block_table + index * blocks, positions, seqlens, schedule
+                )
+                return (x, pool), None
+
+            (x, pool), _ = jax.lax.scan(
+                pooled_layer, (x, pool), (params["layers"], jnp.arange(layers, dtype=jnp.int32))
+            )
+            caches = pool.reshape(caches.shape)
         else:
             updated = []
             for w, cache in zip(params["layers"], caches, strict=True):
