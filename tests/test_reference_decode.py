@@ -308,6 +308,8 @@ def test_check_close_rule():
         od.check_close(np.array([1.0, 0.0, 7.0, 100.0]), ref, abs_tol=1, rel_tol=1)
     with pytest.raises(AssertionError, match="inf/NaN"):
         od.check_close(np.array([1.0, 0.0, -np.inf, 100.0]), ref, abs_tol=1, rel_tol=1)
+    with pytest.raises(AssertionError, match="inf/NaN"):
+        od.check_close(np.array([1.0, np.nan, np.inf, 100.0]), ref, abs_tol=1, rel_tol=1)
     with pytest.raises(AssertionError, match="cosine"):
         od.check_close(
             np.array([1.0, -1.0]), np.array([1.0, 1.0]), abs_tol=3, rel_tol=0, cos_tol=5e-6
