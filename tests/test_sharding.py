@@ -215,16 +215,31 @@ def test_mha_heads_sharded_forward_and_gradients(rng, h, h_k):
         )
 
 
-def test_explicit_mesh_axes(rng):
-    """jax.make_mesh's default (Explicit) axes work as well as Auto ones."""
+def test_explicit_mesh_axes_say_what_to_do(rng):
+    """jax.make_mesh's default (Explicit) axes: a clear error, and shard_map still works."""
     q, cache, table, lens = decode_inputs(rng)
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
     with set_mesh(mesh):
         q_sharded = jax.device_put(q, NamedSharding(mesh, P("data", None, "model")))
-        out = jax.jit(lambda *a: fm.flash_mla_with_kvcache(*a, 512))(q_sharded, cache, table, lens)
-    assert_same(out, fm.flash_mla_with_kvcache(q, cache, table, lens, 512))
-    assert tuple(out[0].sharding.spec)[:3] == ("data", None, "model")
+        with pytest.raises(
+            ValueError, match=r"flash_mla_with_kvcache: mesh axes .* Explicit.*Auto"
+        ):
+            jax.jit(lambda *a: fm.flash_mla_with_kvcache(*a, 512))(q_sharded, cache, table, lens)
+        specs = (P("data"), P(), P("data"), P("data"))
+        placed = [
+            jax.device_put(x, NamedSharding(mesh, s))
+            for x, s in zip((q, cache, table, lens), specs, strict=True)
+        ]
+        per_device = jax.jit(
+            jax.shard_map(
+                lambda *a: fm.flash_mla_with_kvcache(*a, 512),
+                mesh=mesh,
+                in_specs=specs,
+                out_specs=(P("data"), P("data")),
+            )
+        )(*placed)
+    assert_same(per_device, fm.flash_mla_with_kvcache(q, cache, table, lens, 512))
 
 
 def _all_ops_per_device(rng):

@@ -10,9 +10,9 @@ replicated. From that one description `partitioned_call` builds
   (XLA reshards any other input sharding to them, e.g. a cache sharded along its blocks is
   replicated), and runs the op's own computation on the local shards.
 Under shard_map, pmap or a single device the op runs as it is. A vmap rule (sequential over
-the mapped axis) is attached because custom_partitioning has none. Under a mesh with Explicit
-axes (jax.make_mesh's default) the op runs on Auto axes inside `jax.sharding.auto_axes`, and its
-results carry the shardings the same rule gives.
+the mapped axis) is attached because custom_partitioning has none. Meshes with Explicit axes
+(jax.make_mesh's default) raise a ValueError that says to use Auto axes or shard_map:
+custom_partitioning fails under them in jax 0.11.
 """
 
 from __future__ import annotations
@@ -127,7 +127,17 @@ def spec_for(dims: str, axes: dict[str, tuple[str, ...]]) -> PartitionSpec:
     return PartitionSpec(*entries)
 
 
+def _explicit_axes(arrays: Sequence[jax.Array]) -> tuple[str, ...]:
+    """Mesh axes of Explicit type in the current mesh or in the inputs' shardings."""
+    meshes = [jax.sharding.get_abstract_mesh()]
+    meshes += [getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None) for x in arrays]
+    return tuple(
+        sorted({a for m in meshes if m is not None and not m.empty for a in m.explicit_axes})
+    )
+
+
 def partitioned_call(
+    op_name: str,
     fn: Callable[..., tuple[jax.Array, ...]],
     arrays: Sequence[jax.Array],
     operand_dims: Sequence[str],
@@ -140,10 +150,21 @@ def partitioned_call(
 ) -> tuple[jax.Array, ...]:
     """Run fn(*arrays) (a tuple of arrays out) partitioned by the dims description.
 
+    Raises ValueError under a mesh with Explicit axes, which custom_partitioning cannot
+    partition (jax >= 0.11 fails at run time), saying what to do instead.
+
     local_fn(factor_axes) may return another per-shard computation when some factors are
     sharded (factor_axes maps each sharded factor to its mesh axes): e.g. decode drops global
     scheduler metadata and schedules its shard, and a gradient sums over sharded heads.
     """
+    explicit = _explicit_axes(arrays)
+    if explicit:
+        raise ValueError(
+            f"{op_name}: mesh axes {explicit} are Explicit, which the ops' sharding rules "
+            "(custom_partitioning) cannot handle; make the mesh with Auto axes, e.g. "
+            "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape)), "
+            "or call the op inside jax.shard_map"
+        )
     sizes = factor_sizes(arrays, operand_dims, given_sizes or {})
     # Shardy rejects size-1 factors inside compound dims ("(k g)" with one KV head).
     operand_dims = [_drop_unit_factors(d, sizes) for d in operand_dims]
@@ -199,13 +220,4 @@ def partitioned_call(
         outs = jax.lax.map(one, mapped)
         return outs, tuple(True for _ in outs)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.explicit_axes:
-        # Explicit mesh axes: run the op on Auto axes and give the results the explicit
-        # shardings the rule implies for these inputs.
-        axes = choose_factor_axes(
-            mesh, [jax.typeof(x) for x in arrays], operand_dims, shardable, sizes
-        )
-        out_specs = tuple(spec_for(d, axes) for d in result_dims)
-        return jax.sharding.auto_axes(batched_op, out_sharding=out_specs)(*arrays)
     return batched_op(*arrays)

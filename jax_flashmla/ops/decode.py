@@ -242,6 +242,7 @@ def _dense_decode(
         )
 
     return sharding.partitioned_call(
+        OP,
         compute,
         (q, cache, block_table, cache_seqlens, *metadata),
         ("b s (k g) d", "n p k d", "b m", "b", *(("o f", "c") if metadata else ())),
@@ -286,6 +287,7 @@ def _sparse_decode(
         )
 
     return sharding.partitioned_call(
+        OP,
         compute,
         (q, cache, indices, *(optional[n][0] for n in present)),
         ("b s (k g) d", "n p k d", "b s t", *(optional[n][1] for n in present)),

@@ -123,6 +123,7 @@ def _mha_forward(q, k, v, cu_q, cu_k, statics):
         )
 
     return sharding.partitioned_call(
+        OP,
         compute,
         (q, k, v, cu_q, cu_k),
         _MHA_DIMS,
@@ -171,6 +172,7 @@ def _mha_bwd(statics, residuals, cotangents):
         return sharded_grads
 
     dq, dk, dv = sharding.partitioned_call(
+        OP,
         grads,
         (q, k, v, cu_q, cu_k, d_out),
         (*_MHA_DIMS, "t (k g) e"),

@@ -94,6 +94,7 @@ def flash_mla_sparse_fwd(
 
     # Query tokens t and heads h may be sharded; kv is replicated.
     return sharding.partitioned_call(
+        OP,
         compute,
         (q, kv, indices, *(optional[n][0] for n in present)),
         ("t h d", "n k d", "t k x", *(optional[n][1] for n in present)),
