@@ -300,7 +300,6 @@ def test_cuda_on_unsupported_gpu_says_why():
     [
         ([S((4,), F32), 64, 1], {}, TypeError, "cache_seqlens must have dtype int32"),
         ([S((4, 1), I32), 64, 1], {}, ValueError, "cache_seqlens must have rank 1"),
-        ([S((40000,), I32), 64, 1], {}, ValueError, "at most 32768"),
         ([S((4,), I32), 0, 1], {}, ValueError, "num_q_tokens_per_head_k must be >= 1"),
         ([S((4,), I32), 64, 2.0], {}, TypeError, "num_heads_k must be a Python int"),
         ([S((4,), I32), 64, 2], {"num_heads_q": 3}, ValueError, "multiple of num_heads_k"),

@@ -66,7 +66,9 @@ def flash_mla_with_kvcache(
       cache_seqlens: int32 [b] (dense, 0 allowed); must be None in sparse mode.
       head_dim_v: d_v, 512 (V is the first d_v dims of each cache row).
       tile_scheduler_metadata, num_splits: from `get_mla_metadata` for these shapes, or both
-        None to compute them here. Reuse one pair for every layer of a decode step.
+        None to compute them here. Reuse one pair for every layer of a decode step. When the
+        call is sharded over batch or heads, each shard schedules its own part instead (a
+        schedule cannot be sliced); inside shard_map, compute them per device.
       softmax_scale: static float, default d_qk ** -0.5.
       causal: static bool, bottom-right causal mask over the s_q queries (dense mode only).
       is_fp8_kvcache: static bool, the cache is FP8 (required in sparse mode; in dense mode
@@ -92,7 +94,9 @@ def flash_mla_with_kvcache(
         a sparse-only argument is given in dense mode (or the reverse), or implementation is
         "cuda" where no kernel can take these inputs.
     """
-    checks.check_array(OP, "q", q, ndim=4, shape_doc="[batch, s_q, h_q, d_qk]")
+    checks.check_array(
+        OP, "q", q, ndim=4, dtypes=checks.FLOAT16_TYPES, shape_doc="[batch, s_q, h_q, d_qk]"
+    )
     checks.check_array(
         OP,
         "k_cache",
@@ -121,7 +125,6 @@ def flash_mla_with_kvcache(
         layout = _fp8_layout("k_cache", k_cache, d_qk)
         cache = quant.dequantize_k_cache(k_cache, layout=layout, dtype=jnp.bfloat16)
     else:
-        checks.check_array(OP, "q", q, dtypes=checks.FLOAT16_TYPES)
         checks.check_array(OP, "k_cache", k_cache, dtypes=(q.dtype,))
         cache = k_cache
     if cache.shape[-1] != d_qk:

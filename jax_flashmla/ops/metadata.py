@@ -12,9 +12,6 @@ OP = "get_mla_metadata"
 #: Rows of queries one decode CTA handles for one KV head.
 QUERY_ROWS_PER_TILE = 64
 
-#: Largest batch the scheduler kernel takes (it keeps per-request prefix sums in shared memory).
-MAX_BATCH = 32768
-
 
 def num_sm_parts(num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
     """How many parts the KV work is split into: about one CTA per SM.
@@ -60,18 +57,13 @@ def get_mla_metadata(
 
     Raises:
       TypeError: cache_seqlens is not an int32 array; a count is not a Python int.
-      ValueError: cache_seqlens is not rank 1 or has more than 32768 entries; a count is < 1;
+      ValueError: cache_seqlens is not rank 1; a count is < 1;
         num_heads_q is not a multiple of num_heads_k; topk is not a positive multiple of 64;
         implementation is unknown, or "cuda" where the kernel cannot run.
     """
     checks.check_array(
         OP, "cache_seqlens", cache_seqlens, ndim=1, dtypes=checks.INT32, shape_doc="[batch]"
     )
-    if cache_seqlens.shape[0] > MAX_BATCH:
-        raise ValueError(
-            f"{OP}: cache_seqlens may have at most {MAX_BATCH} requests; "
-            f"got {cache_seqlens.shape[0]}"
-        )
     rows = checks.check_int(OP, "num_q_tokens_per_head_k", num_q_tokens_per_head_k, minimum=1)
     h_kv = checks.check_int(OP, "num_heads_k", num_heads_k, minimum=1)
     if num_heads_q is not None:
