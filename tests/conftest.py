@@ -10,6 +10,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+# The full GPU matrix compiles ~1150 executables: it precompiles them on parallel threads into
+# JAX's persistent cache, and the tests load them from there (the machine keeps no cache).
+if os.environ.get("JAX_FLASHMLA_FULL") == "1":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/jax_flashmla_compile_cache")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import pytest
 
 from jax_flashmla._src import platform

@@ -50,6 +50,7 @@ causal and non-causal variants of one input set run back to back and share its d
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -72,6 +73,7 @@ from oracle_decode import (
 )
 
 import jax_flashmla as fm
+from jax_flashmla.ops import metadata as metadata_op
 from jax_flashmla.reference import decode as reference_decode
 
 pytestmark = pytest.mark.gpu
@@ -451,9 +453,56 @@ def test_quick_matrix(case: Case):
     run_case(case)
 
 
+def abstract_args(case: Case, *, with_metadata: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The shapes and dtypes of a case's kernel arguments (as build_inputs makes them)."""
+    dtype = np.dtype(case.dtype) if case.dtype != "bfloat16" else BF16
+    max_blocks = class_max_blocks(case.s_k)
+    args = [
+        jax.ShapeDtypeStruct((case.b, case.s_q, case.h_q, D_QK), dtype),
+        jax.ShapeDtypeStruct((case.b * max_blocks + SPARE_BLOCKS, PAGE, case.h_kv, D_QK), dtype),
+        jax.ShapeDtypeStruct((case.b, max_blocks), jnp.int32),
+        jax.ShapeDtypeStruct((case.b,), jnp.int32),
+    ]
+    if with_metadata:
+        rows = case.s_q * case.h_q // case.h_kv
+        parts = metadata_op.num_sm_parts(rows, case.h_kv)
+        args += [
+            jax.ShapeDtypeStruct((parts, 8), jnp.int32),
+            jax.ShapeDtypeStruct((case.b + 1,), jnp.int32),
+        ]
+    return tuple(args)
+
+
+def precompile(cases: list[Case], workers: int = 16) -> None:
+    """Compile every (shape, causal) of `cases`, kernel and reference, on parallel threads.
+
+    XLA compiles outside the GIL, so this spreads the full matrix's ~1150 compilations over the
+    host's cores. The executables land in JAX's persistent compilation cache (conftest turns it
+    on for JAX_FLASHMLA_FULL=1), from which the tests' own jit calls then load them.
+    """
+    jobs = {}
+    for case in cases:
+        meta = case.with_metadata
+        jobs[("kernel", case.shape_key, case.causal, meta)] = lambda c=case, m=meta: _kernel.lower(
+            *abstract_args(c, with_metadata=m), *(() if m else (None, None)), causal=c.causal
+        ).compile()
+        jobs[("reference", case.shape_key, case.causal)] = lambda c=case: _reference.lower(
+            *abstract_args(c, with_metadata=False), causal=c.causal
+        ).compile()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(job) for job in jobs.values()]:
+            future.result()
+
+
+@pytest.fixture(scope="module")
+def full_matrix_compiled():
+    if jax.config.jax_compilation_cache_dir:
+        precompile(FULL_CASES)
+
+
 @pytest.mark.full
 @pytest.mark.parametrize("case", FULL_CASES, ids=_ids(FULL_CASES))
-def test_full_matrix(case: Case):
+def test_full_matrix(case: Case, full_matrix_compiled):
     """The rest of the matrix (with test_quick_matrix, all of it)."""
     run_case(case)
 
