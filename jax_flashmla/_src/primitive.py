@@ -5,8 +5,8 @@ A `KernelPrimitive` owns a JAX primitive that
 - lowers to its XLA FFI custom call on CUDA (`ffi_attributes` says what the handler gets),
 - lowers to its plain-JAX `reference` on every other platform, so that the primitive is a
   complete description of the computation wherever it is traced,
-- batches under vmap by running the kernel once per element of the mapped axis (a subclass
-  may fold the mapped axis into the kernel's own batch axis instead, see `fold_batch`).
+- batches under vmap by running the kernel once per element of the mapped axis (the ops'
+  own batch axes already fill the GPU).
 
 Workspaces and scheduler metadata are explicit outputs sized by `abstract`: FFI handlers never
 allocate. The public ops in `jax_flashmla.ops` validate inputs and then call `bind`.
@@ -68,12 +68,6 @@ class KernelPrimitive:
         """Attributes passed to the FFI handler (numpy scalars), a subset of `params`."""
         return {}
 
-    def fold_batch(
-        self, args: Sequence[jax.Array], dims: Sequence[int | None], **params: Any
-    ) -> tuple[Sequence[jax.Array], Sequence[int]] | None:
-        """Optionally batch by folding the vmapped axis into the kernel's batch axis."""
-        return None
-
     # ---- shared machinery ------------------------------------------------------------------
     def bind(self, *args: jax.Array, **params: Any) -> list[jax.Array]:
         platform.extension()  # registers the FFI targets before anything is compiled
@@ -89,9 +83,6 @@ class KernelPrimitive:
     def _batch(
         self, args: Sequence[jax.Array], dims: Sequence[int | None], **params: Any
     ) -> tuple[Sequence[jax.Array], Sequence[int]]:
-        folded = self.fold_batch(args, dims, **params)
-        if folded is not None:
-            return folded
         size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
         mapped = [jnp.moveaxis(a, d, 0) for a, d in zip(args, dims, strict=True) if d is not None]
 
