@@ -1,8 +1,8 @@
 # CUDA helpers for jax_flashmla.
 #
 #   jfm_detect_cuda(<out_var>)
-#       Sets <out_var> to TRUE when a usable CUDA compiler exists (CUDA >= 12.0,
-#       needed for sm_90a), FALSE otherwise. Never fails the configure step.
+#       Sets <out_var> to TRUE when a usable CUDA compiler exists (CUDA >= 12.5,
+#       needed by the kernels), FALSE otherwise. Never fails the configure step.
 #
 #   jfm_add_cuda_objects(<name> ARCHS <arch>... SOURCES <file>...)
 #       OBJECT library compiled by nvcc for exactly the listed architectures
@@ -42,8 +42,8 @@ function(jfm_detect_cuda out_var)
         string(REGEX MATCH "release ([0-9]+\\.[0-9]+)" _m "${_ver_out}")
         if(NOT _ver_rc EQUAL 0 OR NOT CMAKE_MATCH_1)
           set(_why "could not run '${CMAKE_CUDA_COMPILER} --version'")
-        elseif(CMAKE_MATCH_1 VERSION_LESS 12.0)
-          set(_why "CUDA ${CMAKE_MATCH_1} is too old (sm_90a needs CUDA >= 12.0)")
+        elseif(CMAKE_MATCH_1 VERSION_LESS 12.5)
+          set(_why "CUDA ${CMAKE_MATCH_1} is too old (the kernels need CUDA >= 12.5: sm_90a and cudaGetDriverEntryPointByVersion)")
         else()
           set(_have TRUE)
         endif()

@@ -87,7 +87,7 @@ def _load_extension() -> tuple[object | None, str]:
     except ImportError as error:
         return None, (
             "jax_flashmla was installed without its CUDA extension "
-            f"({error}); reinstall with a CUDA 12.8+ nvcc on PATH to build the kernels"
+            f"({error}); reinstall with a CUDA 12.5+ nvcc on PATH to build the kernels"
         )
     for name, capsule in _C.registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
