@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_api import small_decode
 
 import jax_flashmla as fm
 
@@ -27,13 +28,9 @@ def collectives(compiled_text: str) -> list[str]:
     return re.findall(r"\b(all-gather|all-to-all|all-reduce|collective-permute)\b", compiled_text)
 
 
-def decode_inputs(rng, b=8, s_q=2, h_q=8, h_kv=1, page=16, max_len=90):
-    lens = rng.integers(0, max_len, b).astype(np.int32)
-    blocks = -(-max_len // page)
-    table = rng.permutation(b * blocks).reshape(b, blocks).astype(np.int32)
-    q = jnp.asarray(rng.normal(size=(b, s_q, h_q, 576)) / 10, jnp.bfloat16)
-    cache = jnp.asarray(rng.normal(size=(b * blocks, page, h_kv, 576)) / 10, jnp.bfloat16)
-    return q, cache, jnp.asarray(table), jnp.asarray(lens)
+def decode_inputs(rng, **shape):
+    """test_api's paged-cache inputs, with a batch and head count that 2 x 4 devices split."""
+    return small_decode(rng, **{"b": 8, "h_q": 8, "max_len": 90, **shape})
 
 
 def run_sharded(fn, args, specs, mesh):
