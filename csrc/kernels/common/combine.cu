@@ -6,6 +6,7 @@
 // load instruction of the warp covers 512 contiguous bytes. Split weights are
 // recomputed per slice from the (L1-resident) LSEs instead of being staged.
 #include "kernels/common/combine.cuh"
+#include "kernels/common/pdl.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -80,6 +81,10 @@ __device__ __forceinline__ float4 scale4(float4 v, float s) {
 
 template <typename OutT>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineParams p) {
+  // Launched programmatically behind the decode kernel: wait for its partials, then let the
+  // next kernel on the stream start its own prologue.
+  pdl_wait();
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int64_t heads = p.num_heads;
   const int64_t tokens_heads = p.seqlen_q * heads;  // partial rows are this far apart
@@ -177,12 +182,9 @@ cudaError_t launch_combine(const CombineParams& params, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = std::min((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxBlocks);
   const dim3 grid(static_cast<unsigned>(blocks));
-  if (params.out_dtype == OutDtype::kBF16) {
-    combine_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(params);
-  } else {
-    combine_kernel<__half><<<grid, kThreads, 0, stream>>>(params);
-  }
-  return cudaGetLastError();
+  const auto kernel = params.out_dtype == OutDtype::kBF16 ? combine_kernel<__nv_bfloat16>
+                                                         : combine_kernel<__half>;
+  return launch_with_pdl(kernel, grid, dim3(kThreads), 0, stream, params);
 }
 
 }  // namespace jfm

@@ -1,0 +1,165 @@
+// Probe: times the dense decode kernel from C++ (no JAX): median of 100 launches after 50 of
+// warm-up, and, built with -DJFM_KERNEL_SPAN (csrc/kernels/common/span.cuh), the cycles per
+// KV block of the first CTA and the SM clock of the last launch. The clock swings between
+// ~1.25 and ~1.8 GHz on the H200 under this load (power), so compare variants by cycles per
+// block, and by the JAX benchmark for time.
+//
+// Inputs as benchmarks/bench_decode.py: lengths ~ max(N(s_k, s_k/2), s_q), a randomly
+// permuted block table, uniform random bf16 values.
+//
+// Build and run on the H200 from the repository root (CUTLASS headers from the wheel):
+//   CUTLASS=$(python3 -c "import cutlass_library,os;print(os.path.dirname(cutlass_library.__file__))")/source
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+//       -DJFM_KERNEL_SPAN -Icsrc -I$CUTLASS/include -o /tmp/decode_cycles \
+//       benchmarks/probes/decode_cycles.cu csrc/kernels/common/scheduler.cu csrc/kernels/common/combine.cu
+//   /tmp/decode_cycles [b] [s_q] [h_q] [s_k] [causal]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+#include <vector>
+
+// One translation unit holds the kernel, its launcher and the span record.
+#include "kernels/sm90/decode_dense/decode_dense.cu"
+#include "kernels/sm90/decode_dense/decode_dense_bf16.cu"
+#include "kernels/common/scheduler.cuh"
+
+#define CHECK(x)                                                                     \
+  do {                                                                               \
+    cudaError_t e = (x);                                                             \
+    if (e != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
+      std::exit(1);                                                                  \
+    }                                                                                \
+  } while (0)
+
+__global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 16;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    x[i] = __float2bfloat16((static_cast<float>(h & 0xFFFF) / 65535.f - 0.5f) * 0.3f);
+  }
+}
+
+int main(int argc, char** argv) {
+  const int b = argc > 1 ? std::atoi(argv[1]) : 128;
+  const int s_q = argc > 2 ? std::atoi(argv[2]) : 1;
+  const int h_q = argc > 3 ? std::atoi(argv[3]) : 128;
+  const int s_k = argc > 4 ? std::atoi(argv[4]) : 4096;
+  const bool causal = argc > 5 && std::atoi(argv[5]) != 0;
+  const int h_kv = 1, page = 64;
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+
+  std::mt19937 rng(0);
+  std::normal_distribution<double> normal;
+  std::vector<int> lengths(b);
+  for (int& len : lengths) len = std::max<int>(s_q, static_cast<int>(s_k + s_k / 2.0 * normal(rng)));
+  const int max_len = *std::max_element(lengths.begin(), lengths.end());
+  const int max_blocks = (max_len + page - 1) / page;
+  const int num_blocks = b * max_blocks;
+  std::vector<int> table(num_blocks);
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), rng);
+  const double mean_len = std::accumulate(lengths.begin(), lengths.end(), 0.0) / b;
+
+  const int rows_per_kv = s_q * h_q / h_kv;
+  const int num_parts = std::max(prop.multiProcessorCount / h_kv / ((rows_per_kv + 63) / 64), 1);
+  const size_t q_elems = size_t(b) * s_q * h_q * 576;
+  const size_t cache_elems = size_t(num_blocks) * page * h_kv * 576;
+  __nv_bfloat16 *q, *cache, *out;
+  float *lse, *partial_o, *partial_lse;
+  int *d_table, *d_lengths, *metadata, *num_splits;
+  CHECK(cudaMalloc(&q, q_elems * 2));
+  CHECK(cudaMalloc(&cache, cache_elems * 2));
+  CHECK(cudaMalloc(&out, size_t(b) * s_q * h_q * 512 * 2));
+  CHECK(cudaMalloc(&lse, size_t(b) * s_q * h_q * 4));
+  CHECK(cudaMalloc(&partial_o, size_t(b + num_parts) * s_q * h_q * 512 * 4));
+  CHECK(cudaMalloc(&partial_lse, size_t(b + num_parts) * s_q * h_q * 4));
+  CHECK(cudaMalloc(&d_table, num_blocks * 4));
+  CHECK(cudaMalloc(&d_lengths, b * 4));
+  CHECK(cudaMalloc(&metadata, num_parts * 8 * 4));
+  CHECK(cudaMalloc(&num_splits, (b + 1) * 4));
+  fill_random<<<1024, 256>>>(q, q_elems, 1);
+  fill_random<<<4096, 256>>>(cache, cache_elems, 2);
+  CHECK(cudaMemcpy(d_table, table.data(), num_blocks * 4, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(d_lengths, lengths.data(), b * 4, cudaMemcpyHostToDevice));
+
+  jfm::SchedulerParams sp;
+  sp.cache_seqlens = d_lengths;
+  sp.tile_scheduler_metadata = metadata;
+  sp.num_splits = num_splits;
+  sp.batch = b;
+  sp.num_parts = num_parts;
+  CHECK(jfm::launch_scheduler(sp, 0));
+
+  jfm::DenseDecodeParams p;
+  p.q = q;
+  p.k_cache = cache;
+  p.block_table = d_table;
+  p.cache_seqlens = d_lengths;
+  p.tile_metadata = metadata;
+  p.num_splits = num_splits;
+  p.out = out;
+  p.lse = lse;
+  p.partial_o = partial_o;
+  p.partial_lse = partial_lse;
+  p.batch = b;
+  p.s_q = s_q;
+  p.h_q = h_q;
+  p.h_kv = h_kv;
+  p.num_blocks = num_blocks;
+  p.max_blocks_per_seq = max_blocks;
+  p.num_parts = num_parts;
+  p.softmax_scale = 1.f / std::sqrt(576.f);
+  p.causal = causal;
+
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  std::vector<float> times;
+  // Long enough for the clocks to settle as under a sustained load; the median of the last 100.
+  for (int rep = 0; rep < 150; ++rep) {
+    CHECK(cudaEventRecord(e0));
+    CHECK(jfm::launch_dense_decode(p, 0));
+    CHECK(cudaEventRecord(e1));
+    CHECK(cudaEventSynchronize(e1));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (rep >= 50) times.push_back(ms * 1e3f);
+  }
+  std::sort(times.begin(), times.end());
+  const double us = times[times.size() / 2];
+  const double flops = double(b) * s_q * h_q * mean_len * 2 * (576 + 512);
+  std::printf("b %d s_q %d h_q %d s_k %d causal %d: mean len %.0f, %d parts, %.1f us, %.1f TFLOPS\n",
+              b, s_q, h_q, s_k, causal, mean_len, num_parts, us, flops / us / 1e6);
+
+#ifdef JFM_KERNEL_SPAN
+  {
+    // Blocks of part 0 (the CTA whose score warpgroup marked its span).
+    std::vector<int> meta(8);
+    CHECK(cudaMemcpy(meta.data(), metadata, 8 * 4, cudaMemcpyDeviceToHost));
+    long blocks = 0;
+    for (int req = meta[0]; req <= meta[1]; ++req) {
+      const int n = (lengths[req] + page - 1) / page;
+      const int lo = req == meta[0] ? meta[2] : 0, hi = req == meta[1] ? std::min(meta[3], n) : n;
+      blocks += std::max(hi - lo, 0);
+    }
+    unsigned long long span[4];
+    CHECK(cudaMemcpyFromSymbol(span, jfm_span, sizeof(span)));
+    const double cycles = double(span[2] - span[0]), ns = double(span[3] - span[1]);
+    std::printf("  CTA 0: %ld blocks, %.0f cycles (%.0f per block), %.0f MHz\n", blocks, cycles,
+                cycles / std::max(blocks, 1L), cycles / ns * 1e3);
+  }
+#endif
+  return 0;
+}
