@@ -6,7 +6,7 @@
 // architectures older than sm_90. Captured into CUDA graphs as programmatic edges.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>  // cudaLaunchKernelEx (C++ overload)
 
 namespace jfm {
 
