@@ -17,7 +17,8 @@ subexpressions) and returns every output, so nothing is eliminated. After warm-u
 over --runs timed runs (time.perf_counter around the call and block_until_ready) is taken for
 n = R and n = R / 4; the time of one call is their difference divided by the difference in n,
 which removes the Python dispatch, the launch of the first kernel and the final
-synchronisation (they are the same in both).
+synchronisation (they are the same in both). Should noise make the difference non-positive
+(tiny smoke-test sizes), the time of R calls divided by R is reported instead.
 
 "ratio" compares with FlashMLA's figure at equal work: FlashMLA's lengths were drawn from the
 same distribution but not identical to ours (their mean s_k was ~3% above the nominal one), so
@@ -253,10 +254,14 @@ def time_op(
             del outs
         return statistics.median(times)
 
+    many = median_time(repeats)
     few = max(1, repeats // 4)
     if few == repeats:
-        return median_time(repeats) / repeats * 1e6
-    return (median_time(repeats) - median_time(few)) / (repeats - few) * 1e6
+        return many / repeats * 1e6
+    per_call = (many - median_time(few)) / (repeats - few)
+    # Noise larger than the calls themselves (tiny smoke-test sizes) can make the difference
+    # non-positive: fall back to the plain mean, which overstates the time a little.
+    return (per_call if per_call > 0 else many / repeats) * 1e6
 
 
 def record(kernel: str, cfg: Config, dtype_name: str, us: float, mean_s_k: float, scale: int):
