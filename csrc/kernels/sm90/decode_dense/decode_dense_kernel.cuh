@@ -4,10 +4,12 @@
 //   WG0, producer: one thread issues TMA loads of the query tile and of every 64-token KV
 //     block (9 chunks of 64 dims x 64 rows, 128-byte swizzled) into a 2-stage ring.
 //   WG1, "score" warpgroup: S = Q K^T on wgmma (both operands in shared memory), the online
-//     softmax in fp32, P handed to WG2 through shared memory (in the block's RoPE chunk, which
-//     nothing reads once S is done), then O[:, 0:256] += P V[:, 0:256] with P from registers.
-//   WG2, "value" warpgroup: rescales O[:, 256:512] by WG1's per-row factors and adds
-//     P V[:, 256:512] with P from shared memory.
+//     softmax in fp32 against a lazily raised reference max (O is rescaled only when a row's
+//     scores pass its reference by more than 2^8, so almost never after the first blocks),
+//     P handed to WG2 through shared memory (in the block's RoPE chunk, which nothing reads
+//     once S is done), then O[:, 0:256] += P V[:, 0:256] with P from registers.
+//   WG2, "value" warpgroup: rescales O[:, 256:512] by WG1's per-row factors when one is not 1,
+//     and adds P V[:, 256:512] with P from shared memory.
 // So the tensor cores alternate between WG1's S of block j+1 and WG2's half of P V of block j.
 #pragma once
 
@@ -40,6 +42,9 @@ constexpr int kHalfV = kDecodeHeadDimV / 2;      // 256 output columns per math 
 constexpr int kConsumerThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+// How far (log2 units) a row's scores may exceed its reference max before the reference is
+// raised and O rescaled: P stays <= 2^8, far from overflowing fp32 sums or bf16.
+constexpr float kRescaleSlack = 8.f;
 
 // Named barriers (0 is __syncthreads).
 constexpr uint32_t kBarPReady = 1;  // + stage: WG1 published P and the row factors
@@ -122,6 +127,12 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// The value a row's P is taken relative to: its reference max, or 0 while every key so far is
+// masked (max -inf), so that exp2(-inf - 0) = 0.
+__device__ __forceinline__ float softmax_base(float row_max) {
+  return row_max == -INFINITY ? 0.f : row_max;
 }
 
 template <typename Element>
@@ -226,8 +237,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     float o[kHalfV / 2];  // 64 x 256 accumulator slice: 128 per thread
 #pragma unroll
     for (int i = 0; i < kHalfV / 2; ++i) o[i] = 0.f;
+    // Per row: the reference max (log2 domain, -inf until a key is seen) that P, O and the row
+    // sum are relative to, and this thread's share of the row sum.
     float row_max[2] = {-INFINITY, -INFINITY};
-    float row_sum[2] = {0.f, 0.f};  // this thread's share of each row's softmax sum
+    float row_sum[2] = {0.f, 0.f};
     // Keys t < key_limit[h] are attendable for row h (bottom-right causal).
     int key_limit[2];
 #pragma unroll
@@ -278,43 +291,58 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
 
-        // ---- Online softmax in the log2 domain.
-        float new_max[2];
+        // ---- Online softmax in the log2 domain, against a reference max that is raised lazily:
+        // only when a row's max exceeds it by more than kRescaleSlack. So P <= 2^kRescaleSlack,
+        // and most blocks neither rescale O nor wait for the row max before exponentiating.
+        float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float mx = -INFINITY;
+        for (int i = 0; i < 8; ++i) {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
+          for (int h = 0; h < 2; ++h) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int key = blk * kDecodePageSize + i * 8 + quad_col + e;
               float& x = s[i * 4 + h * 2 + e];
               x = key < key_limit[h] ? x * args.scale_log2 : -INFINITY;
-              mx = fmaxf(mx, x);
+              block_max[h] = fmaxf(block_max[h], x);
             }
           }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-          new_max[h] = fmaxf(row_max[h], mx);
         }
-        float factor[2];
-        uint32_t packed[16];  // P in the register layout of a wgmma A operand
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float base = new_max[h] == -INFINITY ? 0.f : new_max[h];
-          factor[h] = fast_exp2(row_max[h] - base);
-          row_max[h] = new_max[h];
-          float sum = 0.f;
+        uint32_t packed[16];  // P in the register layout of a wgmma A operand (row i % 2)
+        float block_sum[2];
+        const auto exponentiate = [&] {
+          const float base[2] = {softmax_base(row_max[0]), softmax_base(row_max[1])};
+          block_sum[0] = block_sum[1] = 0.f;
 #pragma unroll
           for (int i = 0; i < 16; ++i) {
-            float& x = s[(i / 2) * 4 + h * 2 + (i % 2)];
-            x = fast_exp2(x - base);
-            sum += x;
+            const float p0 = fast_exp2(s[2 * i] - base[i % 2]);
+            const float p1 = fast_exp2(s[2 * i + 1] - base[i % 2]);
+            block_sum[i % 2] += p0 + p1;
+            packed[i] = Traits::pack(p0, p1);
           }
-          row_sum[h] = row_sum[h] * factor[h] + sum;
+        };
+        exponentiate();  // against the current reference, while the row max is reduced
+        bool raise = false;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          block_max[h] = fmaxf(block_max[h], __shfl_xor_sync(0xffffffff, block_max[h], 1));
+          block_max[h] = fmaxf(block_max[h], __shfl_xor_sync(0xffffffff, block_max[h], 2));
+          raise |= block_max[h] > row_max[h] + kRescaleSlack;
+        }
+        float factor[2] = {1.f, 1.f};
+        if (__any_sync(0xffffffff, raise)) {  // per warp: its 16 rows
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float new_max = fmaxf(row_max[h], block_max[h]);
+            factor[h] = fast_exp2(row_max[h] - softmax_base(new_max));
+            row_max[h] = new_max;
+          }
+          exponentiate();
+#pragma unroll
+          for (int i = 0; i < kHalfV / 2; ++i) o[i] *= factor[(i / 2) % 2];
         }
 #pragma unroll
-        for (int i = 0; i < 16; ++i) packed[i] = Traits::pack(s[2 * i], s[2 * i + 1]);
+        for (int h = 0; h < 2; ++h) row_sum[h] = row_sum[h] * factor[h] + block_sum[h];
         // P to shared memory for WG2: row-major 64 x 64, 128-byte swizzled (a K-major A tile).
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -329,9 +357,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_proxy_async_smem();
         named_barrier_arrive(kBarPReady + stage, kConsumerThreads);
 
-        // ---- O[:, 0:256] = O * factor + P V[:, 0:256]
-#pragma unroll
-        for (int i = 0; i < kHalfV / 2; ++i) o[i] *= factor[(i / 2) % 2];
+        // ---- O[:, 0:256] += P V[:, 0:256] (O was rescaled above if needed)
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -346,8 +372,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         named_barrier_sync(kBarPReady + stage, kConsumerThreads);
         const float factor[2] = {smem.row_factor[stage][rows[0]],
                                  smem.row_factor[stage][rows[1]]};
+        if (__any_sync(0xffffffff, factor[0] != 1.f || factor[1] != 1.f)) {
 #pragma unroll
-        for (int i = 0; i < kHalfV / 2; ++i) o[i] *= factor[(i / 2) % 2];
+          for (int i = 0; i < kHalfV / 2; ++i) o[i] *= factor[(i / 2) % 2];
+        }
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
