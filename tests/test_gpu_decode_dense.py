@@ -23,8 +23,9 @@ run only the `test_quick_*` ones (leaving out `test_long_context`, 70000-100000-
 The full matrix is `test_quick_matrix` (a 40-case sample that covers every value of every axis)
 plus `test_full_matrix` (the other 2264 cases). Shard it with `-k` on the case ids
 (`b{b}-sq{s_q}-sk{s_k}-h{h_q}x{h_kv}-{fixed|varlen}-{noncausal|causal}`), e.g.
-`-k "test_full_matrix and [b64-sq4"`; setting JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache and
-JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 lets shards and re-runs share compilations.
+`-k "test_full_matrix and [b64-sq4"` (each shard precompiles only its own cases); setting
+JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache and JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 lets
+shards and re-runs share compilations.
 
 Compile time dominates on the GPU, so the matrix is laid out for jit-cache reuse: one
 module-level jitted kernel call and one jitted reference, whose shapes depend only on (b, s_q,
@@ -495,9 +496,15 @@ def precompile(cases: list[Case], workers: int = 16) -> None:
 
 
 @pytest.fixture(scope="module")
-def full_matrix_compiled():
+def full_matrix_compiled(request: pytest.FixtureRequest):
+    """Precompiles the full-matrix cases this session runs (a `-k` shard compiles only its own)."""
     if jax.config.jax_compilation_cache_dir:
-        precompile(FULL_CASES)
+        selected = [
+            item.callspec.params["case"]
+            for item in request.session.items
+            if getattr(item, "originalname", None) == "test_full_matrix"
+        ]
+        precompile(selected)
 
 
 @pytest.mark.full

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Compares dense-decode kernel variants on the H200 in one device call: builds
+# decode_cycles.cu (with the span probe) against each variant's copy of csrc/, and
+# decode_check.cu against the variants to verify, then runs the checks and, config by config,
+# every variant one after the other (interleaved, so that clock drift hits all alike).
+#
+#   VARIANTS="csrc scratch/v2" CHECKS="scratch/v2" CONFIGS="128,1,128,4096,0 128,2,128,4096,1" \
+#       bash benchmarks/probes/compare_variants.sh
+#
+# A variant is a directory laid out like csrc/ holding only the files it changes (for example
+# benchmarks/probes/variants/seesaw): it is laid over a copy of csrc/. Scratch variants should
+# stay untracked but not ignored, so that the device tool carries them. CONFIGS entries are
+# decode_cycles.cu's arguments (b, s_q, h_q, s_k, causal) joined by commas.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+cutlass=$(python3 -c "import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))")/source
+flags=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I"$cutlass/include")
+name() { echo "$1" | tr '/' '_'; }
+# The include root of a variant: csrc itself, or a copy of csrc with the variant laid over it.
+root() {
+  if [ "$1" = csrc ]; then echo csrc; return; fi
+  local dir="/tmp/variant_$(name "$1")"
+  rm -rf "$dir" && cp -r csrc "$dir" && cp -r "$1"/. "$dir"/ && echo "$dir"
+}
+
+for v in ${VARIANTS:-} ${CHECKS:-}; do root "$v" > /dev/null; done
+for v in ${VARIANTS:-}; do
+  r=$( [ "$v" = csrc ] && echo csrc || echo "/tmp/variant_$(name "$v")" )
+  nvcc "${flags[@]}" -I"$r" -DJFM_KERNEL_SPAN -o "/tmp/cycles_$(name "$v")" \
+    benchmarks/probes/decode_cycles.cu "$r/kernels/common/scheduler.cu" "$r/kernels/common/combine.cu" &
+done
+for v in ${CHECKS:-}; do
+  r=$( [ "$v" = csrc ] && echo csrc || echo "/tmp/variant_$(name "$v")" )
+  nvcc "${flags[@]}" -I"$r" -o "/tmp/check_$(name "$v")" \
+    benchmarks/probes/decode_check.cu "$r/kernels/common/scheduler.cu" "$r/kernels/common/combine.cu" &
+done
+wait
+
+status=0
+for v in ${CHECKS:-}; do
+  echo "== check $v"
+  timeout 120 "/tmp/check_$(name "$v")" > "/tmp/check_$(name "$v").txt" 2>&1 || status=1
+  grep -v "^PASS" "/tmp/check_$(name "$v").txt" | tail -8
+done
+for config in ${CONFIGS:-}; do
+  for v in ${VARIANTS:-}; do
+    echo "== $v ${config//,/ }"
+    timeout 60 "/tmp/cycles_$(name "$v")" ${config//,/ } | grep -v "^b "
+  done
+done
+exit $status
