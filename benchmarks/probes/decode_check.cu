@@ -49,14 +49,7 @@
 #include "kernels/sm90/decode_dense/decode_dense_f16.cu"
 #include "kernels/common/scheduler.cuh"
 
-#define CHECK(x)                                                                     \
-  do {                                                                               \
-    cudaError_t e = (x);                                                             \
-    if (e != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
+#include "probe_check.h"
 
 namespace {
 

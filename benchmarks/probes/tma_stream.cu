@@ -25,6 +25,8 @@
 #include <random>
 #include <vector>
 
+#include "probe_check.h"
+
 namespace {
 
 constexpr int kBoxes = 9;
@@ -152,15 +154,6 @@ __global__ void __launch_bounds__(64, 1) stream_kernel(const __grid_constant__ C
   __syncwarp();
   if (a.multicast) cluster_sync();
 }
-
-#define CHECK(x)                                                                   \
-  do {                                                                             \
-    cudaError_t e = (x);                                                           \
-    if (e != cudaSuccess) {                                                        \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
 
 using EncodeFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                               const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
