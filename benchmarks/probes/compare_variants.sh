@@ -16,21 +16,21 @@ cd "$(dirname "$0")/../.."
 cutlass=$(python3 -c "import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))")/source
 flags=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I"$cutlass/include")
 name() { echo "$1" | tr '/' '_'; }
-# The include root of a variant: csrc itself, or a copy of csrc with the variant laid over it.
-root() {
-  if [ "$1" = csrc ]; then echo csrc; return; fi
-  local dir="/tmp/variant_$(name "$1")"
-  rm -rf "$dir" && cp -r csrc "$dir" && cp -r "$1"/. "$dir"/ && echo "$dir"
-}
+# The include root of a variant: csrc itself, or a copy of csrc with the variant laid over it
+# (made once, before any build reads it).
+root() { if [ "$1" = csrc ]; then echo csrc; else echo "/tmp/variant_$(name "$1")"; fi; }
+for v in $(printf '%s\n' ${VARIANTS:-} ${CHECKS:-} | sort -u); do
+  [ "$v" = csrc ] && continue
+  rm -rf "$(root "$v")" && cp -r csrc "$(root "$v")" && cp -r "$v"/. "$(root "$v")"/
+done
 
-for v in ${VARIANTS:-} ${CHECKS:-}; do root "$v" > /dev/null; done
 for v in ${VARIANTS:-}; do
-  r=$( [ "$v" = csrc ] && echo csrc || echo "/tmp/variant_$(name "$v")" )
+  r=$(root "$v")
   nvcc "${flags[@]}" -I"$r" -DJFM_KERNEL_SPAN -o "/tmp/cycles_$(name "$v")" \
     benchmarks/probes/decode_cycles.cu "$r/kernels/common/scheduler.cu" "$r/kernels/common/combine.cu" &
 done
 for v in ${CHECKS:-}; do
-  r=$( [ "$v" = csrc ] && echo csrc || echo "/tmp/variant_$(name "$v")" )
+  r=$(root "$v")
   nvcc "${flags[@]}" -I"$r" -o "/tmp/check_$(name "$v")" \
     benchmarks/probes/decode_check.cu "$r/kernels/common/scheduler.cu" "$r/kernels/common/combine.cu" &
 done

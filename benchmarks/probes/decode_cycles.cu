@@ -121,32 +121,26 @@ int main(int argc, char** argv) {
   cudaEvent_t e0, e1;
   CHECK(cudaEventCreate(&e0));
   CHECK(cudaEventCreate(&e1));
-  std::vector<float> times;
-  // Long enough for the clocks to settle as under a sustained load; the median of the last 100.
-  for (int rep = 0; rep < 150; ++rep) {
-    CHECK(cudaEventRecord(e0));
-    CHECK(jfm::launch_dense_decode(p, 0));
-    CHECK(cudaEventRecord(e1));
-    CHECK(cudaEventSynchronize(e1));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    if (rep >= 50) times.push_back(ms * 1e3f);
-  }
-  std::sort(times.begin(), times.end());
-  const double us = times[times.size() / 2];
-  // Back to back, as a jitted loop of calls runs them: 20 launches between two events.
-  std::vector<float> burst;
-  for (int rep = 0; rep < 15; ++rep) {
-    CHECK(cudaEventRecord(e0));
-    for (int i = 0; i < 20; ++i) CHECK(jfm::launch_dense_decode(p, 0));
-    CHECK(cudaEventRecord(e1));
-    CHECK(cudaEventSynchronize(e1));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    burst.push_back(ms * 1e3f / 20);
-  }
-  std::sort(burst.begin(), burst.end());
-  std::printf("  back to back: %.1f us per launch\n", burst[burst.size() / 2]);
+  // Median per-launch time of `reps` timed groups of `launches` back-to-back launches, after
+  // `warmup` untimed groups.
+  const auto median_us = [&](int warmup, int reps, int launches) {
+    std::vector<float> times;
+    for (int rep = 0; rep < warmup + reps; ++rep) {
+      CHECK(cudaEventRecord(e0));
+      for (int i = 0; i < launches; ++i) CHECK(jfm::launch_dense_decode(p, 0));
+      CHECK(cudaEventRecord(e1));
+      CHECK(cudaEventSynchronize(e1));
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      if (rep >= warmup) times.push_back(ms * 1e3f / launches);
+    }
+    std::sort(times.begin(), times.end());
+    return double(times[times.size() / 2]);
+  };
+  // One launch per group, long enough for the clocks to settle as under a sustained load.
+  const double us = median_us(50, 100, 1);
+  // Back to back, as a jitted loop of calls runs them: 20 launches per group.
+  std::printf("  back to back: %.1f us per launch\n", median_us(0, 15, 20));
   const double flops = double(b) * s_q * h_q * mean_len * 2 * (576 + 512);
   std::printf("b %d s_q %d h_q %d s_k %d causal %d: mean len %.0f, %d parts, %.1f us, %.1f TFLOPS\n",
               b, s_q, h_q, s_k, causal, mean_len, num_parts, us, flops / us / 1e6);
