@@ -15,8 +15,8 @@ Runs (on an H200, from the repository root):
 
     python -P -m pytest -q -m gpu tests/test_gpu_decode_dense.py       # quick: 67 tests
     JAX_FLASHMLA_FULL=1 python -P -m pytest -q -m gpu tests/test_gpu_decode_dense.py  # + 2294
-    compute-sanitizer --tool memcheck python -P -m pytest -q -m "gpu and not full" \\
-        tests/test_gpu_decode_dense.py
+    bash tests/gpu_memcheck.sh -k quick tests/test_gpu_decode_dense.py  # compute-sanitizer
+    bash tests/gpu_full_matrix.sh small; bash tests/gpu_full_matrix.sh b64  # full, sharded
 
 Every default (non-`full`) test is kept small enough for compute-sanitizer; add `-k quick` to
 run only the `test_quick_*` ones (leaving out `test_long_context`, 70000-100000-token requests).
@@ -42,10 +42,10 @@ causal and non-causal variants of one input set run back to back and share its d
 # - per case: inputs are built on the device (milliseconds); the kernel and reference calls take
 #   milliseconds; the float64 comparison on the host (check_close) takes ~0.1 s per million
 #   outputs, up to ~1.7 s for b=64 s_q=4 h_q=128 (17M outputs).
-# Full matrix: 2304 cases over 576 shapes = 1152 kernel + 1152 reference compilations (~13 min)
-# plus ~7 min of building, running and comparing (two thirds of it in the b=64 cases): ~20 min,
-# say 20-30. Under a 10-minute command limit, shard it: b in {1, 2, 6} together (~8 min), then
-# b=64 in two shards by s_q ("[b64-sq1" or "[b64-sq2", then "[b64-sq4"), ~5 min each.
+# Full matrix: 2304 cases over 576 shapes = 1152 kernel + 1152 reference compilations (~13 min
+# of one core) plus ~7 min of building, running and comparing (two thirds of it in the b=64
+# cases). tests/gpu_full_matrix.sh runs it as three parallel pytest shards at a time (measured
+# on the H200, 16 cores: b in {1, 2, 6} and the other full tests 113-131 s; b=64 132 s).
 # Quick run (67 tests, ~75 compilations of each kind): ~2 min including the JAX start-up and the
 # command-buffer subprocess; under compute-sanitizer memcheck perhaps 5-10 min.
 

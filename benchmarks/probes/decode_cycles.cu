@@ -15,6 +15,9 @@
 //       -DJFM_KERNEL_SPAN -Icsrc -I$CUTLASS/include -o /tmp/decode_cycles \
 //       benchmarks/probes/decode_cycles.cu csrc/kernels/common/scheduler.cu csrc/kernels/common/combine.cu
 //   /tmp/decode_cycles [b] [s_q] [h_q] [s_k] [causal]
+// Built with -DJFM_KERNEL_TRACE as well, it writes the first CTA's event trace of the last
+// launch (the kernel's JFM_TRACE points, span.cuh) to $JFM_TRACE_OUT (default trace.txt), one
+// "warpgroup cycles event" line per record; benchmarks/probes/trace_summary.py summarises it.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -161,6 +164,24 @@ int main(int argc, char** argv) {
     const double cycles = double(span[2] - span[0]), ns = double(span[3] - span[1]);
     std::printf("  CTA 0: %ld blocks, %.0f cycles (%.0f per block), %.0f MHz\n", blocks, cycles,
                 cycles / std::max(blocks, 1L), cycles / ns * 1e3);
+  }
+#endif
+#ifdef JFM_KERNEL_TRACE
+  {
+    // The last launch's event trace of CTA 0, one "warpgroup cycles event" line per record.
+    const char* path = std::getenv("JFM_TRACE_OUT");
+    FILE* f = std::fopen(path ? path : "trace.txt", "w");
+    std::vector<unsigned long long> trace(4 * kJfmTraceCapacity);
+    int count[4];
+    CHECK(cudaMemcpyFromSymbol(trace.data(), jfm_trace, trace.size() * 8));
+    CHECK(cudaMemcpyFromSymbol(count, jfm_trace_count, sizeof(count)));
+    for (int wg = 0; wg < 4; ++wg) {
+      for (int i = 0; i < count[wg]; ++i) {
+        const unsigned long long r = trace[wg * kJfmTraceCapacity + i];
+        std::fprintf(f, "%d %llu %llu\n", wg, r >> 8, r & 255);
+      }
+    }
+    std::fclose(f);
   }
 #endif
   return 0;

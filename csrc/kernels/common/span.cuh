@@ -24,3 +24,25 @@ __device__ __forceinline__ void jfm_span_mark(int which) {
 #define JFM_SPAN_BEGIN()
 #define JFM_SPAN_END()
 #endif
+
+// Optional event trace of the first CTA, for studying a kernel's schedule (decode_cycles.cu
+// with -DJFM_KERNEL_TRACE writes it out): thread 0 of each warpgroup appends (clock64, event)
+// at each JFM_TRACE(event). It changes the generated code, so it shows where the time goes,
+// not how fast the untraced kernel is.
+#ifdef JFM_KERNEL_TRACE
+constexpr int kJfmTraceCapacity = 8192;
+__device__ unsigned long long jfm_trace[4][kJfmTraceCapacity];  // clock64 << 8 | event
+__device__ int jfm_trace_count[4];
+#define JFM_TRACE_INIT() int jfm_trace_i = 0
+#define JFM_TRACE(event)                                                                   \
+  do {                                                                                     \
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x % 128 == 0 && \
+        jfm_trace_i < kJfmTraceCapacity) {                                                 \
+      jfm_trace[threadIdx.x / 128][jfm_trace_i++] = (clock64() << 8) | (event);            \
+      jfm_trace_count[threadIdx.x / 128] = jfm_trace_i;                                    \
+    }                                                                                      \
+  } while (0)
+#else
+#define JFM_TRACE_INIT()
+#define JFM_TRACE(event)
+#endif

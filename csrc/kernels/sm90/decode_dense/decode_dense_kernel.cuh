@@ -11,6 +11,8 @@
 //   WG2, "value" warpgroup: rescales O[:, 256:512] by WG1's per-row factors when one is not 1,
 //     and adds P V[:, 256:512] with P from shared memory.
 // So the tensor cores alternate between WG1's S of block j+1 and WG2's half of P V of block j.
+// JFM_TRACE events (recorded only in probe builds, span.cuh): producer 21 a stage is free;
+// WG1 1 KV block landed, 2 S done, 3 P published, 4 its P V done; WG2 12 P received, 13 P V done.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -146,6 +148,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const TileShape& tile = args.tile;
   const int part = blockIdx.x, kv_head = blockIdx.y, q_tile = blockIdx.z;
   const int warpgroup = threadIdx.x / 128;
+  JFM_TRACE_INIT();  // event trace for probes (span.cuh); nothing unless JFM_KERNEL_TRACE
 
   // Launched with programmatic dependent launch: wait for the previous kernel on the stream
   // (which may produce q or the metadata), then let the combine kernel launch early.
@@ -193,6 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int blk = w.lo; blk < w.hi; ++blk) {
         const int physical = table[blk];
         mbarrier_wait(&smem.kv_empty[stage], kv_phase ^ 1);
+        JFM_TRACE(21);
         mbarrier_arrive_expect_tx(&smem.kv_full[stage], kTileBytes);
         for (int c = 0; c < kQKChunks; ++c) {
           tma_load_3d(smem.kv[stage] + c * kChunkBytes, &args.kv_map, &smem.kv_full[stage],
@@ -255,6 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     for (int blk = w.lo; blk < w.hi; ++blk) {
       mbarrier_wait(&smem.kv_full[stage], kv_phase);
+      JFM_TRACE(1);
       uint8_t* kv = smem.kv[stage];
       uint8_t* p_tile = kv + kRopeChunk * kChunkBytes;
       if (score_wg) {
@@ -275,6 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         wgmma_commit();
         wgmma_wait<0>();
+        JFM_TRACE(2);
         if (blk == w.hi - 1) mbarrier_arrive(&smem.q_empty);  // Q is free for the next request
 
         // ---- Rows past the sequence end in its last block may hold anything (NaN): zero
@@ -356,6 +362,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         fence_proxy_async_smem();
         named_barrier_arrive(kBarPReady + stage, kConsumerThreads);
+        JFM_TRACE(3);
 
         // ---- O[:, 0:256] += P V[:, 0:256] (O was rescaled above if needed)
         wgmma_fence();
@@ -367,9 +374,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         wgmma_commit();
         wgmma_wait<0>();
+        JFM_TRACE(4);
       } else {
         // ---- O[:, 256:512] = O * factor + P V[:, 256:512], P from WG1 via shared memory.
         named_barrier_sync(kBarPReady + stage, kConsumerThreads);
+        JFM_TRACE(12);
         const float factor[2] = {smem.row_factor[stage][rows[0]],
                                  smem.row_factor[stage][rows[1]]};
         if (__any_sync(0xffffffff, factor[0] != 1.f || factor[1] != 1.f)) {
@@ -387,6 +396,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         wgmma_commit();
         wgmma_wait<0>();
+        JFM_TRACE(13);
       }
       mbarrier_arrive(&smem.kv_empty[stage]);
       if (++stage == kStages) {

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs GPU tests under compute-sanitizer memcheck, instrumenting only this package's kernels
+# (their names hold "jfm"; XLA's own kernels run uninstrumented, or start-up alone takes many
+# minutes). XLA's default allocator crashes the sanitized process (segfaults at varying tests,
+# measured on the H200 with compute-sanitizer 2025.3.1); the platform allocator (plain
+# cudaMalloc) does not, but is slower: ~4 s per test.
+#
+#   bash tests/gpu_memcheck.sh -k quick tests/test_gpu_decode_dense.py
+#   bash tests/gpu_memcheck.sh tests/test_gpu_schedule.py
+#
+# Arguments go to pytest (after -m "gpu and not full"). Exit status: pytest's, or 1 if the
+# sanitizer reported an error.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log=${LOG:-/tmp/jax_flashmla_memcheck.log}
+XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+  compute-sanitizer --tool memcheck --kernel-name kns=jfm --print-limit 20 --error-exitcode 1 \
+  "${PYTHON:-python3}" -P -m pytest -q -p no:cacheprovider -m "gpu and not full" "$@" 2>&1 | tee "$log"
+exit "${PIPESTATUS[0]}"
