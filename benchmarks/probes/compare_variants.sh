@@ -8,9 +8,10 @@
 #       bash benchmarks/probes/compare_variants.sh
 #
 # A variant is a directory laid out like csrc/ holding only the files it changes (for example
-# benchmarks/probes/variants/seesaw): it is laid over a copy of csrc/. Scratch variants should
-# stay untracked but not ignored, so that the device tool carries them. CONFIGS entries are
-# decode_cycles.cu's arguments (b, s_q, h_q, s_k, causal) joined by commas.
+# benchmarks/probes/variants/<name>/kernels/sm90/decode_dense/decode_dense_kernel.cuh): it is
+# laid over a copy of csrc/. Scratch variants should stay untracked but not ignored, so that the
+# device tool carries them. CONFIGS entries are decode_cycles.cu's arguments (b, s_q, h_q, s_k,
+# causal) joined by commas.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 cutlass=$(python3 -c "import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))")/source
