@@ -12,6 +12,10 @@
 # laid over a copy of csrc/. Scratch variants should stay untracked but not ignored, so that the
 # device tool carries them. CONFIGS entries are decode_cycles.cu's arguments (b, s_q, h_q, s_k,
 # causal) joined by commas.
+#
+# TRACE="csrc scratch/v2" (optional) also builds decode_cycles.cu with -DJFM_KERNEL_TRACE against
+# those variants and, for each TRACE_CONFIGS entry (default: the first of CONFIGS), writes the
+# event trace of one launch to $TRACE_DIR (default /tmp) and prints trace_summary.py's summary.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 cutlass=$(python3 -c "import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))")/source
@@ -20,7 +24,7 @@ name() { echo "$1" | tr '/' '_'; }
 # The include root of a variant: csrc itself, or a copy of csrc with the variant laid over it
 # (made once, before any build reads it).
 root() { if [ "$1" = csrc ]; then echo csrc; else echo "/tmp/variant_$(name "$1")"; fi; }
-for v in $(printf '%s\n' ${VARIANTS:-} ${CHECKS:-} | sort -u); do
+for v in $(printf '%s\n' ${VARIANTS:-} ${CHECKS:-} ${TRACE:-} | sort -u); do
   [ "$v" = csrc ] && continue
   rm -rf "$(root "$v")" && cp -r csrc "$(root "$v")" && cp -r "$v"/. "$(root "$v")"/
 done
@@ -35,6 +39,11 @@ for v in ${CHECKS:-}; do
   nvcc "${flags[@]}" -I"$r" -o "/tmp/check_$(name "$v")" \
     benchmarks/probes/decode_check.cu "$r/kernels/common/scheduler.cu" "$r/kernels/common/combine.cu" &
 done
+for v in ${TRACE:-}; do
+  r=$(root "$v")
+  nvcc "${flags[@]}" -I"$r" -DJFM_KERNEL_SPAN -DJFM_KERNEL_TRACE -o "/tmp/trace_$(name "$v")" \
+    benchmarks/probes/decode_cycles.cu "$r/kernels/common/scheduler.cu" "$r/kernels/common/combine.cu" &
+done
 wait
 
 status=0
@@ -47,6 +56,15 @@ for config in ${CONFIGS:-}; do
   for v in ${VARIANTS:-}; do
     echo "== $v ${config//,/ }"
     timeout 60 "/tmp/cycles_$(name "$v")" ${config//,/ } | grep -v "^b "
+  done
+done
+configs=(${CONFIGS:-})
+for config in ${TRACE_CONFIGS:-${configs[0]:-}}; do
+  for v in ${TRACE:-}; do
+    out="${TRACE_DIR:-/tmp}/trace_$(name "$v")_${config//,/_}.txt"
+    echo "== trace $v ${config//,/ } -> $out"
+    JFM_TRACE_OUT="$out" timeout 60 "/tmp/trace_$(name "$v")" ${config//,/ } | grep "CTA 0"
+    [ -f "$out" ] && python3 benchmarks/probes/trace_summary.py "$out"
   done
 done
 exit $status

@@ -12,7 +12,8 @@
 //     and adds P V[:, 256:512] with P from shared memory.
 // So the tensor cores alternate between WG1's S of block j+1 and WG2's half of P V of block j.
 // JFM_TRACE events (recorded only in probe builds, span.cuh): producer 21 a stage is free;
-// WG1 1 KV block landed, 2 S done, 3 P published, 4 its P V done; WG2 12 P received, 13 P V done.
+// WG1 1 KV block landed, 2 S done, 5 exponentials done, 6 P stored, 7 proxy fence passed,
+// 3 P published, 4 its P V done; WG2 12 P received, 13 P V done.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -328,6 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         };
         exponentiate();  // against the current reference, while the row max is reduced
+        JFM_TRACE(5);
         bool raise = false;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -360,7 +362,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           if (lane % 4 == 0) smem.row_factor[stage][r] = factor[h];
         }
+        JFM_TRACE(6);
         fence_proxy_async_smem();
+        JFM_TRACE(7);
         named_barrier_arrive(kBarPReady + stage, kConsumerThreads);
         JFM_TRACE(3);
 
