@@ -42,7 +42,21 @@ __device__ int jfm_trace_count[4];
       jfm_trace_count[threadIdx.x / 128] = jfm_trace_i;                                    \
     }                                                                                      \
   } while (0)
+// Records `event` only if the mbarrier phase `parity` of the shared-memory barrier at `bar`
+// has not completed yet (checked once, without waiting): shows which waits really wait.
+#define JFM_TRACE_IF_PENDING(bar, parity, event)                                            \
+  do {                                                                                      \
+    uint32_t jfm_done;                                                                      \
+    asm volatile(                                                                           \
+        "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"          \
+        "selp.u32 %0, 1, 0, p;\n}\n"                                                         \
+        : "=r"(jfm_done)                                                                    \
+        : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(parity)            \
+        : "memory");                                                                        \
+    if (!jfm_done) JFM_TRACE(event);                                                        \
+  } while (0)
 #else
 #define JFM_TRACE_INIT()
 #define JFM_TRACE(event)
+#define JFM_TRACE_IF_PENDING(bar, parity, event)
 #endif

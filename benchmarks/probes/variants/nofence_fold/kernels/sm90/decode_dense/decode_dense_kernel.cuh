@@ -19,8 +19,9 @@
 //     and adds P V[:, 256:512] with P read from shared memory into registers.
 // So the tensor cores alternate between WG1's S of block j+1 and WG2's half of P V of block j.
 // JFM_TRACE events (recorded only in probe builds, span.cuh): producer 21 a stage is free;
-// WG1 1 KV block landed, 2 S done, 5 exponentials done, 6 P stored, 7 proxy fence passed,
-// 3 P published, 4 its P V done; WG2 12 P received, 13 P V done.
+// WG1 1 KV block landed, 2 S done, 5 exponentials done, 6 P stored (no fence follows),
+// 3 P published, 4 its P V done, 8 its stage released, 9 its next block not there yet; WG2 12
+// P received, 13 P V done, 18 its stage released, 19 its next block not there yet.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -264,6 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       q_phase ^= 1;
     }
     for (int blk = w.lo; blk < w.hi; ++blk) {
+      JFM_TRACE_IF_PENDING(&smem.kv_full[stage], kv_phase, score_wg ? 9 : 19);  // must wait
       mbarrier_wait(&smem.kv_full[stage], kv_phase);
       JFM_TRACE(1);
       uint8_t* kv = smem.kv[stage];
@@ -417,6 +419,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // P's generic-proxy writes before the TMA (async proxy) refills this stage.
       if (score_wg) fence_proxy_async_smem();
       mbarrier_arrive(&smem.kv_empty[stage]);
+      JFM_TRACE(score_wg ? 8 : 18);  // then 8 -> 1 (18 -> 1) is the wait for the next block
       if (++stage == kStages) {
         stage = 0;
         kv_phase ^= 1;
