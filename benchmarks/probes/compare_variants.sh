@@ -7,10 +7,10 @@
 #   VARIANTS="csrc scratch/v2" CHECKS="scratch/v2" CONFIGS="128,1,128,4096,0 128,2,128,4096,1" \
 #       bash benchmarks/probes/compare_variants.sh
 #
-# A variant is a directory laid out like csrc/ holding only the files it changes (for example
-# benchmarks/probes/variants/<name>/kernels/sm90/decode_dense/decode_dense_kernel.cuh): it is
-# laid over a copy of csrc/. Scratch variants should stay untracked but not ignored, so that the
-# device tool carries them. CONFIGS entries are decode_cycles.cu's arguments (b, s_q, h_q, s_k,
+# A variant is a patch against csrc/ (paths a/kernels/..., b/kernels/...; e.g.
+# benchmarks/probes/variants/nofence.patch), applied to a copy of csrc/, or a directory laid out
+# like csrc/ holding only the files it changes, laid over a copy. Scratch variants should stay
+# untracked but not ignored, so that the device tool carries them. CONFIGS entries are decode_cycles.cu's arguments (b, s_q, h_q, s_k,
 # causal) joined by commas.
 #
 # TRACE="csrc scratch/v2" (optional) also builds decode_cycles.cu with -DJFM_KERNEL_TRACE against
@@ -26,7 +26,12 @@ name() { echo "$1" | tr '/' '_'; }
 root() { if [ "$1" = csrc ]; then echo csrc; else echo "/tmp/variant_$(name "$1")"; fi; }
 for v in $(printf '%s\n' ${VARIANTS:-} ${CHECKS:-} ${TRACE:-} | sort -u); do
   [ "$v" = csrc ] && continue
-  rm -rf "$(root "$v")" && cp -r csrc "$(root "$v")" && cp -r "$v"/. "$(root "$v")"/
+  rm -rf "$(root "$v")" && cp -r csrc "$(root "$v")" || exit 1
+  if [ -d "$v" ]; then
+    cp -r "$v"/. "$(root "$v")"/
+  else
+    patch -s -d "$(root "$v")" -p1 < "$v" || { echo "patch $v does not apply to csrc/"; exit 1; }
+  fi
 done
 
 for v in ${VARIANTS:-}; do
