@@ -10,8 +10,8 @@
 # A variant is a patch against csrc/ (paths a/kernels/..., b/kernels/...; e.g.
 # benchmarks/probes/variants/nofence.patch), applied to a copy of csrc/, or a directory laid out
 # like csrc/ holding only the files it changes, laid over a copy. Scratch variants should stay
-# untracked but not ignored, so that the device tool carries them. CONFIGS entries are decode_cycles.cu's arguments (b, s_q, h_q, s_k,
-# causal) joined by commas.
+# untracked but not ignored, so that the device tool carries them. CONFIGS entries are
+# decode_cycles.cu's arguments (b, s_q, h_q, s_k, causal) joined by commas.
 #
 # TRACE="csrc scratch/v2" (optional) also builds decode_cycles.cu with -DJFM_KERNEL_TRACE against
 # those variants and, for each TRACE_CONFIGS entry (default: the first of CONFIGS), writes the
