@@ -184,7 +184,7 @@ cudaError_t launch_combine(const CombineParams& params, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks));
   const auto kernel = params.out_dtype == OutDtype::kBF16 ? combine_kernel<__nv_bfloat16>
                                                          : combine_kernel<__half>;
-  return launch_with_pdl(kernel, grid, dim3(kThreads), 0, stream, params);
+  return launch_with_pdl(kernel, grid, dim3(kThreads), dim3(1, 1, 1), 0, stream, params);
 }
 
 }  // namespace jfm

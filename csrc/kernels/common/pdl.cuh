@@ -22,20 +22,25 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// Launches `kernel` on `stream` with programmatic stream serialisation allowed.
+// Launches `kernel` on `stream` with programmatic stream serialisation allowed, in clusters of
+// `cluster` CTAs (dim3(1, 1, 1): no clusters).
 template <typename... KernelParams, typename... Args>
-cudaError_t launch_with_pdl(void (*kernel)(KernelParams...), dim3 grid, dim3 block,
+cudaError_t launch_with_pdl(void (*kernel)(KernelParams...), dim3 grid, dim3 block, dim3 cluster,
                             size_t smem_bytes, cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem_bytes;
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
+  cudaLaunchAttribute attribute[2];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  attribute[1].id = cudaLaunchAttributeClusterDimension;
+  attribute[1].val.clusterDim.x = cluster.x;
+  attribute[1].val.clusterDim.y = cluster.y;
+  attribute[1].val.clusterDim.z = cluster.z;
   config.attrs = attribute;
-  config.numAttrs = 1;
+  config.numAttrs = cluster.x * cluster.y * cluster.z > 1 ? 2 : 1;
   return cudaLaunchKernelEx(&config, kernel, static_cast<KernelParams>(args)...);
 }
 

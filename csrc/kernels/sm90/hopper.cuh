@@ -49,8 +49,8 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t phase) {
 
 // ---- TMA ---------------------------------------------------------------------------------
 // L2 cache hints (createpolicy encodings) for cp.async.bulk.tensor.
+constexpr uint64_t kCacheEvictNormal = 0x1000000000000000ull;
 constexpr uint64_t kCacheEvictFirst = 0x12F0000000000000ull;
-constexpr uint64_t kCacheEvictLast = 0x14F0000000000000ull;
 
 __device__ __forceinline__ void tma_load_3d(void* smem_dst, const CUtensorMap* map, uint64_t* bar,
                                             int32_t c0, int32_t c1, int32_t c2,
@@ -115,6 +115,25 @@ __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads
 }
 __device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Four 8 x 8 matrices of 16-bit values from shared memory in the mma fragment layout: lane l
+// gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldmatrix_x4(const void* row_address, uint32_t* r) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row_address))
+               : "memory");
+}
+
+// Four 8 x 8 matrices of 16-bit values from the mma fragment layout to shared memory: lane l
+// gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void stmatrix_x4(void* row_address, uint32_t r0, uint32_t r1,
+                                            uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(
+                   smem_address(row_address)),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
 }
 
 template <uint32_t kRegisters>

@@ -45,6 +45,7 @@ struct KernelArgs {
   DenseDecodeParams params;
   TileShape tile;
   float scale_log2;    // softmax_scale * log2(e)
+  uint64_t kv_cache_hint;  // L2 eviction policy of the KV loads (set by launch_typed)
 };
 
 // Implemented per element type in decode_dense_bf16.cu / decode_dense_f16.cu.
