@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Everything a change to the dense decode kernel must pass on the H200 before it lands, in two
-# parts that each fit one 10-minute device call (times measured 2026-12-01 on the H200):
+# Everything a change to the dense decode kernel must pass on the H200 before it lands, in
+# three parts that each fit one 10-minute device call (times measured 2026-12-01 on the H200):
 #
-#   bash tests/gpu_validate.sh kernel   # build, quick GPU tests (~195 s), decode_check plain and
-#                                       # under memcheck (~90 s), bench_decode.py (~200 s)
-#   bash tests/gpu_validate.sh matrix   # build, full matrix in parallel shards (~265 s),
-#                                       # memcheck over the quick decode tests (~270 s)
+#   bash tests/gpu_validate.sh kernel    # build, quick GPU tests (~240 s), decode_check plain
+#                                        # and under memcheck (~20-90 s), bench_decode.py (~230 s)
+#   bash tests/gpu_validate.sh matrix    # build, full matrix in parallel shards (~300 s)
+#   bash tests/gpu_validate.sh memcheck  # build, memcheck over the quick decode tests (the first
+#                                        # 48 take ~300 s; scan and command buffers minutes more)
 #
 # Logs and results go to $OUT (the device tool's output folder; default /tmp/jax_flashmla_out):
 # pytest logs, decode_check.txt, decode_check_memcheck.txt, decode_dense.{json,txt,png},
@@ -59,10 +60,12 @@ case "${1:-}" in
   matrix)
     step build build
     step "full matrix, small batches" env LOG_DIR="$out/full_small" bash tests/gpu_full_matrix.sh small
-    step "full matrix, b 64" env LOG_DIR="$out/full_b64" bash tests/gpu_full_matrix.sh b64
+    step "full matrix, b 64" env LOG_DIR="$out/full_b64" bash tests/gpu_full_matrix.sh b64 ;;
+  memcheck)
+    step build build
     step "memcheck, quick decode tests" env LOG="$out/memcheck.log" \
       bash tests/gpu_memcheck.sh -k quick tests/test_gpu_decode_dense.py > /dev/null
     tail -2 "$out/memcheck.log" ;;
-  *) echo "usage: $0 kernel|matrix" >&2; exit 2 ;;
+  *) echo "usage: $0 kernel|matrix|memcheck" >&2; exit 2 ;;
 esac
 exit $status

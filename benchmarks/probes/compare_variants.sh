@@ -8,7 +8,7 @@
 #       bash benchmarks/probes/compare_variants.sh
 #
 # A variant is a patch against csrc/ (paths a/kernels/..., b/kernels/...; e.g.
-# benchmarks/probes/variants/nofence.patch), applied to a copy of csrc/, or a directory laid out
+# benchmarks/probes/variants/name.patch), applied to a copy of csrc/, or a directory laid out
 # like csrc/ holding only the files it changes, laid over a copy. Scratch variants should stay
 # untracked but not ignored, so that the device tool carries them. CONFIGS entries are
 # decode_cycles.cu's arguments (b, s_q, h_q, s_k, causal) joined by commas.
@@ -16,6 +16,10 @@
 # TRACE="csrc scratch/v2" (optional) also builds decode_cycles.cu with -DJFM_KERNEL_TRACE against
 # those variants and, for each TRACE_CONFIGS entry (default: the first of CONFIGS), writes the
 # event trace of one launch to $TRACE_DIR (default /tmp) and prints trace_summary.py's summary.
+#
+# NCU_CONFIGS="128,2,128,16384,0" (optional): for each entry and each of VARIANTS, one launch
+# under ncu (--clock-control none): DRAM bytes read and the kernel's time. The H200 runs these
+# kernels at its power cap, so bytes that need not move cost time too.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 cutlass=$(python3 -c "import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))")/source
@@ -70,6 +74,14 @@ for config in ${TRACE_CONFIGS:-${configs[0]:-}}; do
     echo "== trace $v ${config//,/ } -> $out"
     JFM_TRACE_OUT="$out" timeout 60 "/tmp/trace_$(name "$v")" ${config//,/ } | grep "CTA 0"
     [ -f "$out" ] && python3 benchmarks/probes/trace_summary.py "$out"
+  done
+done
+for config in ${NCU_CONFIGS:-}; do
+  for v in ${VARIANTS:-}; do
+    echo "== ncu $v ${config//,/ }"
+    ncu --clock-control none -k regex:dense_decode --launch-skip 40 --launch-count 1 \
+      --metrics dram__bytes_read.sum,gpu__time_duration.sum "/tmp/cycles_$(name "$v")" \
+      ${config//,/ } 2>&1 | grep -E "dram__|gpu__"
   done
 done
 exit $status
