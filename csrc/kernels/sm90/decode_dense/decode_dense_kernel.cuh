@@ -13,10 +13,12 @@
 // So the tensor cores alternate between WG1's S of block j+1 and WG2's half of P V of block j.
 // The query tiles that share a KV head run as CTA pairs of one cluster (launch_typed), so that
 // each KV block comes from DRAM once.
-// JFM_TRACE events (recorded only in probe builds, span.cuh): producer 21 a stage is free;
-// WG1 1 KV block landed, 2 S done, 5 exponentials done, 6 P stored, 3 P published, 4 its P V
-// done, 8 its stage released, 9 its next block not there yet; WG2 12 P received, 13 P V done,
-// 18 its stage released, 19 its next block not there yet.
+// JFM_TRACE events (recorded only in probe builds, span.cuh): producer 20 the Q buffer is free
+// for the next request, 21 a stage is free; WG1 10 the request's Q landed, 1 KV block landed,
+// 2 S done, 5 exponentials done, 6 P stored, 3 P published, 4 its P V done, 8 its stage
+// released, 9 its next block not there yet; WG2 12 P received, 13 P V done, 18 its stage
+// released, 19 its next block not there yet; both 14 the request's blocks done, 15 row sums
+// shared, 16 its outputs stored.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -190,6 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const RequestWork w = request_work(p, meta, req);
       if (w.lo >= w.hi) continue;
       mbarrier_wait(&smem.q_empty, q_phase ^ 1);
+      JFM_TRACE(20);
       q_phase ^= 1;
       mbarrier_arrive_expect_tx(&smem.q_full, q_bytes);
       for (int c = 0; c < kQKChunks; ++c) {
@@ -259,6 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     if (score_wg && w.lo < w.hi) {
       mbarrier_wait(&smem.q_full, q_phase);
+      JFM_TRACE(10);
       q_phase ^= 1;
     }
     for (int blk = w.lo; blk < w.hi; ++blk) {
@@ -425,6 +429,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // ---- Finish the request: share the row sums, normalise, write out.
+    JFM_TRACE(14);
     float* shared_sum = smem.row_sum[request_parity];
     if (score_wg) {
 #pragma unroll
@@ -435,6 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     named_barrier_sync(kBarRowSum, kConsumerThreads);
+    JFM_TRACE(15);
     if (!score_wg) {
       row_sum[0] = shared_sum[rows[0]];
       row_sum[1] = shared_sum[rows[1]];
@@ -472,6 +478,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    JFM_TRACE(16);
   }
   if (warpgroup == 1) JFM_SPAN_END();
 }
