@@ -227,6 +227,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int quad_col = (lane % 4) * 2;
   // This thread's two accumulator rows within the 64-row tile.
   const int rows[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
+  // P goes from WG1 to WG2 through shared memory (64 x 64, 128-byte swizzled rows), one
+  // stmatrix / ldmatrix x4 per 16 keys t: this lane's address in it is row
+  // warp * 16 + (lane / 8) % 2 * 8 + lane % 8, 16-byte unit 2 t + lane / 16.
+  const int p_row = warp * 16 + (lane / 8) % 2 * 8 + lane % 8;
+  const auto p_offset = [&](int t) {
+    return p_row * 128 + (((2 * t + lane / 16) ^ (p_row & 7)) << 4);
+  };
   int row_s[2], row_head[2];
   bool row_valid[2];
 #pragma unroll
@@ -361,14 +368,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) row_sum[h] = row_sum[h] * factor[h] + block_sum[h];
         // P to shared memory for WG2, which reads it back into registers with ldmatrix (a
-        // generic-proxy read: no proxy fence on this path). One stmatrix per 16 keys; lane l
-        // gives row warp * 16 + (l / 8) % 2 * 8 + l % 8 of the 16-byte unit 2 t + l / 16.
-        const int p_row = warp * 16 + (lane / 8) % 2 * 8 + lane % 8;
+        // generic-proxy read: no proxy fence on this path).
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
-          const int unit = 2 * t + lane / 16;
-          stmatrix_x4(p_tile + p_row * 128 + ((unit ^ (p_row & 7)) << 4), packed[4 * t],
-                      packed[4 * t + 1], packed[4 * t + 2], packed[4 * t + 3]);
+          stmatrix_x4(p_tile + p_offset(t), packed[4 * t], packed[4 * t + 1], packed[4 * t + 2],
+                      packed[4 * t + 3]);
         }
         if (lane % 4 == 0) {
           smem.row_factor[stage][rows[0]] = factor[0];
@@ -400,12 +404,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int i = 0; i < kHalfV / 2; ++i) o[i] *= factor[(i / 2) % 2];
         }
         uint32_t packed[16];  // P, read back in the layout WG1 holds it in
-        const int p_row = warp * 16 + (lane / 8) % 2 * 8 + lane % 8;
 #pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          const int unit = 2 * t + lane / 16;
-          ldmatrix_x4(p_tile + p_row * 128 + ((unit ^ (p_row & 7)) << 4), packed + 4 * t);
-        }
+        for (int t = 0; t < 4; ++t) ldmatrix_x4(p_tile + p_offset(t), packed + 4 * t);
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
