@@ -207,22 +207,12 @@ def kernel_unavailable(cfg: Config, dtype, implementation: str) -> str:
     return ""
 
 
-def time_op(
-    cfg: Config,
-    implementation: str,
-    inputs,
-    metadata,
-    *,
-    repeats: int,
-    runs: int,
-    warmup: int,
-) -> float:
-    """Median time of one call in microseconds (see the module docstring)."""
+def jitted_calls(cfg: Config, implementation: str):
+    """The timed function: one jitted program making one op call per q of a list, all on the
+    same cache and metadata, returning every output."""
     import jax
 
     import jax_flashmla as fm
-
-    qs, k_cache, block_table, seqlens, _ = inputs
 
     @jax.jit
     def many_calls(qs, k_cache, block_table, seqlens, tile_metadata, num_splits):
@@ -240,6 +230,25 @@ def time_op(
             )
             for q in qs
         ]
+
+    return many_calls
+
+
+def time_op(
+    cfg: Config,
+    implementation: str,
+    inputs,
+    metadata,
+    *,
+    repeats: int,
+    runs: int,
+    warmup: int,
+) -> float:
+    """Median time of one call in microseconds (see the module docstring)."""
+    import jax
+
+    qs, k_cache, block_table, seqlens, _ = inputs
+    many_calls = jitted_calls(cfg, implementation)
 
     def median_time(n: int) -> float:
         args = (qs[:n], k_cache, block_table, seqlens, *metadata)

@@ -5,12 +5,19 @@
 #   bash tests/gpu_validate.sh kernel    # build, quick GPU tests (~240 s), decode_check plain
 #                                        # and under memcheck (~20-90 s), bench_decode.py (~230 s)
 #   bash tests/gpu_validate.sh matrix    # build, full matrix in parallel shards (~300 s)
-#   bash tests/gpu_validate.sh memcheck  # build, memcheck over the quick decode tests (the first
-#                                        # 48 take ~300 s; scan and command buffers minutes more)
+#   bash tests/gpu_validate.sh memcheck           # build, memcheck over the quick decode tests
+#                                                 # but command buffers (~350 s)
+#   bash tests/gpu_validate.sh memcheck-schedule  # build, memcheck over the schedule tests but
+#                                                 # command buffers (240-600 s: varies by call)
+#   bash tests/gpu_validate.sh memcheck-graphs    # build, memcheck over both command-buffer
+#                                                 # tests (355 s + 41 s)
+#
+# The three memcheck parts together cover every quick decode and schedule test; each needs its
+# own device call.
 #
 # Logs and results go to $OUT (the device tool's output folder; default /tmp/jax_flashmla_out):
 # pytest logs, decode_check.txt, decode_check_memcheck.txt, decode_dense.{json,txt,png},
-# full matrix shard logs, memcheck.log. Exit status non-zero if any step failed.
+# full matrix shard logs, memcheck_{decode,schedule,graphs}.log. Exit status non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/jax_flashmla_out}
@@ -51,6 +58,14 @@ bench() {
     "$py" -P benchmarks/plot_decode.py "$out/decode_dense.json" &&
     cat "$out/decode_dense.txt"
 }
+memcheck() {  # memcheck NAME SELECTION FILES...: pytest -k SELECTION, log in $out/memcheck_NAME.log
+  local name=$1 selection=$2
+  shift 2
+  LOG="$out/memcheck_$name.log" bash tests/gpu_memcheck.sh -vv -k "$selection" "$@" > /dev/null
+  local rc=$?
+  tail -2 "$out/memcheck_$name.log"
+  return $rc
+}
 case "${1:-}" in
   kernel)
     step build build
@@ -63,9 +78,16 @@ case "${1:-}" in
     step "full matrix, b 64" env LOG_DIR="$out/full_b64" bash tests/gpu_full_matrix.sh b64 ;;
   memcheck)
     step build build
-    step "memcheck, quick decode tests" env LOG="$out/memcheck.log" \
-      bash tests/gpu_memcheck.sh -k quick tests/test_gpu_decode_dense.py > /dev/null
-    tail -2 "$out/memcheck.log" ;;
-  *) echo "usage: $0 kernel|matrix|memcheck" >&2; exit 2 ;;
+    step "memcheck, quick decode tests" memcheck decode "quick and not command_buffers" \
+      tests/test_gpu_decode_dense.py ;;
+  memcheck-schedule)
+    step build build
+    step "memcheck, schedule tests" memcheck schedule "not command_buffers" \
+      tests/test_gpu_schedule.py ;;
+  memcheck-graphs)
+    step build build
+    step "memcheck, command-buffer tests" memcheck graphs command_buffers \
+      tests/test_gpu_decode_dense.py tests/test_gpu_schedule.py ;;
+  *) echo "usage: $0 kernel|matrix|memcheck|memcheck-schedule|memcheck-graphs" >&2; exit 2 ;;
 esac
 exit $status
