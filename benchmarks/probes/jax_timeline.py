@@ -1,10 +1,11 @@
 """GPU timeline of the benchmark's jitted loop, from JAX's own profiler (CUPTI; no nsys needed).
 
-Runs bench_decode.py's timed function (R op calls in one jitted program, bench inputs and
-metadata) under jax.profiler.trace and prints, for the last traced run, every kernel on the GPU
-with its duration and the idle gap before it, then per kernel name the count and median
-duration, the GPU's busy and idle time per op call, and the host's wall time per run. Answers
-"is the per-call time in the bench our kernels, other kernels, or gaps between them?".
+Times one config as bench_decode.py does (untraced), then runs its timed function (R op calls
+in one jitted program, bench inputs and metadata) under jax.profiler.trace and prints, for the
+last traced run, every kernel on the GPU with its duration and the idle gap before it; per
+kernel name the count and median duration; the host's events of the run by total time; and
+per op call the GPU's busy and idle time beside the host's wall time and the bench's figure.
+Answers "is the per-call time in the bench our kernels, other work, or gaps between them?".
 
   python benchmarks/probes/jax_timeline.py 128 1 128 512 0          # b s_q h_q s_k causal
   python benchmarks/probes/jax_timeline.py 128 1 128 512 0 --calls 8 --show 24
@@ -69,6 +70,10 @@ def main(argv=None) -> int:
     metadata = jax.jit(fm.get_mla_metadata, static_argnums=(1, 2))(
         seqlens, cfg.s_q * cfg.h_q // cfg.h_kv, cfg.h_kv
     )
+    # First the bench's own figure for this config and R, untraced, to set beside the trace.
+    bench_us = bench_decode.time_op(
+        cfg, args.implementation, inputs, metadata, repeats=args.calls, runs=30, warmup=3
+    )
     many_calls = bench_decode.jitted_calls(cfg, args.implementation)
     call_args = (qs, k_cache, block_table, seqlens, *metadata)
     for _ in range(5):
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
     print(
         f"per op call: GPU span {span / n:.1f} us, busy {busy / 1e3 / n:.1f} us, "
         f"idle {(span - busy / 1e3) / n:.1f} us; host wall per run {wall:.0f} us "
-        f"({wall / n:.1f} us per call)"
+        f"({wall / n:.1f} us per call); bench_decode's figure (R = {n} minus R = {max(1, n // 4)},"
+        f" untraced): {bench_us:.1f} us per call"
     )
     return 0
 
