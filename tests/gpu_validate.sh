@@ -17,7 +17,8 @@
 #
 # Logs and results go to $OUT (the device tool's output folder; default /tmp/jax_flashmla_out):
 # pytest logs, decode_check.txt, decode_check_memcheck.txt, decode_dense.{json,txt,png},
-# full matrix shard logs, memcheck_{decode,schedule,graphs}.log. Exit status non-zero if any step failed.
+# full matrix shard logs, memcheck_{decode,schedule,graphs}.log. Exit status non-zero if any
+# step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/jax_flashmla_out}
