@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     n = args.calls
     print(
         f"per op call: GPU span {span / n:.1f} us, busy {busy / 1e3 / n:.1f} us, "
-        f"idle {(span - busy / 1e3) / n:.1f} us; host wall per run {wall:.0f} us "
+        f"idle {(span - busy / 1e3) / n:.1f} us; host wall per traced run {wall:.0f} us "
         f"({wall / n:.1f} us per call); bench_decode's figure (R = {n} minus R = {max(1, n // 4)},"
         f" untraced): {bench_us:.1f} us per call"
     )
