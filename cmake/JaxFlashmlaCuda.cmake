@@ -8,6 +8,11 @@
 #       OBJECT library compiled by nvcc for exactly the listed architectures
 #       (e.g. "90a" -> -gencode=arch=compute_90a,code=sm_90a), with the project's
 #       CUDA flags, the csrc/ include root and the CUTLASS/CuTe headers.
+#
+#   jfm_add_cuda_executable(<name> ARCHS <arch>... SOURCES <file>... [DEFINES <def>...]
+#                           [OBJECTS <object library>...])
+#       A program (C++ test or probe) built with the same flags, linked with the
+#       given kernel object libraries and the static CUDA runtime.
 
 include_guard(GLOBAL)
 include(CheckLanguage)
@@ -69,14 +74,10 @@ function(jfm_gencode_flags out_var)
   set(${out_var} ${_flags} PARENT_SCOPE)
 endfunction()
 
-function(jfm_add_cuda_objects name)
-  cmake_parse_arguments(PARSE_ARGV 1 ARG "" "" "ARCHS;SOURCES")
-  if(NOT ARG_ARCHS)
-    message(FATAL_ERROR "jfm_add_cuda_objects(${name}): no ARCHS given")
-  endif()
-  jfm_gencode_flags(_gencode ${ARG_ARCHS})
-  add_library(${name} OBJECT ${ARG_SOURCES})
-  set_target_properties(${name} PROPERTIES
+# The one set of CUDA flags: kernels of the module, C++ tests and probes alike.
+function(jfm_cuda_target_setup target)
+  jfm_gencode_flags(_gencode ${ARGN})
+  set_target_properties(${target} PROPERTIES
     CUDA_ARCHITECTURES OFF          # we pass -gencode ourselves
     CUDA_STANDARD 17
     CUDA_STANDARD_REQUIRED ON
@@ -88,7 +89,27 @@ function(jfm_add_cuda_objects name)
   if(JAX_FLASHMLA_PTXAS_VERBOSE)
     list(APPEND _cuda_flags "-Xptxas=-v")
   endif()
-  target_compile_options(${name} PRIVATE "$<$<COMPILE_LANGUAGE:CUDA>:${_cuda_flags}>")
-  target_include_directories(${name} PRIVATE "${JFM_CSRC_DIR}")
-  target_link_libraries(${name} PRIVATE jfm_cutlass CUDA::toolkit)
+  target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CUDA>:${_cuda_flags}>")
+  target_include_directories(${target} PRIVATE "${JFM_CSRC_DIR}")
+  target_link_libraries(${target} PRIVATE jfm_cutlass CUDA::toolkit)
+endfunction()
+
+function(jfm_add_cuda_objects name)
+  cmake_parse_arguments(PARSE_ARGV 1 ARG "" "" "ARCHS;SOURCES")
+  if(NOT ARG_ARCHS)
+    message(FATAL_ERROR "jfm_add_cuda_objects(${name}): no ARCHS given")
+  endif()
+  add_library(${name} OBJECT ${ARG_SOURCES})
+  jfm_cuda_target_setup(${name} ${ARG_ARCHS})
+endfunction()
+
+function(jfm_add_cuda_executable name)
+  cmake_parse_arguments(PARSE_ARGV 1 ARG "" "" "ARCHS;SOURCES;DEFINES;OBJECTS")
+  add_executable(${name} ${ARG_SOURCES})
+  jfm_cuda_target_setup(${name} ${ARG_ARCHS})
+  target_compile_definitions(${name} PRIVATE ${ARG_DEFINES})
+  foreach(_objs IN LISTS ARG_OBJECTS)
+    target_sources(${name} PRIVATE $<TARGET_OBJECTS:${_objs}>)
+  endforeach()
+  target_link_libraries(${name} PRIVATE CUDA::cudart_static)
 endfunction()

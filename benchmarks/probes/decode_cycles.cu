@@ -9,15 +9,9 @@
 // Inputs as benchmarks/bench_decode.py: lengths ~ max(N(s_k, s_k/2), s_q), a randomly
 // permuted block table, uniform random bf16 values.
 //
-// Build and run on the H200 from the repository root (CUTLASS headers from the wheel):
-//   CUTLASS=$(python3 -c "import cutlass_library,os;print(os.path.dirname(cutlass_library.__file__))")/source
-//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
-//       -DJFM_KERNEL_SPAN -Icsrc -I$CUTLASS/include -o /tmp/decode_cycles \
-//       benchmarks/probes/decode_cycles.cu csrc/kernels/common/scheduler.cu csrc/kernels/common/combine.cu
-//   /tmp/decode_cycles [b] [s_q] [h_q] [s_k] [causal]
-// Built with -DJFM_KERNEL_TRACE as well, it writes the first CTA's event trace of the last
-// launch (the kernel's JFM_TRACE points, span.cuh) to $JFM_TRACE_OUT (default trace.txt), one
-// "warpgroup cycles event" line per record; benchmarks/probes/trace_summary.py summarises it.
+// Built by CMake with -DJAX_FLASHMLA_BUILD_PROBES=ON (target decode_cycles, with the span probe
+// switched on; see benchmarks/probes/README.md), run on the H200:
+//   decode_cycles [b] [s_q] [h_q] [s_k] [causal]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -30,12 +24,13 @@
 #include <random>
 #include <vector>
 
-// One translation unit holds the kernel, its launcher and the span record.
+// One translation unit holds the kernel, its launcher and the span record (the scheduler and
+// the combine come from the kernel objects).
 #include "kernels/sm90/decode_dense/decode_dense.cu"
 #include "kernels/sm90/decode_dense/decode_dense_bf16.cu"
 #include "kernels/common/scheduler.cuh"
 
-#include "probe_check.h"
+#include "cuda_check.h"
 
 __global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
@@ -54,7 +49,7 @@ int main(int argc, char** argv) {
   const int h_q = argc > 3 ? std::atoi(argv[3]) : 128;
   const int s_k = argc > 4 ? std::atoi(argv[4]) : 4096;
   const bool causal = argc > 5 && std::atoi(argv[5]) != 0;
-  const int h_kv = 1, page = 64;
+  const int h_kv = 1, page = jfm::kKernelPageSize;
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
 
@@ -71,21 +66,22 @@ int main(int argc, char** argv) {
   const double mean_len = std::accumulate(lengths.begin(), lengths.end(), 0.0) / b;
 
   const int rows_per_kv = s_q * h_q / h_kv;
-  const int num_parts = std::max(prop.multiProcessorCount / h_kv / ((rows_per_kv + 63) / 64), 1);
-  const size_t q_elems = size_t(b) * s_q * h_q * 576;
-  const size_t cache_elems = size_t(num_blocks) * page * h_kv * 576;
+  const int num_parts = std::max(prop.multiProcessorCount / h_kv / ((rows_per_kv + jfm::kQueryTileRows - 1) / jfm::kQueryTileRows), 1);
+  const size_t q_elems = size_t(b) * s_q * h_q * jfm::kHeadDimQK;
+  const size_t cache_elems = size_t(num_blocks) * page * h_kv * jfm::kHeadDimQK;
   __nv_bfloat16 *q, *cache, *out;
   float *lse, *partial_o, *partial_lse;
-  int *d_table, *d_lengths, *metadata, *num_splits;
+  int *d_table, *d_lengths, *num_splits;
+  jfm::MetadataRow* metadata;
   CHECK(cudaMalloc(&q, q_elems * 2));
   CHECK(cudaMalloc(&cache, cache_elems * 2));
-  CHECK(cudaMalloc(&out, size_t(b) * s_q * h_q * 512 * 2));
+  CHECK(cudaMalloc(&out, size_t(b) * s_q * h_q * jfm::kHeadDimV * 2));
   CHECK(cudaMalloc(&lse, size_t(b) * s_q * h_q * 4));
-  CHECK(cudaMalloc(&partial_o, size_t(b + num_parts) * s_q * h_q * 512 * 4));
+  CHECK(cudaMalloc(&partial_o, size_t(b + num_parts) * s_q * h_q * jfm::kHeadDimV * 4));
   CHECK(cudaMalloc(&partial_lse, size_t(b + num_parts) * s_q * h_q * 4));
   CHECK(cudaMalloc(&d_table, num_blocks * 4));
   CHECK(cudaMalloc(&d_lengths, b * 4));
-  CHECK(cudaMalloc(&metadata, num_parts * 8 * 4));
+  CHECK(cudaMalloc(&metadata, num_parts * sizeof(jfm::MetadataRow)));
   CHECK(cudaMalloc(&num_splits, (b + 1) * 4));
   fill_random<<<1024, 256>>>(q, q_elems, 1);
   fill_random<<<4096, 256>>>(cache, cache_elems, 2);
@@ -118,7 +114,7 @@ int main(int argc, char** argv) {
   p.num_blocks = num_blocks;
   p.max_blocks_per_seq = max_blocks;
   p.num_parts = num_parts;
-  p.softmax_scale = 1.f / std::sqrt(576.f);
+  p.softmax_scale = 1.f / std::sqrt(float(jfm::kHeadDimQK));
   p.causal = causal;
 
   cudaEvent_t e0, e1;
@@ -144,19 +140,20 @@ int main(int argc, char** argv) {
   const double us = median_us(50, 100, 1);
   // Back to back, as a jitted loop of calls runs them: 20 launches per group.
   std::printf("  back to back: %.1f us per launch\n", median_us(0, 15, 20));
-  const double flops = double(b) * s_q * h_q * mean_len * 2 * (576 + 512);
+  const double flops = double(b) * s_q * h_q * mean_len * 2 * (jfm::kHeadDimQK + jfm::kHeadDimV);
   std::printf("b %d s_q %d h_q %d s_k %d causal %d: mean len %.0f, %d parts, %.1f us, %.1f TFLOPS\n",
               b, s_q, h_q, s_k, causal, mean_len, num_parts, us, flops / us / 1e6);
 
 #ifdef JFM_KERNEL_SPAN
   {
     // Blocks of part 0 (the CTA whose score warpgroup marked its span).
-    std::vector<int> meta(8);
-    CHECK(cudaMemcpy(meta.data(), metadata, 8 * 4, cudaMemcpyDeviceToHost));
+    jfm::MetadataRow part;
+    CHECK(cudaMemcpy(&part, metadata, sizeof(part), cudaMemcpyDeviceToHost));
     long blocks = 0;
-    for (int req = meta[0]; req <= meta[1]; ++req) {
+    for (int req = part.begin_req; req <= part.end_req; ++req) {
       const int n = (lengths[req] + page - 1) / page;
-      const int lo = req == meta[0] ? meta[2] : 0, hi = req == meta[1] ? std::min(meta[3], n) : n;
+      const int lo = req == part.begin_req ? part.begin_block : 0;
+      const int hi = req == part.end_req ? std::min(part.end_block, n) : n;
       blocks += std::max(hi - lo, 0);
     }
     unsigned long long span[4];
@@ -164,24 +161,6 @@ int main(int argc, char** argv) {
     const double cycles = double(span[2] - span[0]), ns = double(span[3] - span[1]);
     std::printf("  CTA 0: %ld blocks, %.0f cycles (%.0f per block), %.0f MHz\n", blocks, cycles,
                 cycles / std::max(blocks, 1L), cycles / ns * 1e3);
-  }
-#endif
-#ifdef JFM_KERNEL_TRACE
-  {
-    // The last launch's event trace of CTA 0, one "warpgroup cycles event" line per record.
-    const char* path = std::getenv("JFM_TRACE_OUT");
-    FILE* f = std::fopen(path ? path : "trace.txt", "w");
-    std::vector<unsigned long long> trace(4 * kJfmTraceCapacity);
-    int count[4];
-    CHECK(cudaMemcpyFromSymbol(trace.data(), jfm_trace, trace.size() * 8));
-    CHECK(cudaMemcpyFromSymbol(count, jfm_trace_count, sizeof(count)));
-    for (int wg = 0; wg < 4; ++wg) {
-      for (int i = 0; i < count[wg]; ++i) {
-        const unsigned long long r = trace[wg * kJfmTraceCapacity + i];
-        std::fprintf(f, "%d %llu %llu\n", wg, r >> 8, r & 255);
-      }
-    }
-    std::fclose(f);
   }
 #endif
   return 0;

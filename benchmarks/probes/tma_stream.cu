@@ -25,7 +25,7 @@
 #include <random>
 #include <vector>
 
-#include "probe_check.h"
+#include "cuda_check.h"
 
 namespace {
 

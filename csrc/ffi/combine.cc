@@ -21,71 +21,38 @@ namespace jfm {
 namespace {
 
 namespace ffi = ::xla::ffi;
-using ffi_helpers::check_array;
-using ffi_helpers::check_dim;
-using ffi_helpers::invalid_argument;
+using ffi_helpers::check_buffer;
+using ffi_helpers::kAnyDim;
 
 constexpr const char* kTarget = "jax_flashmla_combine";
 
 ffi::Error CombineImpl(cudaStream_t stream, ffi::AnyBuffer partial_o, ffi::AnyBuffer partial_lse,
                        ffi::AnyBuffer num_splits, ffi::AnyBuffer attn_sink,
                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse) {
-  constexpr const char* kPartialO = "[R, s_q, h_q, d_v]";
-  constexpr const char* kPartialLse = "[R, s_q, h_q]";
-  constexpr const char* kOut = "[b, s_q, h_q, d_v]";
-  constexpr const char* kLse = "[b, h_q, s_q]";
-  JFM_RETURN_IF_ERROR(
-      check_array(kTarget, "partial_o", partial_o, {ffi::DataType::F32}, 4, kPartialO));
-  JFM_RETURN_IF_ERROR(
-      check_array(kTarget, "partial_lse", partial_lse, {ffi::DataType::F32}, 3, kPartialLse));
-  JFM_RETURN_IF_ERROR(
-      check_array(kTarget, "num_splits", num_splits, {ffi::DataType::S32}, 1, "[b + 1]"));
-  JFM_RETURN_IF_ERROR(check_array(kTarget, "attn_sink", attn_sink, {ffi::DataType::F32}, 1,
-                                  "[h_q] (or [0] for no sink)"));
-  JFM_RETURN_IF_ERROR(
-      check_array(kTarget, "out", *out, {ffi::DataType::BF16, ffi::DataType::F16}, 4, kOut));
-  JFM_RETURN_IF_ERROR(check_array(kTarget, "lse", *lse, {ffi::DataType::F32}, 3, kLse));
-
+  const auto f32 = {ffi::DataType::F32};
+  JFM_RETURN_IF_ERROR(check_buffer(kTarget, "partial_o", partial_o, f32,
+                                   {kAnyDim, kAnyDim, kAnyDim, kAnyDim}, "[R, s_q, h_q, d_v]"));
   const auto po = partial_o.dimensions();
-  const int64_t rows = po[0], seqlen_q = po[1], heads = po[2], head_dim_v = po[3];
-  if (num_splits.dimensions()[0] < 1) {
-    return invalid_argument(kTarget, "num_splits must have shape [b + 1] with b >= 0; got " +
-                                         ffi_helpers::describe(num_splits));
-  }
+  const int64_t rows = po[0], s_q = po[1], h_q = po[2], d_v = po[3];
+  JFM_RETURN_IF_ERROR(check_buffer(kTarget, "partial_lse", partial_lse, f32, {rows, s_q, h_q},
+                                   "[R, s_q, h_q]"));
+  JFM_RETURN_IF_ERROR(check_buffer(kTarget, "num_splits", num_splits, {ffi::DataType::S32},
+                                   {kAnyDim}, "[b + 1]"));
   const int64_t batch = num_splits.dimensions()[0] - 1;
-
-  if (head_dim_v <= 0 || head_dim_v % 8 != 0) {
-    return invalid_argument(kTarget, "partial_o must have shape [R, s_q, h_q, d_v] with d_v a "
-                                     "positive multiple of 8; got " +
-                                         ffi_helpers::describe(partial_o));
+  if (batch < 0 || batch > rows) {
+    return ffi_helpers::invalid_argument(
+        kTarget, "num_splits must have shape [b + 1] with 0 <= b <= R = " +
+                     std::to_string(rows) + "; got " + ffi_helpers::describe(num_splits));
   }
-  if (rows < batch) {
-    return invalid_argument(
-        kTarget, "partial_o must have at least b = num_splits.shape[0] - 1 = " +
-                     std::to_string(batch) + " rows (R >= b); got " +
-                     ffi_helpers::describe(partial_o));
-  }
-  JFM_RETURN_IF_ERROR(check_dim(kTarget, "partial_lse", partial_lse, 0, rows, kPartialLse,
-                                "R = partial_o.shape[0]"));
-  JFM_RETURN_IF_ERROR(check_dim(kTarget, "partial_lse", partial_lse, 1, seqlen_q, kPartialLse,
-                                "s_q = partial_o.shape[1]"));
-  JFM_RETURN_IF_ERROR(check_dim(kTarget, "partial_lse", partial_lse, 2, heads, kPartialLse,
-                                "h_q = partial_o.shape[2]"));
+  JFM_RETURN_IF_ERROR(check_buffer(kTarget, "attn_sink", attn_sink, f32, {kAnyDim},
+                                   "[h_q] (or [0] for no sink)"));
   const int64_t sink_len = attn_sink.dimensions()[0];
-  if (sink_len != 0 && sink_len != heads) {
-    return invalid_argument(kTarget, "attn_sink must have shape [h_q] = (" +
-                                         std::to_string(heads) +
-                                         ",) or (0,) for no sink; got " +
-                                         ffi_helpers::describe(attn_sink));
+  if (sink_len != 0) {
+    JFM_RETURN_IF_ERROR(check_buffer(kTarget, "attn_sink", attn_sink, f32, {h_q}, "[h_q]"));
   }
-  JFM_RETURN_IF_ERROR(check_dim(kTarget, "out", *out, 0, batch, kOut, "b = num_splits.shape[0] - 1"));
-  JFM_RETURN_IF_ERROR(check_dim(kTarget, "out", *out, 1, seqlen_q, kOut, "s_q = partial_o.shape[1]"));
-  JFM_RETURN_IF_ERROR(check_dim(kTarget, "out", *out, 2, heads, kOut, "h_q = partial_o.shape[2]"));
-  JFM_RETURN_IF_ERROR(
-      check_dim(kTarget, "out", *out, 3, head_dim_v, kOut, "d_v = partial_o.shape[3]"));
-  JFM_RETURN_IF_ERROR(check_dim(kTarget, "lse", *lse, 0, batch, kLse, "b = num_splits.shape[0] - 1"));
-  JFM_RETURN_IF_ERROR(check_dim(kTarget, "lse", *lse, 1, heads, kLse, "h_q = partial_o.shape[2]"));
-  JFM_RETURN_IF_ERROR(check_dim(kTarget, "lse", *lse, 2, seqlen_q, kLse, "s_q = partial_o.shape[1]"));
+  JFM_RETURN_IF_ERROR(check_buffer(kTarget, "out", *out, {ffi::DataType::BF16, ffi::DataType::F16},
+                                   {batch, s_q, h_q, d_v}, "[b, s_q, h_q, d_v]"));
+  JFM_RETURN_IF_ERROR(check_buffer(kTarget, "lse", *lse, f32, {batch, h_q, s_q}, "[b, h_q, s_q]"));
 
   CombineParams params;
   params.partial_o = static_cast<const float*>(partial_o.untyped_data());
@@ -95,19 +62,13 @@ ffi::Error CombineImpl(cudaStream_t stream, ffi::AnyBuffer partial_o, ffi::AnyBu
   params.out = out->untyped_data();
   params.lse = static_cast<float*>(lse->untyped_data());
   params.batch = batch;
-  params.seqlen_q = seqlen_q;
-  params.num_heads = heads;
-  params.head_dim_v = head_dim_v;
+  params.seqlen_q = s_q;
+  params.num_heads = h_q;
+  params.head_dim_v = d_v;
   params.num_partial_rows = rows;
-  params.out_dtype = out->element_type() == ffi::DataType::BF16 ? OutDtype::kBF16 : OutDtype::kF16;
+  params.out_dtype = ffi_helpers::element_type(*out);
   params.skip_unsplit = false;
-  if (const char* message = combine_params_error(params)) {
-    return invalid_argument(kTarget, message);
-  }
-
-  const cudaError_t err = launch_combine(params, stream);
-  if (err != cudaSuccess) return ffi_helpers::cuda_error(kTarget, "combine kernel launch", err);
-  return ffi::Error::Success();
+  return ffi_helpers::launch(kTarget, params, stream, combine_params_error, launch_combine);
 }
 
 }  // namespace

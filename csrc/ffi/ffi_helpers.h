@@ -16,11 +16,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/common/mla_geometry.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace jfm::ffi_helpers {
 
 namespace ffi = ::xla::ffi;
+using ::jfm::ElementType;
 
 // NumPy-style name of an XLA dtype, as a JAX user would write it.
 inline std::string dtype_name(ffi::DataType dtype) {
@@ -67,45 +69,60 @@ inline ffi::Error invalid_argument(std::string_view target, const std::string& m
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(target) + ": " + message);
 }
 
-// Checks dtype (one of `dtypes`) and rank of an operand or result. `layout`
-// names the expected shape, e.g. "[b, s_q, h_q, d_v]".
-inline ffi::Error check_array(std::string_view target, std::string_view arg,
-                              const ffi::AnyBuffer& buf,
-                              std::initializer_list<ffi::DataType> dtypes, size_t rank,
-                              std::string_view layout) {
-  bool dtype_ok = false;
-  for (ffi::DataType dtype : dtypes) dtype_ok = dtype_ok || dtype == buf.element_type();
-  if (dtype_ok && buf.dimensions().size() == rank) return ffi::Error::Success();
+// A dimension check_buffer reads but does not check.
+inline constexpr int64_t kAnyDim = -1;
+
+// Checks an operand or result: dtype one of `dtypes`, rank dims.size(), and every dimension
+// that is not kAnyDim. `layout` names the shape, e.g. "[b, s_q, h_q, 512]". The handlers'
+// one check per buffer: ranks and dims must hold before a handler reads dims or a kernel
+// indexes the buffer.
+inline ffi::Error check_buffer(std::string_view target, std::string_view arg,
+                               const ffi::AnyBuffer& buf,
+                               std::initializer_list<ffi::DataType> dtypes,
+                               std::initializer_list<int64_t> dims, std::string_view layout) {
+  bool ok = false;
+  for (ffi::DataType dtype : dtypes) ok = ok || dtype == buf.element_type();
+  const auto got = buf.dimensions();
+  ok = ok && got.size() == dims.size();
+  size_t axis = 0;
+  std::string expected_dims = "(";
+  for (int64_t want : dims) {
+    if (ok && want != kAnyDim && got[axis] != want) ok = false;
+    if (axis) expected_dims += ", ";
+    expected_dims += want == kAnyDim ? "*" : std::to_string(want);
+    ++axis;
+  }
+  expected_dims += dims.size() == 1 ? ",)" : ")";
+  if (ok) return ffi::Error::Success();
   std::string expected;
   for (ffi::DataType dtype : dtypes) {
     if (!expected.empty()) expected += " or ";
     expected += dtype_name(dtype);
   }
-  return invalid_argument(target, std::string(arg) + " must be a " + expected + " array of rank " +
-                                      std::to_string(rank) + " with shape " + std::string(layout) +
-                                      "; got " + describe(buf));
+  return invalid_argument(target, std::string(arg) + " must be a " + expected + " array of shape " +
+                                      std::string(layout) + " = " + expected_dims + "; got " +
+                                      describe(buf));
 }
 
-// Checks one dimension against its expected value.
-inline ffi::Error check_dim(std::string_view target, std::string_view arg,
-                            const ffi::AnyBuffer& buf, size_t axis, int64_t expected,
-                            std::string_view layout, std::string_view why) {
-  const int64_t got = buf.dimensions()[axis];
-  if (got == expected) return ffi::Error::Success();
-  return invalid_argument(target, std::string(arg) + " must have shape " + std::string(layout) +
-                                      " with dimension " + std::to_string(axis) + " equal to " +
-                                      std::to_string(expected) + " (" + std::string(why) +
-                                      "); got shape " + shape_string(buf.dimensions()));
+// The kernels' element type of a 16-bit float buffer (checked by check_buffer first).
+inline ElementType element_type(const ffi::AnyBuffer& buf) {
+  return buf.element_type() == ffi::DataType::F16 ? ElementType::kF16 : ElementType::kBF16;
 }
 
-inline bool is_aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
-inline ffi::Error cuda_error(std::string_view target, std::string_view what, cudaError_t err) {
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string(target) + ": " + std::string(what) +
-                                                   " failed: " + cudaGetErrorName(err) + ": " +
-                                                   cudaGetErrorString(err));
+// The tail every handler shares: the kernel's own parameter check (limits the shapes cannot
+// show: grid sizes, int32 coordinates, alignment), then the launch.
+template <typename Params>
+ffi::Error launch(std::string_view target, const Params& params, cudaStream_t stream,
+                  const char* (*params_error)(const Params&),
+                  cudaError_t (*launch_fn)(const Params&, cudaStream_t)) {
+  if (const char* message = params_error(params)) return invalid_argument(target, message);
+  const cudaError_t err = launch_fn(params, stream);
+  if (err != cudaSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string(target) + ": kernel launch failed: " +
+                                                     cudaGetErrorName(err) + ": " +
+                                                     cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace jfm::ffi_helpers

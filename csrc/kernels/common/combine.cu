@@ -6,7 +6,7 @@
 // load instruction of the warp covers 512 contiguous bytes. Split weights are
 // recomputed per slice from the (L1-resident) LSEs instead of being staged.
 #include "kernels/common/combine.cuh"
-#include "kernels/common/pdl.cuh"
+#include "kernels/common/launch.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -162,8 +162,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineParams p
 const char* combine_params_error(const CombineParams& p) {
   if (p.batch < 0 || p.seqlen_q < 0 || p.num_heads < 0 || p.num_partial_rows < 0)
     return "sizes must be >= 0";
-  if (p.head_dim_v <= 0 || p.head_dim_v % 4 != 0) return "head_dim_v must be a positive multiple of 4";
-  if (p.out_dtype != OutDtype::kBF16 && p.out_dtype != OutDtype::kF16)
+  if (p.head_dim_v <= 0 || p.head_dim_v % 8 != 0) return "head_dim_v must be a positive multiple of 8";
+  if (p.out_dtype != ElementType::kBF16 && p.out_dtype != ElementType::kF16)
     return "out_dtype must be bfloat16 or float16";
   const int64_t rows = p.batch * p.seqlen_q * p.num_heads;
   if (rows == 0) return nullptr;
@@ -182,9 +182,10 @@ cudaError_t launch_combine(const CombineParams& params, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = std::min((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxBlocks);
   const dim3 grid(static_cast<unsigned>(blocks));
-  const auto kernel = params.out_dtype == OutDtype::kBF16 ? combine_kernel<__nv_bfloat16>
-                                                         : combine_kernel<__half>;
-  return launch_with_pdl(kernel, grid, dim3(kThreads), dim3(1, 1, 1), 0, stream, params);
+  const auto kernel = params.out_dtype == ElementType::kBF16 ? combine_kernel<__nv_bfloat16>
+                                                            : combine_kernel<__half>;
+  const LaunchShape shape{grid, dim3(kThreads), 0, dim3(1, 1, 1), /*pdl=*/true};
+  return launch_kernel(kernel, shape, stream, params);
 }
 
 }  // namespace jfm

@@ -17,9 +17,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace jfm {
+#include "kernels/common/mla_geometry.cuh"
 
-enum class OutDtype : int { kBF16 = 0, kF16 = 1 };
+namespace jfm {
 
 struct CombineParams {
   // Inputs, all contiguous, row-major.
@@ -33,9 +33,9 @@ struct CombineParams {
   int64_t batch = 0;
   int64_t seqlen_q = 0;
   int64_t num_heads = 0;
-  int64_t head_dim_v = 0;              // multiple of 4 (16-byte loads)
+  int64_t head_dim_v = 0;              // a multiple of 8 (16-byte loads; 8 is the tested rule)
   int64_t num_partial_rows = 0;        // split indices are clamped to it (no OOB reads)
-  OutDtype out_dtype = OutDtype::kBF16;
+  ElementType out_dtype = ElementType::kBF16;
   // true: requests with exactly one split are left untouched (their output
   // and lse were written directly by the attention kernel); false: every
   // request is finalised from its partials.

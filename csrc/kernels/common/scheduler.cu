@@ -17,6 +17,7 @@
 // Nothing is stored per request in shared memory, so the batch size is not
 // limited by shared memory; no atomics, fully deterministic.
 #include "kernels/common/scheduler.cuh"
+#include "kernels/common/launch.cuh"
 
 #include <limits>
 
@@ -109,11 +110,8 @@ struct PayloadDivider {
   }
 };
 
-__device__ __forceinline__ void write_empty_row(int32_t* row, int64_t batch) {
-  row[kBeginReq] = static_cast<int32_t>(batch);
-  row[kEndReq] = -1;
-#pragma unroll
-  for (int f = kBeginBlock; f < kMetadataFields; ++f) row[f] = 0;
+__device__ __forceinline__ void write_empty_row(MetadataRow* row, int64_t batch) {
+  *row = MetadataRow{static_cast<int32_t>(batch), -1, 0, 0, 0, 0, 0, 0};
 }
 
 // Writes the metadata fields owned by request i (see the comment at the top).
@@ -127,25 +125,25 @@ __device__ __forceinline__ void write_request_rows(const SchedulerParams& p, int
                                                    int32_t splits) {
   const int32_t is_split = splits > 1 ? 1 : 0;
   for (int64_t part = begin_from; part <= last_part; ++part) {
-    int32_t* row = p.tile_scheduler_metadata + part * kMetadataFields;
+    MetadataRow* row = p.tile_scheduler_metadata + part;
     if (part < first_part) {  // part lies in the overhead gap before request i
       write_empty_row(row, p.batch);
       continue;
     }
     const int64_t part_start = part * payload;
-    row[kBeginReq] = static_cast<int32_t>(i);
-    row[kBeginBlock] = static_cast<int32_t>(part_start > start ? part_start - start : 0);
-    row[kBeginSplitIdx] = static_cast<int32_t>(part - first_part);
-    row[kIsFirstReqSplit] = is_split;
-    row[kMetadataPad] = 0;
+    row->begin_req = static_cast<int32_t>(i);
+    row->begin_block = static_cast<int32_t>(part_start > start ? part_start - start : 0);
+    row->begin_split_idx = static_cast<int32_t>(part - first_part);
+    row->is_first_req_split = is_split;
+    row->pad = 0;
   }
   const int64_t end_part = min(last_part, end_to);
   for (int64_t part = first_part; part <= end_part; ++part) {
-    int32_t* row = p.tile_scheduler_metadata + part * kMetadataFields;
+    MetadataRow* row = p.tile_scheduler_metadata + part;
     const int64_t part_end = (part + 1) * payload;
-    row[kEndReq] = static_cast<int32_t>(i);
-    row[kEndBlock] = static_cast<int32_t>(min(part_end - start, blocks));
-    row[kIsLastReqSplit] = is_split;
+    row->end_req = static_cast<int32_t>(i);
+    row->end_block = static_cast<int32_t>(min(part_end - start, blocks));
+    row->is_last_req_split = is_split;
   }
 }
 
@@ -249,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) mla_scheduler_kernel(const Scheduler
 
   __syncthreads();
   for (int64_t part = tail_first_part + threadIdx.x; part < p.num_parts; part += kThreads) {
-    write_empty_row(p.tile_scheduler_metadata + part * kMetadataFields, batch);
+    write_empty_row(p.tile_scheduler_metadata + part, batch);
   }
 }
 
@@ -275,8 +273,7 @@ const char* scheduler_params_error(const SchedulerParams& p) {
 
 cudaError_t launch_scheduler(const SchedulerParams& params, cudaStream_t stream) {
   if (scheduler_params_error(params) != nullptr) return cudaErrorInvalidValue;
-  mla_scheduler_kernel<<<1, kThreads, 0, stream>>>(params);
-  return cudaGetLastError();
+  return launch_kernel(mla_scheduler_kernel, LaunchShape{dim3(1), dim3(kThreads)}, stream, params);
 }
 
 }  // namespace jfm

@@ -12,37 +12,25 @@
 //   k_i = floor((S_i + max(n_i,1) - 1) / P) - floor(S_i / P) + 1   splits of i
 // Outputs:
 //   num_splits[b+1]         exclusive prefix sum of k_i (num_splits[b] <= b + P_n - 1)
-//   metadata[P_n][8]        per part: see MetadataField; empty part: [b, -1, 0, ...]
+//   metadata[P_n]           one MetadataRow per part (mla_geometry.cuh)
 #pragma once
 
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/common/mla_geometry.cuh"
+
 namespace jfm {
-
-inline constexpr int kMetadataFields = 8;
-
-// Column index inside one row of tile_scheduler_metadata.
-enum MetadataField : int {
-  kBeginReq = 0,         // first request of the part (b if the part is empty)
-  kEndReq = 1,           // last request of the part, inclusive (-1 if empty)
-  kBeginBlock = 2,       // first block of begin_req handled here
-  kEndBlock = 3,         // one past the last block of end_req handled here
-  kBeginSplitIdx = 4,    // index of this part's piece among begin_req's splits
-  kIsFirstReqSplit = 5,  // 1 when begin_req has more than one split
-  kIsLastReqSplit = 6,   // 1 when end_req has more than one split
-  kMetadataPad = 7,      // always 0
-};
 
 struct SchedulerParams {
   const int32_t* cache_seqlens = nullptr;  // [batch], device; unused if fixed_length >= 0
-  int32_t* tile_scheduler_metadata = nullptr;  // [num_parts, kMetadataFields], device
+  MetadataRow* tile_scheduler_metadata = nullptr;  // [num_parts], device
   int32_t* num_splits = nullptr;               // [batch + 1], device
   int64_t batch = 0;
   int64_t num_parts = 1;
-  int64_t block_tokens = 64;
-  int64_t fixed_overhead = 5;
+  int64_t block_tokens = kSchedulerBlockTokens;
+  int64_t fixed_overhead = kSchedulerFixedOverhead;
   int64_t fixed_length = -1;  // >= 0: every request has this many tokens
 };
 

@@ -4,7 +4,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/common/combine.cuh"
@@ -15,6 +17,8 @@ namespace {
 
 using sm90::decode_dense::KernelArgs;
 using sm90::decode_dense::TileShape;
+
+constexpr int64_t kMaxGridYZ = 65535;
 
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                                    const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
@@ -59,17 +63,21 @@ const char* dense_decode_params_error(const DenseDecodeParams& p) {
     return "sizes must be positive (batch, num_blocks and max_blocks_per_seq may be 0)";
   }
   if (p.h_q % p.h_kv != 0) return "h_q must be a multiple of h_kv";
-  if (p.h_kv > 65535 || p.num_parts > INT_MAX) return "too many KV heads or scheduler parts";
-  const TileShape tile = sm90::decode_dense::tile_shape(p.s_q, p.h_q, p.h_kv);
-  if (tile.num_tiles > 65535) return "too many query tiles (s_q * h_q / h_kv too large)";
-  if (p.batch * p.s_q > INT_MAX || p.num_blocks * kDecodePageSize > INT_MAX) {
-    return "batch * s_q and num_blocks * 64 must fit in int32 (TMA coordinates)";
+  if (p.h_kv > kMaxGridYZ) return "h_kv must be <= 65535 (grid y)";
+  if (sm90::decode_dense::tile_shape(p.s_q, p.h_q, p.h_kv).num_tiles > kMaxGridYZ) {
+    return "query tiles per KV head (tile_shape) must be <= 65535 (grid z)";
   }
+  if (p.num_parts > INT_MAX) return "num_parts must be <= 2^31 - 1 (grid x)";
+  if (p.batch * p.s_q > INT_MAX) return "batch * s_q must be <= 2^31 - 1 (TMA coordinates)";
+  if (p.num_blocks * kKernelPageSize > INT_MAX) {
+    return "num_blocks * 64 must be <= 2^31 - 1 (TMA coordinates)";
+  }
+  if (p.batch + p.num_parts > INT_MAX) return "batch + num_parts must be <= 2^31 - 1";
   const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16; };
   if (misaligned(p.q) || misaligned(p.k_cache) || misaligned(p.out) || misaligned(p.partial_o)) {
     return "q, k_cache, out and partial_o must be 16-byte aligned";
   }
-  if (!(p.softmax_scale > 0.f)) return "softmax_scale must be > 0";
+  if (!std::isfinite(p.softmax_scale)) return "softmax_scale must be finite";
   return nullptr;
 }
 
@@ -81,12 +89,15 @@ cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream)
   args.params = p;
   args.tile = sm90::decode_dense::tile_shape(p.s_q, p.h_q, p.h_kv);
   args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  args.seq_capacity =
+      static_cast<int32_t>(std::min<int64_t>(p.max_blocks_per_seq * kKernelPageSize, INT_MAX));
+  args.partial_rows = static_cast<int32_t>(p.batch + p.num_parts);
   const TileShape& tile = args.tile;
-  const cuuint64_t row_bytes = kDecodeHeadDimQK * 2;
+  const cuuint64_t row_bytes = kHeadDimQK * 2;
   // q [batch * s_q, h_kv, group, 576]: one box is a tile of query rows for one 64-dim chunk.
   const bool q_ok = encode_map<4>(
       &args.q_map, p.q,
-      {kDecodeHeadDimQK, static_cast<cuuint64_t>(tile.group), static_cast<cuuint64_t>(p.h_kv),
+      {kHeadDimQK, static_cast<cuuint64_t>(tile.group), static_cast<cuuint64_t>(p.h_kv),
        static_cast<cuuint64_t>(p.batch * p.s_q)},
       {row_bytes, row_bytes * tile.group, row_bytes * p.h_q},
       {64, static_cast<cuuint32_t>(tile.heads_per_tile), 1,
@@ -95,12 +106,12 @@ cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream)
   const bool kv_ok =
       p.num_blocks == 0 ||
       encode_map<3>(&args.kv_map, p.k_cache,
-                    {kDecodeHeadDimQK, static_cast<cuuint64_t>(p.h_kv),
-                     static_cast<cuuint64_t>(p.num_blocks * kDecodePageSize)},
-                    {row_bytes, row_bytes * p.h_kv}, {64, 1, kDecodePageSize});
+                    {kHeadDimQK, static_cast<cuuint64_t>(p.h_kv),
+                     static_cast<cuuint64_t>(p.num_blocks * kKernelPageSize)},
+                    {row_bytes, row_bytes * p.h_kv}, {64, 1, kKernelPageSize});
   if (!q_ok || !kv_ok) return cudaErrorInvalidValue;
 
-  cudaError_t err = p.dtype == DecodeDtype::kBF16
+  cudaError_t err = p.dtype == ElementType::kBF16
                         ? sm90::decode_dense::launch_typed<__nv_bfloat16>(args, stream)
                         : sm90::decode_dense::launch_typed<__half>(args, stream);
   if (err != cudaSuccess) return err;
@@ -114,9 +125,9 @@ cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream)
   combine.batch = p.batch;
   combine.seqlen_q = p.s_q;
   combine.num_heads = p.h_q;
-  combine.head_dim_v = kDecodeHeadDimV;
+  combine.head_dim_v = kHeadDimV;
   combine.num_partial_rows = p.batch + p.num_parts;
-  combine.out_dtype = p.dtype == DecodeDtype::kBF16 ? OutDtype::kBF16 : OutDtype::kF16;
+  combine.out_dtype = p.dtype;
   combine.skip_unsplit = true;
   return launch_combine(combine, stream);
 }

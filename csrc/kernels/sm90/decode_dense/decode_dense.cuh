@@ -6,27 +6,34 @@
 // request of its part it streams the part's 64-token KV blocks through shared memory with TMA,
 // computes S = Q K^T and O += softmax(S) V on wgmma, and writes either the final output (an
 // unsplit request) or an fp32 partial output and LSE that the combine kernel merges.
+//
+// What any input does (the reference implements the same rules):
+// - request i attends tokens t < L_i = clamp(cache_seqlens[i], 0, max_blocks_per_seq * 64);
+// - a token whose block id block_table[i, t / 64] is outside [0, num_blocks) is masked (never
+//   read); a query with no attendable token gets out 0 and lse +inf;
+// - metadata rows and num_splits are clamped to the batch and the workspace, so that even a
+//   schedule not made by the scheduler cannot make the kernel read or write out of bounds.
 #pragma once
 
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/common/mla_geometry.cuh"
+
 namespace jfm {
 
-enum class DecodeDtype : int { kBF16 = 0, kF16 = 1 };
-
 struct DenseDecodeParams {
-  const void* q = nullptr;                // [batch, s_q, h_q, 576]
-  const void* k_cache = nullptr;          // [num_blocks, 64, h_kv, 576]
-  const int32_t* block_table = nullptr;   // [batch, max_blocks_per_seq]
-  const int32_t* cache_seqlens = nullptr; // [batch]
-  const int32_t* tile_metadata = nullptr; // [num_parts, 8], see reference/schedule.py
-  const int32_t* num_splits = nullptr;    // [batch + 1]
-  void* out = nullptr;                    // [batch, s_q, h_q, 512], q's dtype
-  float* lse = nullptr;                   // [batch, h_q, s_q]
-  float* partial_o = nullptr;             // [batch + num_parts, s_q, h_q, 512]
-  float* partial_lse = nullptr;           // [batch + num_parts, s_q, h_q]
+  const void* q = nullptr;                     // [batch, s_q, h_q, 576]
+  const void* k_cache = nullptr;               // [num_blocks, 64, h_kv, 576]
+  const int32_t* block_table = nullptr;        // [batch, max_blocks_per_seq]
+  const int32_t* cache_seqlens = nullptr;      // [batch]
+  const MetadataRow* tile_metadata = nullptr;  // [num_parts], from the scheduler
+  const int32_t* num_splits = nullptr;         // [batch + 1]
+  void* out = nullptr;                         // [batch, s_q, h_q, 512], q's dtype
+  float* lse = nullptr;                        // [batch, h_q, s_q]
+  float* partial_o = nullptr;                  // [batch + num_parts, s_q, h_q, 512]
+  float* partial_lse = nullptr;                // [batch + num_parts, s_q, h_q]
   int64_t batch = 0;
   int64_t s_q = 0;
   int64_t h_q = 0;
@@ -34,22 +41,18 @@ struct DenseDecodeParams {
   int64_t num_blocks = 0;
   int64_t max_blocks_per_seq = 0;
   int64_t num_parts = 0;
-  float softmax_scale = 0.f;
+  float softmax_scale = 0.f;  // any finite value
   bool causal = false;
-  DecodeDtype dtype = DecodeDtype::kBF16;
+  ElementType dtype = ElementType::kBF16;
 };
 
-// Geometry shared by the kernel and its callers.
-constexpr int kDecodeHeadDimQK = 576;
-constexpr int kDecodeHeadDimV = 512;
-constexpr int kDecodePageSize = 64;
-constexpr int kDecodeTileRows = 64;
-
-// nullptr when the parameters are valid for the kernel, else a static message.
+// nullptr when the parameters are valid for the kernel, else a static message naming the
+// limit (sizes, grid limits, int32 coordinates, alignment).
 const char* dense_decode_params_error(const DenseDecodeParams& params);
 
 // Launches the decode kernel and then the combine kernel on `stream`. No allocation, no
-// synchronisation (graph capturable). Returns the first CUDA error.
+// synchronisation, nothing read from or written to the runtime's last-error slot (graph
+// capturable, also on the first call). Returns the first CUDA error.
 cudaError_t launch_dense_decode(const DenseDecodeParams& params, cudaStream_t stream);
 
 }  // namespace jfm

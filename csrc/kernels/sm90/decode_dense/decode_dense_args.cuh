@@ -19,23 +19,24 @@ struct TileShape {
   int heads_per_tile;
   int s_per_tile;
   int head_tiles;      // tiles across the group's heads
-  int num_tiles;       // tiles per (request, KV head)
+  int64_t num_tiles;   // tiles per (request, KV head)
 };
 
 inline TileShape tile_shape(int64_t s_q, int64_t h_q, int64_t h_kv) {
   TileShape t;
-  t.group = static_cast<int>(h_q / h_kv);
-  if (t.group >= kDecodeTileRows) {
-    t.heads_per_tile = kDecodeTileRows;
+  const int64_t group = h_q / h_kv;
+  if (group >= kQueryTileRows) {
+    t.heads_per_tile = kQueryTileRows;
     t.s_per_tile = 1;
-    t.head_tiles = (t.group + kDecodeTileRows - 1) / kDecodeTileRows;
-    t.num_tiles = static_cast<int>(s_q) * t.head_tiles;
+    t.head_tiles = static_cast<int>((group + kQueryTileRows - 1) / kQueryTileRows);
+    t.num_tiles = s_q * t.head_tiles;
   } else {
-    t.heads_per_tile = t.group;
-    t.s_per_tile = static_cast<int>(s_q < kDecodeTileRows / t.group ? s_q : kDecodeTileRows / t.group);
+    t.heads_per_tile = static_cast<int>(group);
+    t.s_per_tile = static_cast<int>(s_q < kQueryTileRows / group ? s_q : kQueryTileRows / group);
     t.head_tiles = 1;
-    t.num_tiles = static_cast<int>((s_q + t.s_per_tile - 1) / t.s_per_tile);
+    t.num_tiles = (s_q + t.s_per_tile - 1) / t.s_per_tile;
   }
+  t.group = static_cast<int>(group);
   return t;
 }
 
@@ -44,7 +45,9 @@ struct KernelArgs {
   CUtensorMap kv_map;  // [num_blocks * 64, h_kv, 576] viewed 3-D, box {64, 1, 64}
   DenseDecodeParams params;
   TileShape tile;
-  float scale_log2;    // softmax_scale * log2(e)
+  float scale_log2;        // softmax_scale * log2(e)
+  int32_t seq_capacity;    // tokens the block table covers: max_blocks_per_seq * 64, <= INT32_MAX
+  int32_t partial_rows;    // rows of partial_o / partial_lse: batch + num_parts
   uint64_t kv_cache_hint;  // L2 eviction policy of the KV loads (set by launch_typed)
 };
 

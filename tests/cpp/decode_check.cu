@@ -1,29 +1,26 @@
-// Probe: checks the numerics of the dense decode kernel (scheduler + decode + combine) from C++
-// (no JAX) against a float64 CPU reference, on small shapes, so that it also runs under
-// compute-sanitizer. Contract and tolerances: shared/docs/semantics.md section 1 and its
-// tolerance table (dense decode: out abs 8e-4 / rel 2.01/128 / cos 5e-6, lse abs 1e-6 /
-// rel 8.01/65536; inf/NaN positions must coincide; lonely rows give out 0, lse +inf).
+// C++ test of the dense decode (scheduler + decode kernel + combine, no JAX) against a float64
+// CPU reference, on small shapes, so that it also runs under compute-sanitizer. Contract and
+// tolerances: docs/ops.md (dense decode: out abs 8e-4 / rel 2.01/128 / cos 5e-6, lse abs 1e-6
+// / rel 8.01/65536; inf/NaN positions must coincide; lonely rows give out 0, lse +inf).
 //
-// Inputs: q and the cache ~ N(0, 1) / 10 clamped to [-1, 1] (the test data of semantics.md;
-// at 5x that scale the bf16 rounding of P alone exceeds the absolute tolerance on
-// few-key rows) rounded to the element type; a randomly permuted block table whose entries
-// past a request's ceil(len / 64) blocks are, in turn, an in-range block full of NaN,
-// 2147480000 (the garbage value of the tests) or -1; NaN (all-ones bits) in every cache
-// element no request may read (rows at or past a request's length in its last
-// page, unused and spare blocks). out, lse and the partial buffers are filled with NaN before
-// every launch, so an output the kernel forgets to write fails. Buffers are allocated at their
-// exact sizes, so memcheck sees any access past them.
+// Inputs: q and the cache ~ N(0, 1) / 10 clamped to [-1, 1] rounded to the element type; a
+// randomly permuted block table whose entries past a request's blocks are, in turn, an
+// in-range block full of NaN, 2147480000 (the garbage value of the tests) or -1; NaN
+// (all-ones bits) in every cache element no request may read (rows at or past a request's
+// length in its last page, unused and spare blocks). Some cases also put out-of-range block
+// ids inside a request's used range (-1, num_blocks, 2^31 - 1, and an id whose id * 64 wraps in
+// int32 onto a NaN block): those tokens must be masked. Others pass lengths past what the
+// block table covers (up to 2^31 - 1) or negative ones: the kernel attends
+// clamp(len, 0, max_blocks_per_seq * 64) tokens. out, lse and the partial buffers are filled
+// with NaN before every launch, so an output the kernel forgets to write fails. Buffers are
+// allocated at their exact sizes, so memcheck sees any access past them.
 //
 // Every case runs with num_parts as the JAX op computes it (max(SMs / h_kv / ceil(s_q * h_q /
-// h_kv / 64), 1), as decode_cycles.cu), with 1 (nothing split), 5 (odd splits) and 132; the
-// reference is computed once per case (about 7 GFLOP in all, spread over the host's cores:
-// under 0.5 s on 2 cores, plus ~0.6 s to build the inputs).
+// h_kv / 64), 1)), with 1 (nothing split), 5 (odd splits) and 132.
 //
-// Build and run on the H200 from the repository root (CUTLASS headers from the wheel):
-//   CUTLASS=$(python3 -c "import cutlass_library,os;print(os.path.dirname(cutlass_library.__file__))")/source
-//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icsrc -I$CUTLASS/include -o /tmp/decode_check benchmarks/probes/decode_check.cu csrc/kernels/common/scheduler.cu csrc/kernels/common/combine.cu
-//   /tmp/decode_check [name-filter]
-//   compute-sanitizer --tool memcheck /tmp/decode_check
+// Built by CMake with -DJAX_FLASHMLA_BUILD_TESTS=ON (ctest runs it), on a Hopper GPU:
+//   decode_check [name-filter]
+//   compute-sanitizer --tool memcheck decode_check
 // Prints one line per (case, num_parts) and "ALL PASS" at the end; exits 1 on any failure.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,21 +40,18 @@
 #include <thread>
 #include <vector>
 
-// One translation unit holds the kernel (both element types) and its launcher.
-#include "kernels/sm90/decode_dense/decode_dense.cu"
-#include "kernels/sm90/decode_dense/decode_dense_bf16.cu"
-#include "kernels/sm90/decode_dense/decode_dense_f16.cu"
+#include "cuda_check.h"
+#include "kernels/common/mla_geometry.cuh"
 #include "kernels/common/scheduler.cuh"
-
-#include "probe_check.h"
+#include "kernels/sm90/decode_dense/decode_dense.cuh"
 
 namespace {
 
-constexpr int kPage = 64, kDqk = 576, kDv = 512;
-constexpr int kGarbageBlock = 2147480000;  // semantics.md: what tests put past a request's blocks
+constexpr int kPage = jfm::kKernelPageSize, kDqk = jfm::kHeadDimQK, kDv = jfm::kHeadDimV;
+constexpr int kGarbageBlock = 2147480000;  // what the tests put past a request's blocks
 constexpr uint16_t kNaN16 = 0xFFFF;        // NaN as bf16 and as fp16
 
-// semantics.md, dense decode.
+// docs/ops.md, dense decode.
 constexpr double kOutAbs = 8e-4, kOutRel = 2.01 / 128, kOutCos = 5e-6;
 constexpr double kLseAbs = 1e-6, kLseRel = 8.01 / 65536;
 
@@ -68,6 +62,12 @@ struct Case {
   bool causal;
   bool fp16 = false;
   float scale_mul = 1.f;  // softmax_scale = scale_mul / sqrt(576); > 1 sharpens the softmax
+  // > 0: block-table entries inside the used range that are out of range: entry j of request
+  // i when (i + j) % bad_block_every == 1 (cycling through the kinds of bad id).
+  int bad_block_every = 0;
+  // > 0: the block table has this many entries per request, fewer than the lengths need:
+  // the kernel attends clamp(len, 0, table_blocks * 64) tokens.
+  int table_blocks = 0;
 };
 
 uint16_t to_bits(float x, bool fp16) {
@@ -114,6 +114,19 @@ std::vector<Case> all_cases() {
       {"fp16-b3-sq2-h128-causal-len64/1/900", 3, 2, 128, 1, {64, 1, 900}, true, true},
       // Logits with sd ~2: the running max moves across blocks, rescaling matters.
       {"sharp-b2-sq1-h64-len1200/257", 2, 1, 64, 1, {1200, 257}, false, false, 8.f},
+      // Any finite scale: negative and zero.
+      {"negscale-b2-sq2-h64-causal-len300/1000", 2, 2, 64, 1, {300, 1000}, true, false, -3.f},
+      {"zeroscale-b2-sq1-h16-len200/70", 2, 1, 16, 1, {200, 70}, false, false, 0.f},
+      // Out-of-range block ids inside the used range are masked, split and unsplit.
+      {"badblocks-b3-sq1-h128-len2000/640/300", 3, 1, 128, 1, {2000, 640, 300}, false, false,
+       1.f, 3},
+      {"badblocks-b2-sq2-h64x2-causal-len900/129", 2, 2, 64, 2, {900, 129}, true, false, 1.f, 2},
+      {"badblocks-fp16-b2-sq1-h32-len1500/64", 2, 1, 32, 1, {1500, 64}, false, true, 1.f, 4},
+      // Lengths past the block table's capacity (and negative) are clamped.
+      {"clamp-b4-sq1-h128-len2147483647/100/-5/700", 4, 1, 128, 1,
+       {2147483647, 100, -5, 700}, false, false, 1.f, 0, 5},
+      {"clamp-b2-sq2-h64-causal-len5000/2147483000", 2, 2, 64, 1, {5000, 2147483000}, true,
+       false, 1.f, 2, 12},
   };
 }
 
@@ -121,7 +134,9 @@ std::vector<Case> all_cases() {
 // and as floats (what the reference reads).
 struct Inputs {
   int max_blocks = 0, num_blocks = 0;
-  std::vector<int> table;  // [b, max_blocks]
+  std::vector<int> lengths;  // tokens attended: clamp(case length, 0, max_blocks * 64)
+  std::vector<int> table;    // [b, max_blocks]
+  std::vector<char> present;  // [b, max_blocks]: the entry is a block id in range
   std::vector<uint16_t> q_bits, cache_bits;
   std::vector<float> q, cache;
 };
@@ -131,28 +146,47 @@ Inputs make_inputs(const Case& c, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> gauss(0.f, 0.1f);
   const auto normal = [&gauss](std::mt19937& g) { return std::clamp(gauss(g), -1.f, 1.f); };
-  const int max_len = *std::max_element(c.lengths.begin(), c.lengths.end());
-  // One block-table entry more than the longest request needs: every request has entries past
-  // its blocks. Two spare blocks that nobody owns.
-  in.max_blocks = (max_len + kPage - 1) / kPage + 1;
+  if (c.table_blocks > 0) {
+    in.max_blocks = c.table_blocks;
+  } else {
+    // One block-table entry more than the longest request needs: every request has entries
+    // past its blocks.
+    const int max_len = *std::max_element(c.lengths.begin(), c.lengths.end());
+    in.max_blocks = (max_len + kPage - 1) / kPage + 1;
+  }
+  for (int len : c.lengths) {
+    in.lengths.push_back(static_cast<int>(
+        std::clamp<int64_t>(len, 0, int64_t{in.max_blocks} * kPage)));
+  }
+  // Two spare blocks that nobody owns (NaN).
   in.num_blocks = c.b * in.max_blocks + 2;
   std::vector<int> perm(in.num_blocks);
   std::iota(perm.begin(), perm.end(), 0);
   std::shuffle(perm.begin(), perm.end(), rng);
+  const int spare = perm[in.num_blocks - 1];
+  // Out-of-range ids, the last one wrapping onto the spare NaN block in int32: id * 64 =
+  // spare * 64 + 2^32.
+  const int bad_ids[4] = {-1, in.num_blocks, 2147483647, spare + (1 << 26)};
 
   const size_t row = size_t(c.h_kv) * kDqk;  // one token of the cache
   in.cache_bits.assign(size_t(in.num_blocks) * kPage * row, kNaN16);
   in.table.resize(size_t(c.b) * in.max_blocks);
+  in.present.resize(in.table.size());
+  int bad = 0;
   for (int i = 0; i < c.b; ++i) {
-    const int used = (c.lengths[i] + kPage - 1) / kPage;
+    const int used = (in.lengths[i] + kPage - 1) / kPage;
     for (int j = 0; j < in.max_blocks; ++j) {
       const int block = perm[size_t(i) * in.max_blocks + j];
       int& entry = in.table[size_t(i) * in.max_blocks + j];
-      if (j < used) {
+      const bool bad_here = c.bad_block_every > 0 && (i + j) % c.bad_block_every == 1;
+      if (j < used && !bad_here) {
         entry = block;
-        const int rows = std::min(kPage, c.lengths[i] - j * kPage);
+        in.present[size_t(i) * in.max_blocks + j] = 1;
+        const int rows = std::min(kPage, in.lengths[i] - j * kPage);
         uint16_t* dst = &in.cache_bits[size_t(block) * kPage * row];
         for (size_t e = 0; e < size_t(rows) * row; ++e) dst[e] = to_bits(normal(rng), c.fp16);
+      } else if (j < used) {
+        entry = bad_ids[bad++ % 4];  // its tokens are masked; its own block stays NaN
       } else {
         // Never to be read: a NaN block in range, or values no block has.
         const int kind = (i + j) % 3;
@@ -203,36 +237,42 @@ Reference reference(const Case& c, const Inputs& in, double scale) {
   parallel_for(c.b * c.s_q * c.h_q, [&](int r, std::vector<double>& p) {
     const int head = r % c.h_q, s = r / c.h_q % c.s_q, req = r / c.h_q / c.s_q;
     const int kv_head = head / group;
-    const int n = visible_keys(c, c.lengths[req], s);
+    const int* table = &in.table[size_t(req) * in.max_blocks];
+    const char* present = &in.present[size_t(req) * in.max_blocks];
+    // The attended keys: visible, in a block whose id is in range.
+    std::vector<int> keys;
+    for (int t = 0; t < visible_keys(c, in.lengths[req], s); ++t) {
+      if (present[t / kPage]) keys.push_back(t);
+    }
     double& lse = ref.lse[(size_t(req) * c.h_q + head) * c.s_q + s];
-    if (n == 0) {
+    if (keys.empty()) {
       lse = std::numeric_limits<double>::infinity();
       return;
     }
     const float* q = &in.q[size_t(r) * kDqk];
-    const int* table = &in.table[size_t(req) * in.max_blocks];
     auto key = [&](int t) {
       return &in.cache[((size_t(table[t / kPage]) * kPage + t % kPage) * c.h_kv + kv_head) * kDqk];
     };
+    const size_t n = keys.size();
     p.resize(n);
     double mx = -std::numeric_limits<double>::infinity();
-    for (int t = 0; t < n; ++t) {
-      const float* k = key(t);
+    for (size_t i = 0; i < n; ++i) {
+      const float* k = key(keys[i]);
       double acc[8] = {};  // independent chains: the sum need not wait on each add
       for (int d = 0; d < kDqk; d += 8) {
         for (int u = 0; u < 8; ++u) acc[u] += double(q[d + u]) * double(k[d + u]);
       }
       const double dot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
                          ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-      p[t] = scale * dot;
-      mx = std::max(mx, p[t]);
+      p[i] = scale * dot;
+      mx = std::max(mx, p[i]);
     }
     double sum = 0;
-    for (int t = 0; t < n; ++t) sum += (p[t] = std::exp(p[t] - mx));
+    for (size_t i = 0; i < n; ++i) sum += (p[i] = std::exp(p[i] - mx));
     double* o = &ref.out[size_t(r) * kDv];
-    for (int t = 0; t < n; ++t) {
-      const float* v = key(t);
-      const double w = p[t] / sum;
+    for (size_t i = 0; i < n; ++i) {
+      const float* v = key(keys[i]);
+      const double w = p[i] / sum;
       for (int d = 0; d < kDv; ++d) o[d] += w * double(v[d]);
     }
     lse = mx + std::log(sum);
@@ -314,19 +354,20 @@ Stats run_once(const Case& c, const Inputs& in, const Reference& ref, float scal
   const size_t partial_rows = size_t(c.b + num_parts) * c.s_q * c.h_q;
   void* out;
   float *lse, *partial_o, *partial_lse;
-  int *metadata, *num_splits;
+  jfm::MetadataRow* metadata;
+  int* num_splits;
   CHECK(cudaMalloc(&out, rows * kDv * 2));
   CHECK(cudaMalloc(&lse, rows * 4));
   CHECK(cudaMalloc(&partial_o, partial_rows * kDv * 4));
   CHECK(cudaMalloc(&partial_lse, partial_rows * 4));
-  CHECK(cudaMalloc(&metadata, size_t(num_parts) * jfm::kMetadataFields * 4));
+  CHECK(cudaMalloc(&metadata, size_t(num_parts) * sizeof(jfm::MetadataRow)));
   CHECK(cudaMalloc(&num_splits, size_t(c.b + 1) * 4));
   // All-ones bytes: NaN in bf16, fp16 and fp32; garbage in the schedule.
   CHECK(cudaMemset(out, 0xFF, rows * kDv * 2));
   CHECK(cudaMemset(lse, 0xFF, rows * 4));
   CHECK(cudaMemset(partial_o, 0xFF, partial_rows * kDv * 4));
   CHECK(cudaMemset(partial_lse, 0xFF, partial_rows * 4));
-  CHECK(cudaMemset(metadata, 0xFF, size_t(num_parts) * jfm::kMetadataFields * 4));
+  CHECK(cudaMemset(metadata, 0xFF, size_t(num_parts) * sizeof(jfm::MetadataRow)));
   CHECK(cudaMemset(num_splits, 0xFF, size_t(c.b + 1) * 4));
 
   jfm::SchedulerParams sp;
@@ -357,13 +398,12 @@ Stats run_once(const Case& c, const Inputs& in, const Reference& ref, float scal
   p.num_parts = num_parts;
   p.softmax_scale = scale;
   p.causal = c.causal;
-  p.dtype = c.fp16 ? jfm::DecodeDtype::kF16 : jfm::DecodeDtype::kBF16;
+  p.dtype = c.fp16 ? jfm::ElementType::kF16 : jfm::ElementType::kBF16;
   if (const char* msg = jfm::dense_decode_params_error(p)) {
     std::fprintf(stderr, "%s: bad params: %s\n", c.name.c_str(), msg);
     std::exit(1);
   }
   CHECK(jfm::launch_dense_decode(p, 0));
-  CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
 
   std::vector<uint16_t> h_out(rows * kDv);

@@ -1,0 +1,65 @@
+// Kernel launches, all through cudaLaunchKernelEx: the launch status is returned, never read
+// from (or cleared out of) the runtime's last-error slot, where it would mix with errors of
+// other libraries on the thread; and launches made while a stream is captured (CUDA graphs)
+// need nothing else.
+//
+// Programmatic dependent launch (sm_90+): a kernel launched with `pdl` may start while the
+// kernel before it on the stream is still running, once every CTA of that kernel has called
+// pdl_launch_dependents() or exited. It must call pdl_wait() (which returns when the previous
+// kernel has completed and its memory is visible) before touching anything that kernel writes.
+// Both are no-ops when the kernel was launched without the attribute, and on architectures
+// older than sm_90. Captured into CUDA graphs as programmatic edges.
+#pragma once
+
+#include <cuda_runtime.h>  // cudaLaunchKernelEx (C++ overload)
+
+namespace jfm {
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+struct LaunchShape {
+  dim3 grid;
+  dim3 block;
+  size_t smem_bytes = 0;
+  dim3 cluster = dim3(1, 1, 1);  // CTAs per thread-block cluster; (1, 1, 1): no clusters
+  bool pdl = false;              // allow programmatic dependent launch after the previous kernel
+};
+
+template <typename... KernelParams, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KernelParams...), const LaunchShape& shape,
+                          cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = shape.grid;
+  config.blockDim = shape.block;
+  config.dynamicSmemBytes = shape.smem_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attributes[2];
+  unsigned count = 0;
+  if (shape.pdl) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count].val.programmaticStreamSerializationAllowed = 1;
+    ++count;
+  }
+  if (shape.cluster.x * shape.cluster.y * shape.cluster.z > 1) {
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count].val.clusterDim.x = shape.cluster.x;
+    attributes[count].val.clusterDim.y = shape.cluster.y;
+    attributes[count].val.clusterDim.z = shape.cluster.z;
+    ++count;
+  }
+  config.attrs = attributes;
+  config.numAttrs = count;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<KernelParams>(args)...);
+}
+
+}  // namespace jfm

@@ -1,0 +1,203 @@
+// C++ test: the launch functions are safe to capture into a CUDA graph, also on their very
+// first call in a process, and the replayed graph gives the same bits as eager launches.
+//
+// 1. A foreign, non-sticky error is left in the runtime's last-error slot (an impossible
+//    cudaMalloc), as another library on the thread might leave one.
+// 2. The scheduler and the dense decode (decode kernel + combine) are captured on a stream in
+//    cudaStreamCaptureModeGlobal, the strictest mode, before any eager launch: the decode's
+//    one-time device setup (shared-memory limit, occupancy queries) runs inside the capture.
+//    Every launch must return cudaSuccess and the capture must end in a valid graph.
+// 3. The foreign error must still be in the slot: nothing of ours cleared it.
+// 4. The graph is replayed for three different queries (written between replays) and
+//    compared bit for bit with eager launches on the same inputs; outputs are filled with NaN
+//    before each run, so anything left unwritten shows.
+//
+// Built by CMake with -DJAX_FLASHMLA_BUILD_TESTS=ON (ctest runs it), on a Hopper GPU. Prints
+// "PASS" and exits 0, or says what failed and exits 1.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "cuda_check.h"
+#include "kernels/common/mla_geometry.cuh"
+#include "kernels/common/scheduler.cuh"
+#include "kernels/sm90/decode_dense/decode_dense.cuh"
+
+namespace {
+
+constexpr int kBatch = 6, kSq = 2, kHq = 128, kMaxBlocks = 40, kNumParts = 66;
+constexpr int kPage = jfm::kKernelPageSize, kDqk = jfm::kHeadDimQK, kDv = jfm::kHeadDimV;
+
+bool failed = false;
+
+void expect(bool ok, const char* what) {
+  if (!ok) {
+    std::fprintf(stderr, "FAIL: %s\n", what);
+    failed = true;
+  }
+}
+
+// bf16 bits of small random values (2^-5 <= |x| < 2^-2).
+std::vector<uint16_t> random_bf16(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> exponent(0x7a, 0x7c), mantissa(0, 127), sign(0, 1);
+  std::vector<uint16_t> v(n);
+  for (uint16_t& x : v) x = uint16_t(sign(rng) << 15 | (exponent(rng) << 7) | mantissa(rng));
+  return v;
+}
+
+template <typename T>
+T* device_alloc(size_t count) {
+  T* ptr = nullptr;
+  CHECK(cudaMalloc(&ptr, count * sizeof(T)));
+  return ptr;
+}
+
+struct Buffers {
+  uint16_t *q, *cache, *out;
+  int *table, *lengths, *num_splits;
+  jfm::MetadataRow* metadata;
+  float *lse, *partial_o, *partial_lse;
+};
+
+constexpr size_t kQElems = size_t(kBatch) * kSq * kHq * kDqk;
+constexpr size_t kOutElems = size_t(kBatch) * kSq * kHq * kDv;
+constexpr size_t kLseElems = size_t(kBatch) * kHq * kSq;
+constexpr size_t kPartialRows = size_t(kBatch + kNumParts) * kSq * kHq;
+
+// Scheduler then decode (+ combine) on `stream`; returns the first error.
+cudaError_t enqueue(const Buffers& d, cudaStream_t stream) {
+  jfm::SchedulerParams sp;
+  sp.cache_seqlens = d.lengths;
+  sp.tile_scheduler_metadata = d.metadata;
+  sp.num_splits = d.num_splits;
+  sp.batch = kBatch;
+  sp.num_parts = kNumParts;
+  if (cudaError_t err = jfm::launch_scheduler(sp, stream); err != cudaSuccess) return err;
+  jfm::DenseDecodeParams p;
+  p.q = d.q;
+  p.k_cache = d.cache;
+  p.block_table = d.table;
+  p.cache_seqlens = d.lengths;
+  p.tile_metadata = d.metadata;
+  p.num_splits = d.num_splits;
+  p.out = d.out;
+  p.lse = d.lse;
+  p.partial_o = d.partial_o;
+  p.partial_lse = d.partial_lse;
+  p.batch = kBatch;
+  p.s_q = kSq;
+  p.h_q = kHq;
+  p.h_kv = 1;
+  p.num_blocks = kBatch * kMaxBlocks;
+  p.max_blocks_per_seq = kMaxBlocks;
+  p.num_parts = kNumParts;
+  p.softmax_scale = 1.f / 24.f;
+  p.causal = true;
+  p.dtype = jfm::ElementType::kBF16;
+  return jfm::launch_dense_decode(p, stream);
+}
+
+void poison_outputs(const Buffers& d, cudaStream_t stream) {
+  CHECK(cudaMemsetAsync(d.out, 0xFF, kOutElems * 2, stream));
+  CHECK(cudaMemsetAsync(d.lse, 0xFF, kLseElems * 4, stream));
+}
+
+struct Result {
+  std::vector<uint16_t> out;
+  std::vector<float> lse;
+};
+
+Result read_back(const Buffers& d, cudaStream_t stream) {
+  CHECK(cudaStreamSynchronize(stream));
+  Result r{std::vector<uint16_t>(kOutElems), std::vector<float>(kLseElems)};
+  CHECK(cudaMemcpy(r.out.data(), d.out, kOutElems * 2, cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(r.lse.data(), d.lse, kLseElems * 4, cudaMemcpyDeviceToHost));
+  return r;
+}
+
+}  // namespace
+
+int main() {
+  cudaStream_t stream;
+  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  Buffers d;
+  d.q = device_alloc<uint16_t>(kQElems);
+  d.cache = device_alloc<uint16_t>(size_t(kBatch) * kMaxBlocks * kPage * kDqk);
+  d.out = device_alloc<uint16_t>(kOutElems);
+  d.table = device_alloc<int>(size_t(kBatch) * kMaxBlocks);
+  d.lengths = device_alloc<int>(kBatch);
+  d.num_splits = device_alloc<int>(kBatch + 1);
+  d.metadata = device_alloc<jfm::MetadataRow>(kNumParts);
+  d.lse = device_alloc<float>(kLseElems);
+  d.partial_o = device_alloc<float>(kPartialRows * kDv);
+  d.partial_lse = device_alloc<float>(kPartialRows);
+
+  const std::vector<uint16_t> cache = random_bf16(size_t(kBatch) * kMaxBlocks * kPage * kDqk, 7);
+  CHECK(cudaMemcpy(d.cache, cache.data(), cache.size() * 2, cudaMemcpyHostToDevice));
+  std::vector<int> table(size_t(kBatch) * kMaxBlocks);
+  for (size_t i = 0; i < table.size(); ++i) table[i] = int((i * 37) % table.size());
+  CHECK(cudaMemcpy(d.table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+  const int lengths[kBatch] = {2500, 1, 0, 700, 2560, 64};
+  CHECK(cudaMemcpy(d.lengths, lengths, sizeof(lengths), cudaMemcpyHostToDevice));
+  std::vector<std::vector<uint16_t>> queries;
+  for (uint32_t i = 0; i < 3; ++i) queries.push_back(random_bf16(kQElems, 100 + i));
+  CHECK(cudaDeviceSynchronize());
+
+  // 1. A foreign error in the last-error slot.
+  void* impossible = nullptr;
+  const cudaError_t foreign = cudaMalloc(&impossible, size_t{1} << 62);
+  expect(foreign != cudaSuccess && cudaPeekAtLastError() == foreign,
+         "an impossible cudaMalloc leaves its error in the last-error slot");
+
+  // 2. The first launches of the process, captured.
+  cudaGraph_t graph;
+  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  const cudaError_t captured = enqueue(d, stream);
+  const cudaError_t ended = cudaStreamEndCapture(stream, &graph);
+  if (captured != cudaSuccess) {
+    std::fprintf(stderr, "launch under capture: %s\n", cudaGetErrorString(captured));
+  }
+  expect(captured == cudaSuccess, "scheduler + decode launch under stream capture");
+  expect(ended == cudaSuccess, "the capture ends in a graph");
+  if (failed) return 1;
+  size_t nodes = 0;
+  CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
+  std::printf("captured graph: %zu nodes (scheduler, decode, combine)\n", nodes);
+  expect(nodes == 3, "the graph holds the scheduler, decode and combine kernels");
+
+  // 3. Our calls left the foreign error alone.
+  expect(cudaPeekAtLastError() == foreign, "the foreign error is still in the last-error slot");
+  (void)cudaGetLastError();
+
+  // 4. Replays against eager launches, bit for bit.
+  cudaGraphExec_t exec;
+  CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (size_t i = 0; i < queries.size(); ++i) {
+    CHECK(cudaMemcpyAsync(d.q, queries[i].data(), kQElems * 2, cudaMemcpyHostToDevice, stream));
+    poison_outputs(d, stream);
+    CHECK(cudaGraphLaunch(exec, stream));
+    const Result replayed = read_back(d, stream);
+    poison_outputs(d, stream);
+    CHECK(enqueue(d, stream));
+    const Result eager = read_back(d, stream);
+    const bool same =
+        std::memcmp(replayed.out.data(), eager.out.data(), kOutElems * 2) == 0 &&
+        std::memcmp(replayed.lse.data(), eager.lse.data(), kLseElems * 4) == 0;
+    long nan_out = 0;
+    for (uint16_t x : eager.out) nan_out += (x & 0x7F80) == 0x7F80 && (x & 0x7F) != 0;
+    std::printf("query %zu: replay %s eager, %ld NaN outputs\n", i,
+                same ? "==" : "!=", nan_out);
+    expect(same, "graph replay and eager launch give the same bits");
+    expect(nan_out == 0, "every output written (no NaN left from the poison)");
+  }
+  CHECK(cudaGraphExecDestroy(exec));
+  CHECK(cudaGraphDestroy(graph));
+  CHECK(cudaStreamDestroy(stream));
+  std::printf(failed ? "FAIL\n" : "PASS\n");
+  return failed ? 1 : 0;
+}
