@@ -7,8 +7,8 @@ Set JAX_FLASHMLA_FORCE_XLA=all (or a comma-separated list of op names) to send o
 reference for A/B debugging.
 """
 
+from jax_flashmla._src import primitive as _primitive
 from jax_flashmla._src.platform import assume_device
-from jax_flashmla._src.primitive import FFI_TARGETS
 from jax_flashmla.ops.combine import combine_splits
 from jax_flashmla.ops.decode import flash_mla_with_kvcache
 from jax_flashmla.ops.dense_prefill import (
@@ -19,6 +19,11 @@ from jax_flashmla.ops.dense_prefill import (
 from jax_flashmla.ops.metadata import get_mla_metadata
 from jax_flashmla.ops.quant import dequantize_k_cache, quantize_k_cache
 from jax_flashmla.ops.sparse_prefill import flash_mla_sparse_fwd
+
+#: Every XLA FFI custom-call target the ops may emit, e.g. to allow them in `jax.export`:
+#: ``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in FFI_TARGETS]``.
+#: Read from the kernel families that the ops imported above registered.
+FFI_TARGETS = _primitive.ffi_targets()
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,7 @@
 Everything here is plain NumPy and deliberately shares no code with jax_flashmla: the oracles
 loop over requests, tokens and heads and gather keys one by one, so they are slow but easy to
 check by eye. Inputs may be bf16/fp16/fp32 NumPy arrays (or JAX arrays); they are converted
-to float64 first. The builders follow semantics.md ("Test data"): values ~ N(0, 1) / 10
+to float64 first. The builders follow docs/ops.md (test data): values ~ N(0, 1) / 10
 clamped to [-1, 1], random block placement, garbage block-table entries and NaN in every
 cache element that must not be read.
 """
@@ -21,7 +21,7 @@ FP16 = np.dtype(np.float16)
 # Value the tests put in block-table entries that must never be dereferenced.
 GARBAGE_BLOCK = 2147480000
 
-# Tolerances of semantics.md, as keyword arguments for check_close.
+# Tolerances of docs/ops.md, as keyword arguments for check_close.
 DENSE_DECODE_OUT_TOL = {"abs_tol": 8e-4, "rel_tol": 2.01 / 128, "cos_tol": 5e-6}
 DENSE_DECODE_LSE_TOL = {"abs_tol": 1e-6, "rel_tol": 8.01 / 65536}
 SPARSE_DECODE_OUT_TOL = {"abs_tol": 1e-3, "rel_tol": 2.01 / 128, "cos_tol": 5e-6}
@@ -44,7 +44,7 @@ def check_close(
     cos_tol: float | None = None,
     name: str = "value",
 ) -> None:
-    """Asserts semantics.md's rule; raises AssertionError describing the failure.
+    """Asserts the tolerance rule of docs/ops.md; raises AssertionError describing the failure.
 
     - non-finite positions (inf / NaN) must coincide exactly, with the same value;
     - each finite element passes if |a - r| < abs_tol or |a - r| / (|r| + 1e-6) < rel_tol;
@@ -143,32 +143,38 @@ def dense_decode_oracle(
     softmax_scale: float | None = None,
     causal: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Dense paged decode. Returns out [b, s_q, h_q, dv] and lse [b, h_q, s_q], float64."""
+    """Dense paged decode. Returns out [b, s_q, h_q, dv] and lse [b, h_q, s_q], float64.
+
+    Request i covers the positions t < L_i = min(max(cache_seqlens[i], 0), max_blocks * page);
+    position t is row t % page of block block_table[i, t // page], and is no key at all when
+    that block id is not in [0, num_blocks). With causal, query s sees the positions
+    t <= L_i - s_q + s.
+    """
     q = _f64(q)
     k_cache = _f64(k_cache)
     block_table = np.asarray(block_table)
     cache_seqlens = np.asarray(cache_seqlens)
     b, s_q, h_q, d_qk = q.shape
-    page, h_kv = k_cache.shape[1], k_cache.shape[2]
+    num_blocks, page, h_kv = k_cache.shape[:3]
     group = h_q // h_kv
     scale = d_qk**-0.5 if softmax_scale is None else softmax_scale
+    capacity = block_table.shape[1] * page
     out = np.zeros((b, s_q, h_q, head_dim_v))
     lse = np.zeros((b, h_q, s_q))
     for i in range(b):
-        length = int(cache_seqlens[i])
-        # Token t of request i lives in block block_table[i, t // page], row t % page.
-        tokens = (
-            np.stack([k_cache[block_table[i, t // page], t % page] for t in range(length)])
-            if length > 0
-            else np.zeros((0, h_kv, d_qk))
-        )
-        for h in range(h_q):
-            kv_head = h // group
-            for s in range(s_q):
-                visible = length
-                if causal:
-                    visible = max(0, min(length, length - s_q + s + 1))
-                keys = tokens[:visible, kv_head, :]
+        length = min(max(int(cache_seqlens[i]), 0), capacity)
+        positions, rows = [], []
+        for t in range(length):
+            block = int(block_table[i, t // page])
+            if 0 <= block < num_blocks:
+                positions.append(t)
+                rows.append(k_cache[block, t % page])
+        for s in range(s_q):
+            limit = length - s_q + s + 1 if causal else length  # positions t < limit
+            seen = [row for t, row in zip(positions, rows, strict=True) if t < limit]
+            tokens = np.stack(seen) if seen else np.zeros((0, h_kv, d_qk))
+            for h in range(h_q):
+                keys = tokens[:, h // group, :]
                 o, l, _ = _attend_one(q[i, s, h], keys, keys[:, :head_dim_v], scale)
                 out[i, s, h] = o
                 lse[i, h, s] = l
@@ -357,6 +363,75 @@ def make_dense_decode_inputs(
         "k_cache": k_cache,
         "block_table": block_table,
         "cache_seqlens": lengths,
+    }
+
+
+#: Block ids outside any cache, with what makes each of them sharp: -1 and the int32 extremes;
+#: 2**31 - 64, whose token offset id * 64 wraps to -4096 in int32; 2**26 + 1 and 2**19 + 2,
+#: which alias blocks 1 and 2 when id * 64 (a token index) or id * 64 * 576 * 2 (a byte offset,
+#: bf16 with one KV head) wraps around 2**32; GARBAGE_BLOCK. `make_wild_block_table_inputs`
+#: adds num_blocks itself.
+WILD_BLOCK_IDS = (-1, -(2**31), 2**31 - 1, 2**31 - 64, 2**26 + 1, 2**19 + 2, GARBAGE_BLOCK)
+
+
+def wrapped_aliases(block_id: int, strides: Sequence[int]) -> set[int]:
+    """Blocks that `block_id` reaches when block_id * stride wraps around 2**32, for each
+    stride (in elements or bytes). Read as int32, a wrapped value >= 2**31 is negative and
+    points before the cache; below 2**31 both readings agree."""
+    return {(block_id * stride) % 2**32 // stride for stride in strides}
+
+
+def make_wild_block_table_inputs(
+    rng: np.random.Generator,
+    *,
+    seqlens: Sequence[int],
+    max_blocks: int,
+    s_q: int,
+    h_q: int,
+    h_kv: int,
+    page: int = 64,
+    d_qk: int = 576,
+    dtype=BF16,
+    wild_entries: Sequence[tuple[int, int]] = (),
+    spare_blocks: int = 4,
+) -> dict[str, np.ndarray]:
+    """Dense decode inputs for the effective-length and bad-block-id rules.
+
+    `seqlens` go in as given (negative, or past the table's capacity max_blocks * page, are
+    allowed). Each request owns max_blocks distinct blocks; blocks 0 .. spare_blocks - 1
+    belong to nobody. Entry (i, j) of `wild_entries` replaces block_table[i, j] by one of
+    WILD_BLOCK_IDS or num_blocks (in turn). NaN fills every cache element that no request may
+    read: rows past each effective length, the blocks behind wild entries, the spare blocks,
+    and so every block a wild id reaches when its offset wraps around 2**32 (the builder
+    asserts that each such block is one of these).
+    """
+    b = len(seqlens)
+    capacity = max_blocks * page
+    num_blocks = spare_blocks + b * max_blocks
+    owned = (spare_blocks + rng.permutation(b * max_blocks)).reshape(b, max_blocks)
+    block_table = owned.astype(np.int64)
+    wild_ids = (*WILD_BLOCK_IDS, num_blocks)
+    for k, (i, j) in enumerate(wild_entries):
+        block_table[i, j] = wild_ids[k % len(wild_ids)]
+
+    cache = np.clip(rng.standard_normal((num_blocks, page, h_kv, d_qk)) / 10.0, -1.0, 1.0)
+    readable = np.zeros((num_blocks, page), bool)
+    for i, length in enumerate(seqlens):
+        for t in range(min(max(int(length), 0), capacity)):
+            block = int(block_table[i, t // page])
+            if 0 <= block < num_blocks:
+                readable[block, t % page] = True
+    cache[~readable] = np.nan
+    itemsize = np.dtype(dtype).itemsize
+    strides = (page, page * h_kv * d_qk, page * h_kv * d_qk * itemsize)
+    for block_id in block_table[(block_table < 0) | (block_table >= num_blocks)]:
+        for alias in wrapped_aliases(int(block_id), strides):
+            assert alias >= num_blocks or not readable[alias].any(), (block_id, alias)
+    return {
+        "q": random_values(rng, (b, s_q, h_q, d_qk), dtype),
+        "k_cache": cache.astype(np.float32).astype(dtype),
+        "block_table": block_table.astype(np.int32),
+        "cache_seqlens": np.asarray(seqlens, np.int64).astype(np.int32),
     }
 
 

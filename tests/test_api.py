@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_flashmla as fm
-from jax_flashmla._src import platform
+from jax_flashmla._src import kernels, platform, primitive
 
 
 def small_decode(rng, b=3, s_q=2, h_q=4, h_kv=1, page=16, max_len=70):
@@ -25,6 +28,22 @@ def test_public_names():
     for name in set(fm.__all__) - {"FFI_TARGETS"}:
         assert callable(getattr(fm, name)), name
         assert getattr(fm, name).__doc__, f"{name} needs a docstring"
+
+
+def test_ffi_targets_come_from_the_kernel_families():
+    """FFI_TARGETS lists the kernel of every family module in _src/kernels (each registers
+    itself when the op using it is imported), and a family without a kernel has no primitive."""
+    at_import = primitive.registered()
+    for module in pkgutil.iter_modules(kernels.__path__):
+        importlib.import_module(f"{kernels.__name__}.{module.name}")
+    assert primitive.registered() == at_import, "a family module that no op imports"
+    names = [family.name for family in at_import]
+    assert len(set(names)) == len(names) == len(list(pkgutil.iter_modules(kernels.__path__)))
+    assert tuple(f.ffi_target for f in at_import if f.ffi_target is not None) == fm.FFI_TARGETS
+    assert {"jax_flashmla_mla_metadata", "jax_flashmla_combine"} <= set(fm.FFI_TARGETS)
+    assert "jax_flashmla_decode_dense_sm90" in fm.FFI_TARGETS
+    for family in at_import:
+        assert (family.primitive is None) == (family.ffi_target is None), family.name
 
 
 def test_decode_jit_matches_eager_and_accepts_metadata(rng):
@@ -141,10 +160,14 @@ def test_choose_implementation(monkeypatch):
 
 
 def test_main_job_runs(capsys):
+    """On a Hopper GPU the kernels are checked against their references; elsewhere only the
+    references run and the report says why (tests/test_main.py covers that report)."""
     from jax_flashmla.__main__ import main
 
     assert main(["--runs", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "jax_flashmla" in printed and "all checks passed" in printed
+    assert "jax_flashmla" in printed
     if platform.device_unsupported_reason():
-        assert "Hopper" in printed
+        assert "Hopper" in printed and "all checks passed" not in printed
+    else:
+        assert "all checks passed" in printed

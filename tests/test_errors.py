@@ -4,6 +4,8 @@ nothing runs: the error must come from the checks, not from XLA."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -123,7 +125,13 @@ DECODE_CASES = [
         ValueError,
         ["block_table and cache_seqlens"],
     ),
-    ("softmax_scale", dense_args(), {"softmax_scale": -1.0}, ValueError, ["softmax_scale"]),
+    (
+        "softmax_scale",
+        dense_args(),
+        {"softmax_scale": float("inf")},
+        ValueError,
+        ["softmax_scale", "finite in float32"],
+    ),
     ("causal type", dense_args(), {"causal": 1}, TypeError, ["causal", "bool"]),
     (
         "sparse arg in dense mode",
@@ -357,41 +365,196 @@ def test_sparse_prefill_rejects(arrays, kwargs, error, fragment):
         trace(fm.flash_mla_sparse_fwd, *arrays, 0.1, **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------
+# MHA prefill: flash_attn_varlen_func and its packed forms. Each case: (id, op, args, kwargs,
+# error, message fragments). A packed form's messages name its own arguments, never those of
+# the unpacked op its inputs are split into.
+
+MHA = fm.flash_attn_varlen_func
+QKV = fm.flash_attn_varlen_qkvpacked_func
+KV = fm.flash_attn_varlen_kvpacked_func
+CU = S((3,), I32)
+
+
+def mha_args(d_qk=192, d_v=128, h=4, h_k=2, total_q=16, total_k=12):
+    return [
+        S((total_q, h, d_qk), BF16),
+        S((total_k, h_k, d_qk), BF16),
+        S((total_k, h_k, d_v), BF16),
+        CU,
+        CU,
+        8,
+        8,
+    ]
+
+
+def qkv_args(width=512, h=4, d=192):
+    return [S((16, h, width), BF16), CU, 8, d]
+
+
+def kv_args(d_q=192, width=320, h=4, h_k=2, d=192):
+    return [S((16, h, d_q), BF16), S((12, h_k, width), BF16), CU, CU, 8, 8, d]
+
+
+HEAD_DIMS = "(d_qk, d_v) must be one of (192, 128), (128, 128)"
+
 MHA_CASES = [
-    (
-        [S((16, 4, 192), F32), S((16, 4, 192), BF16), S((16, 4, 128), BF16)],
-        TypeError,
-        "q must have dtype bfloat16",
-    ),
-    (
-        [S((16, 4, 192), BF16), S((16, 4, 192), BF16), S((16, 4, 64), BF16)],
-        ValueError,
-        r"\(d_qk, d_v\) must be one of",
-    ),
-    (
-        [S((16, 4, 128), BF16), S((16, 3, 128), BF16), S((16, 3, 128), BF16)],
-        ValueError,
-        "multiple of k's heads",
-    ),
-    (
-        [S((16, 4, 128), BF16), S((16, 2, 128), BF16), S((15, 2, 128), BF16)],
-        ValueError,
-        "v must have shape",
-    ),
-]
+    ("q dtype", MHA, replace(mha_args(), 0, S((16, 4, 192), F32)), {}, TypeError,
+     ["q must have dtype bfloat16", "float32"]),
+    ("q None", MHA, replace(mha_args(), 0, None), {}, TypeError, ["q must be a JAX array"]),
+    ("k list", MHA, replace(mha_args(), 1, [[0.0]]), {}, TypeError,
+     ["k must be a JAX array", "list"]),
+    ("q rank", MHA, replace(mha_args(), 0, S((16, 192), BF16)), {}, ValueError,
+     ["q must have rank 3", "(16, 192)"]),
+    ("k d_qk", MHA, replace(mha_args(), 1, S((12, 2, 128), BF16)), {}, ValueError,
+     ["k must have shape [*, *, 192]", "(12, 2, 128)"]),
+    ("v tokens", MHA, replace(mha_args(), 2, S((11, 2, 128), BF16)), {}, ValueError,
+     ["v must have shape [12, 2, *]", "(11, 2, 128)"]),
+    ("d_v 64", MHA, mha_args(d_v=64), {}, ValueError, [HEAD_DIMS, "(192, 64)"]),
+    ("d_qk 64", MHA, mha_args(d_qk=64, d_v=64), {}, ValueError, [HEAD_DIMS, "(64, 64)"]),
+    ("MLA dims", MHA, mha_args(d_qk=576, d_v=512), {}, ValueError, [HEAD_DIMS, "(576, 512)"]),
+    ("d_v 192", MHA, mha_args(d_v=192), {}, ValueError, [HEAD_DIMS, "(192, 192)"]),
+    ("heads", MHA, mha_args(h=4, h_k=3), {}, ValueError,
+     ["q's heads must be a positive multiple of k's heads", "4 and 3"]),
+    ("cu_seqlens_q dtype", MHA, replace(mha_args(), 3, S((3,), F32)), {}, TypeError,
+     ["cu_seqlens_q must have dtype int32", "float32"]),
+    ("cu_seqlens_q None", MHA, replace(mha_args(), 3, None), {}, TypeError,
+     ["cu_seqlens_q must be a JAX array"]),
+    ("cu_seqlens_q rank", MHA, replace(mha_args(), 3, S((3, 1), I32)), {}, ValueError,
+     ["cu_seqlens_q must have rank 1", "[batch + 1]"]),
+    ("cu_seqlens_q empty", MHA, replace(replace(mha_args(), 3, S((0,), I32)), 4, S((0,), I32)),
+     {}, ValueError, ["cu_seqlens_q must have at least one entry"]),
+    ("cu_seqlens_k length", MHA, replace(mha_args(), 4, S((4,), I32)), {}, ValueError,
+     ["cu_seqlens_k must have the shape of cu_seqlens_q, (3,); got (4,)"]),
+    ("max_seqlen_q negative", MHA, replace(mha_args(), 5, -1), {}, ValueError,
+     ["max_seqlen_q must be >= 0", "-1"]),
+    ("max_seqlen_k float", MHA, replace(mha_args(), 6, 8.0), {}, TypeError,
+     ["max_seqlen_k must be a Python int", "8.0"]),
+    ("scale inf", MHA, mha_args(), {"softmax_scale": float("inf")}, ValueError,
+     ["softmax_scale must be finite in float32", "inf"]),
+    ("scale nan", MHA, mha_args(), {"softmax_scale": float("nan")}, ValueError,
+     ["softmax_scale must be finite in float32"]),
+    ("scale past float32", MHA, mha_args(), {"softmax_scale": 1e39}, ValueError,
+     ["softmax_scale must be finite in float32", "1e+39"]),
+    ("scale string", MHA, mha_args(), {"softmax_scale": "0.1"}, TypeError,
+     ["softmax_scale must be a Python float or None"]),
+    ("scale array", MHA, mha_args(), {"softmax_scale": S((), F32)}, TypeError,
+     ["softmax_scale must be a Python float or None"]),
+    ("causal int", MHA, mha_args(), {"causal": 1}, TypeError, ["causal must be a Python bool"]),
+    ("implementation", MHA, mha_args(), {"implementation": "triton"}, ValueError,
+     ["implementation must be None, 'cuda' or 'xla'", "'triton'"]),
+    # qkv packed
+    ("qkv dtype", QKV, replace(qkv_args(), 0, S((16, 4, 512), F16)), {}, TypeError,
+     ["qkv must have dtype bfloat16", "float16"]),
+    ("qkv None", QKV, replace(qkv_args(), 0, None), {}, TypeError, ["qkv must be a JAX array"]),
+    ("qkv rank", QKV, replace(qkv_args(), 0, S((16, 512), BF16)), {}, ValueError,
+     ["qkv must have rank 3", "2 * head_dim_qk + d_v"]),
+    ("qkv head_dim_qk", QKV, qkv_args(d=128), {}, ValueError,
+     [HEAD_DIMS, "head_dim_qk 128 and qkv's last dim 512"]),
+    ("qkv width", QKV, qkv_args(width=448), {}, ValueError,
+     [HEAD_DIMS, "head_dim_qk 192 and qkv's last dim 448"]),
+    ("qkv head_dim_qk zero", QKV, qkv_args(d=0), {}, ValueError, ["head_dim_qk must be >= 1"]),
+    ("qkv head_dim_qk float", QKV, qkv_args(d=192.0), {}, TypeError,
+     ["head_dim_qk must be a Python int"]),
+    ("qkv no heads", QKV, qkv_args(h=0), {}, ValueError, ["qkv must have at least one head"]),
+    ("cu_seqlens dtype", QKV, replace(qkv_args(), 1, S((3,), F32)), {}, TypeError,
+     ["cu_seqlens must have dtype int32"]),
+    ("cu_seqlens list", QKV, replace(qkv_args(), 1, [0, 4, 16]), {}, TypeError,
+     ["cu_seqlens must be a JAX array", "list"]),
+    ("cu_seqlens empty", QKV, replace(qkv_args(), 1, S((0,), I32)), {}, ValueError,
+     ["cu_seqlens must have at least one entry"]),
+    ("max_seqlen", QKV, replace(qkv_args(), 2, -3), {}, ValueError,
+     ["max_seqlen must be >= 0", "-3"]),
+    ("qkv scale", QKV, qkv_args(), {"softmax_scale": float("inf")}, ValueError,
+     ["softmax_scale must be finite in float32"]),
+    ("qkv causal", QKV, qkv_args(), {"causal": None}, TypeError, ["causal must be a Python bool"]),
+    ("qkv implementation", QKV, qkv_args(), {"implementation": "pallas"}, ValueError,
+     ["implementation must be None, 'cuda' or 'xla'"]),
+    # kv packed
+    ("kv q dtype", KV, replace(kv_args(), 0, S((16, 4, 192), F32)), {}, TypeError,
+     ["q must have dtype bfloat16"]),
+    ("kv None", KV, replace(kv_args(), 1, None), {}, TypeError, ["kv must be a JAX array"]),
+    ("kv dtype", KV, replace(kv_args(), 1, S((12, 2, 320), F16)), {}, TypeError,
+     ["kv must have dtype bfloat16", "float16"]),
+    ("kv rank", KV, replace(kv_args(), 1, S((12, 320), BF16)), {}, ValueError,
+     ["kv must have rank 3", "head_dim_qk + d_v"]),
+    ("kv q width", KV, kv_args(d_q=128), {}, ValueError,
+     ["q's last dim must be head_dim_qk (192)", "(16, 4, 128)"]),
+    ("kv width", KV, kv_args(width=384), {}, ValueError,
+     [HEAD_DIMS, "head_dim_qk 192 and kv's last dim 384"]),
+    ("kv head_dim_qk", KV, kv_args(d_q=576, width=1088, d=576), {}, ValueError,
+     [HEAD_DIMS, "head_dim_qk 576"]),
+    ("kv head_dim_qk type", KV, kv_args(d="192"), {}, TypeError,
+     ["head_dim_qk must be a Python int"]),
+    ("kv heads", KV, kv_args(h=4, h_k=3), {}, ValueError,
+     ["q's heads must be a positive multiple of kv's heads", "4 and 3"]),
+    ("kv cu_seqlens_k", KV, replace(kv_args(), 3, S((5,), I32)), {}, ValueError,
+     ["cu_seqlens_k must have the shape of cu_seqlens_q"]),
+    ("kv max_seqlen_k", KV, replace(kv_args(), 5, None), {}, TypeError,
+     ["max_seqlen_k must be a Python int"]),
+]  # fmt: skip
+
+# Names that a packed form's messages must not use: its inputs are not called that.
+UNPACKED_ONLY = {
+    QKV: r"\b(q|k|v|cu_seqlens_q|cu_seqlens_k|max_seqlen_q|max_seqlen_k)\b",
+    KV: r"\b(k|v)\b",
+}
 
 
-@pytest.mark.parametrize("arrays,error,fragment", MHA_CASES)
-def test_mha_rejects(arrays, error, fragment):
-    cu = S((3,), I32)
-    with pytest.raises(error, match="flash_attn_varlen_func: .*" + fragment):
-        trace(fm.flash_attn_varlen_func, *arrays, cu, cu, 8, 8)
+@pytest.mark.parametrize(
+    "op,args,kwargs,error,fragments",
+    [case[1:] for case in MHA_CASES],
+    ids=[case[0] for case in MHA_CASES],
+)
+def test_mha_rejects(op, args, kwargs, error, fragments):
+    with pytest.raises(error) as info:
+        trace(op, *args, **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{op.__name__}: "), message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    if op in UNPACKED_ONLY:
+        assert not re.search(UNPACKED_ONLY[op], message), message
 
 
-def test_mha_rejects_mismatched_cu_seqlens():
-    q = S((16, 4, 128), BF16)
-    with pytest.raises(ValueError, match="cu_seqlens_k must have shape"):
-        trace(fm.flash_attn_varlen_func, q, q, q, S((3,), I32), S((4,), I32), 8, 8)
+@pytest.mark.parametrize("implementation", [None, "xla", "cuda"])
+@pytest.mark.parametrize(
+    "op,args",
+    [(MHA, mha_args(d_v=64)), (QKV, qkv_args(width=448)), (KV, kv_args(width=256))],
+    ids=["unpacked", "qkv", "kv"],
+)
+def test_mha_head_dims_in_every_implementation(op, args, implementation):
+    """Unsupported head dims are an error whatever the backend, the reference included."""
+    with pytest.raises(ValueError, match=re.escape(HEAD_DIMS)):
+        trace(op, *args, implementation=implementation)
+
+
+@pytest.mark.parametrize(
+    "op,args",
+    [(MHA, mha_args()), (QKV, qkv_args()), (KV, kv_args())],
+    ids=["unpacked", "qkv", "kv"],
+)
+def test_mha_accepts_zero_and_negative_scales(op, args):
+    for scale in (0.0, -0.25, 3):
+        trace(op, *args, softmax_scale=scale)
+
+
+@pytest.mark.parametrize(
+    "op,args",
+    [(MHA, mha_args()), (QKV, qkv_args()), (KV, kv_args())],
+    ids=["unpacked", "qkv", "kv"],
+)
+def test_mha_cuda_says_why_under_its_own_name(op, args):
+    """No MHA prefill kernel in this build: implementation="cuda" says so, naming the op that
+    was called (on a Hopper GPU with the extension: the missing kernel)."""
+    with pytest.raises(ValueError, match=rf"^{op.__name__}: implementation='cuda' is unavailable"):
+        trace(op, *args, implementation="cuda")
+    if not platform.extension_unavailable_reason():
+        with (
+            platform.assume_device(),
+            pytest.raises(ValueError, match="MHA prefill kernel is not built yet"),
+        ):
+            trace(op, *args, implementation="cuda")
 
 
 def test_combine_rejects():

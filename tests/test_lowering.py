@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 
 import jax_flashmla as fm
-from jax_flashmla._src import platform
-from jax_flashmla._src.primitive import combine_p, mla_metadata_p
+from jax_flashmla._src import platform, primitive
+from jax_flashmla._src.geometry import (
+    METADATA_FIELDS,
+    SCHEDULER_BLOCK_TOKENS,
+    SCHEDULER_FIXED_OVERHEAD,
+)
 from jax_flashmla.reference.schedule import combine_splits, mla_metadata
 
 pytestmark = pytest.mark.skipif(
@@ -30,8 +34,11 @@ def custom_calls(hlo: str) -> list[str]:
 
 
 def test_extension_registers_every_target():
+    """Every custom call a kernel family can emit has a handler in the extension."""
     names = set(platform.extension().registrations())
-    assert {mla_metadata_p.ffi_target, combine_p.ffi_target} <= names
+    assert set(fm.FFI_TARGETS) == set(primitive.ffi_targets())
+    assert {"jax_flashmla_mla_metadata", "jax_flashmla_combine"} <= set(fm.FFI_TARGETS)
+    assert set(fm.FFI_TARGETS) <= names
     assert "sm_90a" in platform.extension().compiled_architectures()
 
 
@@ -39,7 +46,7 @@ def test_metadata_lowers_to_custom_call():
     lens = jax.ShapeDtypeStruct((5,), jnp.int32)
     (call,) = custom_calls(cuda_hlo(lambda x: fm.get_mla_metadata(x, 128, 1), lens))
     assert "@jax_flashmla_mla_metadata" in call
-    assert "(tensor<5xi32>) -> (tensor<66x8xi32>, tensor<6xi32>)" in call
+    assert f"(tensor<5xi32>) -> (tensor<66x{METADATA_FIELDS}xi32>, tensor<6xi32>)" in call
     for attribute in (
         "block_tokens = 64 : i64",
         "fixed_overhead = 5 : i64",
@@ -47,7 +54,7 @@ def test_metadata_lowers_to_custom_call():
     ):
         assert attribute in call, call
     (call,) = custom_calls(cuda_hlo(lambda x: fm.get_mla_metadata(x, 64, 1, topk=2048), lens))
-    assert "fixed_length = 2048 : i64" in call and "tensor<132x8xi32>" in call
+    assert "fixed_length = 2048 : i64" in call and f"tensor<132x{METADATA_FIELDS}xi32>" in call
 
 
 def test_combine_lowers_to_custom_call():
@@ -93,12 +100,11 @@ def test_primitives_fall_back_to_reference_on_cpu(rng):
         batched = jax.jit(jax.vmap(lambda x: fm.get_mla_metadata(x, 128, 1)))(
             jnp.stack([lens, lens // 2])
         )
-    ref = mla_metadata(lens, num_parts=66, block_tokens=64, fixed_overhead=5)
+    scheme = {"block_tokens": SCHEDULER_BLOCK_TOKENS, "fixed_overhead": SCHEDULER_FIXED_OVERHEAD}
+    ref = mla_metadata(lens, num_parts=66, **scheme)
     np.testing.assert_array_equal(metadata, ref[0])
     np.testing.assert_array_equal(num_splits, ref[1])
-    np.testing.assert_array_equal(
-        batched[1][1], mla_metadata(lens // 2, num_parts=66, block_tokens=64, fixed_overhead=5)[1]
-    )
+    np.testing.assert_array_equal(batched[1][1], mla_metadata(lens // 2, num_parts=66, **scheme)[1])
 
     partial_o = jnp.asarray(rng.normal(size=(6, 1, 2, 8)), jnp.float32)
     partial_lse = jnp.asarray(rng.normal(size=(6, 1, 2)), jnp.float32)
@@ -127,7 +133,8 @@ def test_dense_decode_lowers_to_metadata_then_kernel():
     assert "@jax_flashmla_decode_dense_sm90" in decode_call
     assert (
         "(tensor<4x2x128x576xbf16>, tensor<40x64x1x576xbf16>, tensor<4x10xi32>, tensor<4xi32>, "
-        "tensor<33x8xi32>, tensor<5xi32>) -> (tensor<4x2x128x512xbf16>, tensor<4x128x2xf32>, "
+        f"tensor<33x{METADATA_FIELDS}xi32>, tensor<5xi32>) -> (tensor<4x2x128x512xbf16>, "
+        "tensor<4x128x2xf32>, "
         "tensor<37x2x128x512xf32>, tensor<37x2x128xf32>)"
     ) in decode_call
     assert "causal = true" in decode_call and "softmax_scale = 1.000000e-01 : f32" in decode_call

@@ -228,35 +228,151 @@ def test_non_finite_tile_dequantises_to_nan(layout: str):
     assert np.all(np.isfinite(deq[0, 0]))
 
 
-def test_bad_inputs_raise():
-    good = jnp.zeros((2, 4, 1, 576), jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"k_cache.*rank 4"):
-        quantize_k_cache(good[0])
-    with pytest.raises(ValueError, match=r"k_cache.*h_kv"):
-        quantize_k_cache(jnp.zeros((2, 4, 2, 576), jnp.bfloat16))
-    with pytest.raises(ValueError, match=r"k_cache.*576.*got 512"):
-        quantize_k_cache(good[..., :512])
-    with pytest.raises(ValueError, match=r"k_cache.*512.*got 576"):
-        quantize_k_cache(good, layout="MODEL1")
-    with pytest.raises(ValueError, match=r"layout.*'V33'"):
-        quantize_k_cache(good, layout="V33")
-    with pytest.raises(TypeError, match=r"k_cache.*int32"):
-        quantize_k_cache(good.astype(jnp.int32))
-    with pytest.raises(TypeError, match=r"k_cache.*float8"):
-        quantize_k_cache(good.astype(jnp.float8_e4m3fn))
+QUANT_REJECTS = [
+    # (inputs, kwargs, error, message pattern); every message names the op and the argument.
+    ("rank", lambda g: g[0], {}, ValueError, r"k_cache must have rank 4"),
+    (
+        "h_kv",
+        lambda g: jnp.zeros((2, 4, 2, 576), jnp.bfloat16),
+        {},
+        ValueError,
+        r"k_cache must have h_kv",
+    ),
+    (
+        "V32 width",
+        lambda g: g[..., :512],
+        {},
+        ValueError,
+        r"k_cache's last dim must be 576.*got 512",
+    ),
+    (
+        "MODEL1 width",
+        lambda g: g,
+        {"layout": "MODEL1"},
+        ValueError,
+        r"k_cache's last dim must be 512.*got 576",
+    ),
+    (
+        "unknown layout",
+        lambda g: g,
+        {"layout": "V33"},
+        ValueError,
+        r"layout must be one of 'V32', 'MODEL1'; got 'V33'",
+    ),
+    ("layout None", lambda g: g, {"layout": None}, TypeError, r"layout must be a string.*got None"),
+    (
+        "int cache",
+        lambda g: g.astype(jnp.int32),
+        {},
+        TypeError,
+        r"k_cache must have dtype .*got int32",
+    ),
+    (
+        "fp8 cache",
+        lambda g: g.astype(jnp.float8_e4m3fn),
+        {},
+        TypeError,
+        r"k_cache must have dtype .*got float8_e4m3fn",
+    ),
+    ("None cache", lambda g: None, {}, TypeError, r"k_cache must be a JAX array; got NoneType"),
+    ("list cache", lambda g: [[1.0]], {}, TypeError, r"k_cache must be a JAX array; got list"),
+]
 
-    q = quantize_k_cache(good)
-    with pytest.raises(ValueError, match=r"quant_k_cache.*rank 4"):
-        dequantize_k_cache(q[0])
-    with pytest.raises(ValueError, match=r"quant_k_cache.*h_kv"):
-        dequantize_k_cache(jnp.concatenate([q, q], axis=2))
-    with pytest.raises(ValueError, match=r"quant_k_cache.*got 600"):
-        dequantize_k_cache(jnp.zeros((2, 4, 1, 600), jnp.uint8))
-    with pytest.raises(ValueError, match=r"quant_k_cache.*584.*got 656"):
-        dequantize_k_cache(q, layout="MODEL1")
-    with pytest.raises(ValueError, match=r"layout.*'v32'"):
-        dequantize_k_cache(q, layout="v32")
-    with pytest.raises(TypeError, match=r"quant_k_cache.*bfloat16"):
-        dequantize_k_cache(jnp.zeros((2, 4, 1, 656), jnp.bfloat16))
-    with pytest.raises(TypeError, match=r"dtype.*int8"):
-        dequantize_k_cache(q, dtype=jnp.int8)
+
+@pytest.mark.parametrize(
+    "make,kwargs,error,pattern", [c[1:] for c in QUANT_REJECTS], ids=[c[0] for c in QUANT_REJECTS]
+)
+def test_quantize_rejects(make, kwargs, error, pattern):
+    good = jnp.zeros((2, 4, 1, 576), jnp.bfloat16)
+    with pytest.raises(error, match="^quantize_k_cache: " + pattern):
+        quantize_k_cache(make(good), **kwargs)
+
+
+DEQUANT_REJECTS = [
+    ("rank", lambda q: q[0], {}, ValueError, r"quant_k_cache must have rank 4"),
+    (
+        "h_kv",
+        lambda q: jnp.concatenate([q, q], axis=2),
+        {},
+        ValueError,
+        r"quant_k_cache must have h_kv",
+    ),
+    (
+        "no layout has it",
+        lambda q: jnp.zeros((2, 4, 1, 600), jnp.uint8),
+        {},
+        ValueError,
+        r"quant_k_cache's last dim must be the bytes per token of an FP8 layout, 656 \(V32\), "
+        r"584 \(MODEL1\); got 600",
+    ),
+    (
+        "layout width",
+        lambda q: q,
+        {"layout": "MODEL1"},
+        ValueError,
+        r"quant_k_cache's last dim must be 584.*got 656",
+    ),
+    (
+        "layout case",
+        lambda q: q,
+        {"layout": "v32"},
+        ValueError,
+        r"layout must be one of 'V32', 'MODEL1'; got 'v32'",
+    ),
+    ("layout type", lambda q: q, {"layout": 32}, TypeError, r"layout must be a string"),
+    (
+        "bf16 bytes",
+        lambda q: jnp.zeros((2, 4, 1, 656), jnp.bfloat16),
+        {},
+        TypeError,
+        r"quant_k_cache must have dtype float8_e4m3fn or uint8; got bfloat16",
+    ),
+    (
+        "int8 dtype",
+        lambda q: q,
+        {"dtype": jnp.int8},
+        TypeError,
+        r"dtype must be bfloat16 or float16 or float32",
+    ),
+    ("None dtype", lambda q: q, {"dtype": None}, TypeError, r"dtype must be .*; got None"),
+    (
+        "unknown dtype name",
+        lambda q: q,
+        {"dtype": "bf16"},
+        TypeError,
+        r"dtype must be .*; got 'bf16'",
+    ),
+    ("float64 dtype", lambda q: q, {"dtype": np.float64}, TypeError, r"dtype must be .*float64"),
+    ("list dtype", lambda q: q, {"dtype": [jnp.bfloat16]}, TypeError, r"dtype must be"),
+    (
+        "None cache",
+        lambda q: None,
+        {},
+        TypeError,
+        r"quant_k_cache must be a JAX array; got NoneType",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "make,kwargs,error,pattern",
+    [c[1:] for c in DEQUANT_REJECTS],
+    ids=[c[0] for c in DEQUANT_REJECTS],
+)
+def test_dequantize_rejects(make, kwargs, error, pattern):
+    q = quantize_k_cache(jnp.zeros((2, 4, 1, 576), jnp.bfloat16))
+    with pytest.raises(error, match="^dequantize_k_cache: " + pattern):
+        dequantize_k_cache(make(q), **kwargs)
+
+
+def test_dtype_names_accepted():
+    """Dtype arguments may be scalar types, dtypes or their names."""
+    q = quantize_k_cache(jnp.zeros((1, 2, 1, 576), jnp.bfloat16))
+    for dtype in (jnp.float16, np.dtype("float16"), "float16", np.float16):
+        assert dequantize_k_cache(q, dtype=dtype).dtype == jnp.float16
+    assert dequantize_k_cache(q, dtype="bfloat16").dtype == jnp.bfloat16
+
+
+def test_infer_fp8_layout_rejects():
+    with pytest.raises(ValueError, match=r"^infer_fp8_layout: bytes_per_token .* got 576"):
+        infer_fp8_layout(576)

@@ -119,11 +119,23 @@ def test_dense_custom_scale(rng):
     _check_dense(inputs, softmax_scale=2.5, causal=True)
 
 
-def test_dense_small_head_dims(rng):
-    inputs = od.make_dense_decode_inputs(
-        rng, b=2, s_q=3, s_k=40, h_q=4, h_kv=2, d_qk=64, page=8, varlen=True
-    )
-    _check_dense(inputs, head_dim_v=32, causal=True)
+@pytest.mark.parametrize(("d_qk", "d_v"), [(64, 32), (576, 256), (512, 512), (576, 576)])
+def test_dense_rejects_other_head_dims(d_qk, d_v):
+    """Only d_qk 576 with d_v 512: another width is an error, never a result of that width."""
+    q = jnp.zeros((1, 1, 4, d_qk), jnp.bfloat16)
+    cache = jnp.zeros((2, 8, 1, d_qk), jnp.bfloat16)
+    bt, lens = jnp.zeros((1, 2), jnp.int32), jnp.ones((1,), jnp.int32)
+    with pytest.raises(ValueError, match=f"dense_decode: .*got d_qk {d_qk} and head_dim_v {d_v}"):
+        dense_decode(q, cache, bt, lens, head_dim_v=d_v)
+
+
+@pytest.mark.parametrize(("d_qk", "d_v"), [(576, 256), (64, 64), (448, 512)])
+def test_sparse_rejects_other_head_dims(d_qk, d_v):
+    q = jnp.zeros((1, 1, 4, d_qk), jnp.bfloat16)
+    cache = jnp.zeros((2, 8, 1, d_qk), jnp.bfloat16)
+    indices = jnp.zeros((1, 1, 64), jnp.int32)
+    with pytest.raises(ValueError, match=f"sparse_decode: .*got d_qk {d_qk} and head_dim_v {d_v}"):
+        sparse_decode(q, cache, indices, head_dim_v=d_v)
 
 
 def test_dense_inf_in_unread_cache(rng):
@@ -149,14 +161,14 @@ def test_dense_chunking_matches_whole(rng):
 
 
 def test_dense_rejects_bad_shapes():
-    q = jnp.zeros((1, 1, 6, 64), jnp.bfloat16)
-    cache = jnp.zeros((2, 4, 4, 64), jnp.bfloat16)
+    q = jnp.zeros((1, 1, 6, 576), jnp.bfloat16)
+    cache = jnp.zeros((2, 4, 4, 576), jnp.bfloat16)
     bt = jnp.zeros((1, 2), jnp.int32)
     lens = jnp.ones((1,), jnp.int32)
     with pytest.raises(ValueError, match="multiple"):
-        dense_decode(q, cache, bt, lens, head_dim_v=32)
+        dense_decode(q, cache, bt, lens)
     with pytest.raises(TypeError):
-        dense_decode(q, cache.astype(jnp.float16)[:, :, :1], bt, lens, head_dim_v=32)
+        dense_decode(q, cache.astype(jnp.float16)[:, :, :1], bt, lens)
 
 
 # ------------------------------------------------------------------------------------------

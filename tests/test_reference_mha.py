@@ -228,38 +228,61 @@ def test_jit_and_vmap():
 
 
 def test_empty_inputs():
-    q = jnp.zeros((3, 2, 64), jnp.bfloat16)
-    k = jnp.zeros((0, 1, 64), jnp.bfloat16)
-    v = jnp.zeros((0, 1, 32), jnp.bfloat16)
+    q = jnp.zeros((3, 2, 128), jnp.bfloat16)
+    k = jnp.zeros((0, 1, 128), jnp.bfloat16)
+    v = jnp.zeros((0, 1, 128), jnp.bfloat16)
     cu = jnp.array([0, 3], jnp.int32)
     out, lse = mha_varlen(q, k, v, cu, jnp.array([0, 0], jnp.int32), 3, 0)
-    assert out.shape == (3, 2, 32) and np.all(np.asarray(out, np.float32) == 0)
+    assert out.shape == (3, 2, 128) and np.all(np.asarray(out, np.float32) == 0)
     assert np.all(np.asarray(lse) == np.inf)
 
 
-def test_bad_inputs_raise():
-    q = jnp.zeros((6, 4, 64), jnp.bfloat16)
-    k = jnp.zeros((5, 2, 64), jnp.bfloat16)
-    v = jnp.zeros((5, 2, 32), jnp.bfloat16)
+BAD_INPUTS = [
+    # (id, argument changes, error, message after "mha_varlen: ")
+    ("q rank", {"q": lambda q: q[0]}, ValueError, r"q must have rank 3"),
+    ("q None", {"q": lambda q: None}, TypeError, r"q must be a JAX array; got NoneType"),
+    ("q int", {"q": lambda q: q.astype(jnp.int32)}, TypeError, r"q must have dtype .*int32"),
+    ("v tokens", {"v": lambda v: v[:4]}, ValueError, r"v must have shape \[5, 2, \*\]"),
+    ("k head dim", {"k": lambda k: k[..., :64]}, ValueError, r"k must have shape \[\*, \*, 128\]"),
+    ("head dims", {"v": lambda v: v[..., :64]}, ValueError,
+     r"\(d_qk, d_v\) must be one of \(192, 128\), \(128, 128\); got \(128, 64\)"),
+    ("heads", {"q": lambda q: q[:, :3]}, ValueError, r"q's heads must be a multiple of k's heads"),
+    ("cu_seqlens_k length", {"cuk": lambda c: c[:2]}, ValueError,
+     r"cu_seqlens_k must have the shape of cu_seqlens_q, \(3,\); got \(2,\)"),
+    ("cu_seqlens_q rank", {"cu": lambda c: c[None], "cuk": lambda c: c[None]}, ValueError,
+     r"cu_seqlens_q must have rank 1 \[batch \+ 1\]"),
+    ("cu_seqlens_q float", {"cu": lambda c: c.astype(jnp.float32)}, TypeError,
+     r"cu_seqlens_q must have dtype int32"),
+    ("cu_seqlens_q int64-like", {"cu": lambda c: c.astype(jnp.int16)}, TypeError,
+     r"cu_seqlens_q must have dtype int32"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "changes,error,pattern", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_inputs_raise(changes, error, pattern):
+    args = {
+        "q": jnp.zeros((6, 4, 128), jnp.bfloat16),
+        "k": jnp.zeros((5, 2, 128), jnp.bfloat16),
+        "v": jnp.zeros((5, 2, 128), jnp.bfloat16),
+        "cu": jnp.array([0, 2, 6], jnp.int32),
+        "cuk": jnp.array([0, 1, 5], jnp.int32),
+    }
+    for name, change in changes.items():
+        args[name] = change(args[name])
+    with pytest.raises(error, match="^mha_varlen: " + pattern):
+        mha_varlen(*args.values(), 4, 4)
+
+
+def test_bad_statics_raise():
+    q = k = v = jnp.zeros((6, 4, 128), jnp.bfloat16)
     cu = jnp.array([0, 2, 6], jnp.int32)
-    cuk = jnp.array([0, 1, 5], jnp.int32)
-    with pytest.raises(ValueError, match="q: must have rank 3"):
-        mha_varlen(q[0], k, v, cu, cuk, 4, 4)
-    with pytest.raises(ValueError, match="v: must have the tokens"):
-        mha_varlen(q, k, v[:4], cu, cuk, 4, 4)
-    with pytest.raises(ValueError, match="k: head dim"):
-        mha_varlen(q, k[..., :32], v, cu, cuk, 4, 4)
-    with pytest.raises(ValueError, match="k: number of kv heads"):
-        mha_varlen(q[:, :3], k, v, cu, cuk, 4, 4)
-    with pytest.raises(ValueError, match="cu_seqlens_k: must have the shape"):
-        mha_varlen(q, k, v, cu, cuk[:2], 4, 4)
-    with pytest.raises(ValueError, match=r"cu_seqlens_q: must have shape \[batch \+ 1\]"):
-        mha_varlen(q, k, v, cu[None], cuk[None], 4, 4)
-    with pytest.raises(TypeError, match="cu_seqlens_q: dtype"):
-        mha_varlen(q, k, v, cu.astype(jnp.float32), cuk, 4, 4)
-    with pytest.raises(TypeError, match="q: dtype"):
-        mha_varlen(q.astype(jnp.int32), k, v, cu, cuk, 4, 4)
-    with pytest.raises(ValueError, match="max_seqlen_k"):
-        mha_varlen(q, k, v, cu, cuk, 4, -1)
-    with pytest.raises(ValueError, match="query_chunk_size"):
-        mha_varlen(q, k, v, cu, cuk, 4, 4, query_chunk_size=0)
+    with pytest.raises(ValueError, match=r"^mha_varlen: max_seqlen_k must be >= 0; got -1"):
+        mha_varlen(q, k, v, cu, cu, 4, -1)
+    with pytest.raises(TypeError, match=r"^mha_varlen: max_seqlen_q must be a Python int"):
+        mha_varlen(q, k, v, cu, cu, 4.0, 4)
+    with pytest.raises(ValueError, match=r"^mha_varlen: query_chunk_size must be >= 1; got 0"):
+        mha_varlen(q, k, v, cu, cu, 4, 4, query_chunk_size=0)
+    with pytest.raises(ValueError, match=r"^mha_varlen: softmax_scale must be finite in float32"):
+        mha_varlen(q, k, v, cu, cu, 4, 4, float("inf"))

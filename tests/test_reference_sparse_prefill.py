@@ -93,9 +93,14 @@ def test_prefill_attn_sink_and_scale(rng):
     assert np.all(out[:, 4].astype(np.float32) == 0.0)
 
 
-def test_prefill_small_d_v(rng):
-    inputs = od.make_sparse_prefill_inputs(rng, s_q=5, s_kv=80, h_q=4, topk=32, d_qk=576)
-    _check(inputs, 576**-0.5, d_v=256)
+@pytest.mark.parametrize(("d_qk", "d_v"), [(576, 256), (576, 576), (256, 256), (448, 512)])
+def test_prefill_rejects_other_head_dims(d_qk, d_v):
+    """Only d_qk 512 / 576 with d_v 512: another width is an error, never a result."""
+    q = jnp.zeros((2, 4, d_qk), jnp.bfloat16)
+    kv = jnp.zeros((8, 1, d_qk), jnp.bfloat16)
+    indices = jnp.zeros((2, 1, 64), jnp.int32)
+    with pytest.raises(ValueError, match=f"sparse_prefill: .*got d_qk {d_qk} and d_v {d_v}"):
+        sparse_prefill(q, kv, indices, 0.1, d_v=d_v)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 16])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,8 @@ def dtype_name(dtype: Any) -> str:
 
 
 def _is_array(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
+    # Scalar types such as np.float32 carry `shape` and `dtype` descriptors: not arrays.
+    return not isinstance(x, type) and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def check_array(
@@ -57,14 +59,44 @@ def check_int(op: str, name: str, value: Any, *, minimum: int | None = None) -> 
 
 
 def check_scale(op: str, name: str, value: Any, default: float) -> float:
-    """A static softmax scale: None means `default`; else a finite positive Python float."""
+    """A static softmax scale: None means `default`; else any Python float that is finite in
+    float32 (zero and negative scales included, as FlashMLA accepts them)."""
     if value is None:
         return float(default)
     if _is_array(value) or isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{op}: {name} must be a Python float or None; got {value!r}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{op}: {name} must be finite and > 0; got {value}")
-    return float(value)
+    # Past float32's range a value becomes inf (an int too large for a float raises instead).
+    with np.errstate(over="ignore"), contextlib.suppress(OverflowError):
+        if np.isfinite(np.float32(value)):
+            return float(value)
+    raise ValueError(f"{op}: {name} must be finite in float32; got {value}")
+
+
+def check_dtype(op: str, name: str, value: Any, allowed: Sequence[Any]) -> np.dtype:
+    """A static dtype argument (a dtype, a scalar type or a string naming one) among `allowed`.
+
+    Raises TypeError naming the op and the argument for anything else: unknown strings, None
+    (which NumPy would read as float64), arrays, and dtypes outside `allowed`.
+    """
+    dtype = None
+    if value is not None and not isinstance(value, bool) and not _is_array(value):
+        with contextlib.suppress(TypeError, ValueError):  # not a dtype: reported below
+            dtype = np.dtype(value)
+    names = " or ".join(dtype_name(d) for d in allowed)
+    if dtype is None or dtype not in [np.dtype(d) for d in allowed]:
+        raise TypeError(f"{op}: {name} must be {names}; got {value!r}")
+    return dtype
+
+
+def check_choice(op: str, name: str, value: Any, choices: Sequence[str]) -> str:
+    """A static string among `choices`: TypeError for a non-string, ValueError naming the
+    choices for an unknown string."""
+    listed = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{op}: {name} must be a string, one of {listed}; got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {listed}; got {value!r}")
+    return value
 
 
 def check_bool(op: str, name: str, value: Any) -> bool:

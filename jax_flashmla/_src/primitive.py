@@ -1,15 +1,31 @@
-"""Kernel primitives: one class per CUDA kernel, each with the same small set of methods.
+"""Kernel families: the one mechanism by which every op reaches its kernel or its reference.
 
-A `KernelPrimitive` owns a JAX primitive that
-- computes its output shapes (`abstract`),
-- lowers to its XLA FFI custom call on CUDA (`ffi_attributes` says what the handler gets),
-- lowers to its plain-JAX `reference` on every other platform, so that the primitive is a
-  complete description of the computation wherever it is traced,
-- batches under vmap by running the kernel once per element of the mapped axis (the ops'
-  own batch axes already fill the GPU).
+Each kernel family (one CUDA kernel and its plain-JAX equal) is one module of
+`jax_flashmla._src.kernels` holding an instance of a `KernelPrimitive` subclass, which defines
+- `reference`: the family's computation in plain JAX; the family's only link to
+  `jax_flashmla.reference`,
+- `abstract`: the kernel's result shapes, hidden workspace results last (fresh ShapedArrays,
+  never `aval.update`, which keeps shardings),
+- `ffi_attributes`: the static parameters the FFI handler receives.
 
-Workspaces and scheduler metadata are explicit outputs sized by `abstract`: FFI handlers never
-allocate. The public ops in `jax_flashmla.ops` validate inputs and then call `bind`.
+A public op validates its inputs, asks `platform.choose_implementation` once, and then calls
+the family itself, `family(*operands, use_kernel=..., **params)`:
+- use_kernel=True binds the family's JAX primitive. It lowers to the XLA FFI custom call
+  `ffi_target` on CUDA and to `reference` on every other platform (so a trace made under
+  `assume_device` still runs on a CPU), and batches under vmap by running the kernel once per
+  element of the mapped axis (the ops' own batch axes already fill the GPU).
+- use_kernel=False traces `reference` inline: no primitive, so XLA fuses it with its
+  neighbours and vmap batches it natively.
+Either way the op sees the same results; workspace results (`workspace_results`, sized by
+`abstract` so that FFI handlers never allocate) are dropped. The call usually sits inside the
+op's `sharding.partitioned_call` (per-shard computation) and `forward_only` wrapper.
+
+A family whose kernel is not built yet sets `ffi_target = None`: it has no JAX primitive and
+its op always passes use_kernel=False; its optional operands may be None (an FFI handler needs
+arrays: the kernel's family passes an empty array instead, as combine does for attn_sink).
+Building the kernel means setting `ffi_target`, writing `abstract` and `ffi_attributes`, and
+passing the op's `choose_implementation` answer as use_kernel. Every family registers itself
+on construction; `ffi_targets()` lists the custom-call targets of those with a kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +35,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
@@ -30,14 +45,34 @@ try:  # jax >= 0.4.36 keeps the eager dispatcher here; no public equivalent exis
 except ImportError:  # pragma: no cover
     _apply_primitive = None
 
+_REGISTRY: list[KernelPrimitive] = []
+
+
+def registered() -> tuple[KernelPrimitive, ...]:
+    """Every kernel family constructed so far (each module of _src.kernels makes one)."""
+    return tuple(_REGISTRY)
+
+
+def ffi_targets() -> tuple[str, ...]:
+    """The XLA FFI custom-call targets of the registered families that have a kernel."""
+    return tuple(k.ffi_target for k in _REGISTRY if k.ffi_target is not None)
+
 
 class KernelPrimitive:
-    """Base class: subclasses set `name` and `ffi_target` and implement the three methods."""
+    """Base class of a kernel family; subclasses set `name` and `ffi_target` (None while the
+    kernel is not built) and implement `reference`, and with a kernel `abstract` and
+    `ffi_attributes`."""
 
     name: ClassVar[str]
-    ffi_target: ClassVar[str]
+    ffi_target: ClassVar[str | None]
+    #: Trailing results of the kernel that are workspace: hidden from the ops.
+    workspace_results: ClassVar[int] = 0
 
     def __init__(self) -> None:
+        _REGISTRY.append(self)
+        self.primitive: Primitive | None = None
+        if self.ffi_target is None:
+            return
         self.primitive = Primitive(self.name)
         self.primitive.multiple_results = True
         self.primitive.def_abstract_eval(self.abstract)
@@ -51,17 +86,17 @@ class KernelPrimitive:
             )
         mlir.register_lowering(self.primitive, self._lower_cuda, platform="cuda")
         mlir.register_lowering(
-            self.primitive, mlir.lower_fun(self._reference_tuple, multiple_results=True)
+            self.primitive, mlir.lower_fun(self._reference_with_workspace, multiple_results=True)
         )
         batching.primitive_batchers[self.primitive] = self._batch
 
-    # ---- what a kernel defines -------------------------------------------------------------
-    def abstract(self, *avals: jax.core.ShapedArray, **params: Any) -> tuple:
-        """Output ShapedArrays (fresh ones: never `aval.update`, which keeps shardings)."""
+    # ---- what a family defines -------------------------------------------------------------
+    def reference(self, *operands: Any, **params: Any) -> Sequence[jax.Array]:
+        """The op's results (workspace excluded) computed with plain JAX."""
         raise NotImplementedError
 
-    def reference(self, *args: jax.Array, **params: Any) -> Sequence[jax.Array]:
-        """The same outputs computed with plain JAX."""
+    def abstract(self, *avals: jax.core.ShapedArray, **params: Any) -> tuple:
+        """The kernel's result ShapedArrays, workspace last."""
         raise NotImplementedError
 
     def ffi_attributes(self, **params: Any) -> dict[str, Any]:
@@ -69,12 +104,21 @@ class KernelPrimitive:
         return {}
 
     # ---- shared machinery ------------------------------------------------------------------
-    def bind(self, *args: jax.Array, **params: Any) -> list[jax.Array]:
+    def __call__(self, *operands: Any, use_kernel: bool, **params: Any) -> tuple[jax.Array, ...]:
+        """The op's results from the kernel (use_kernel) or from the inline reference."""
+        if not use_kernel:
+            return tuple(self.reference(*operands, **params))
+        if self.primitive is None:
+            raise AssertionError(f"{self.name}: the kernel is not built")
         platform.extension()  # registers the FFI targets before anything is compiled
-        return self.primitive.bind(*args, **params)
+        results = self.primitive.bind(*operands, **params)
+        return tuple(results[: len(results) - self.workspace_results])
 
-    def _reference_tuple(self, *args: jax.Array, **params: Any) -> tuple[jax.Array, ...]:
-        return tuple(self.reference(*args, **params))
+    def _reference_with_workspace(self, *args: jax.Array, **params: Any) -> tuple[jax.Array, ...]:
+        # The lowering off CUDA: the reference, and zeros for the workspace nobody reads.
+        results = tuple(self.reference(*args, **params))
+        workspace = self.abstract(*args, **params)[len(results) :]
+        return results + tuple(jnp.zeros(a.shape, a.dtype) for a in workspace)
 
     def _lower_cuda(self, ctx: mlir.LoweringRuleContext, *args: Any, **params: Any) -> Any:
         attributes = self.ffi_attributes(**params)
@@ -94,141 +138,3 @@ class KernelPrimitive:
         outs = jax.lax.map(one, mapped)
         assert all(o.shape[0] == size for o in outs)
         return outs, [0] * len(outs)
-
-
-# ---- the split-KV scheduler -------------------------------------------------------------------
-#: Tokens per scheduling unit (one KV tile of the decode kernels).
-SCHEDULER_BLOCK_TOKENS = 64
-#: Fixed cost of a request, in blocks: loading its queries, writing and combining its output.
-SCHEDULER_FIXED_OVERHEAD = 5
-#: int32 fields per part in tile_scheduler_metadata.
-METADATA_FIELDS = 8
-
-
-class MlaMetadataPrimitive(KernelPrimitive):
-    """cache_seqlens [b] -> (tile_scheduler_metadata [num_parts, 8], num_splits [b+1])."""
-
-    name = "jax_flashmla_mla_metadata"
-    ffi_target = "jax_flashmla_mla_metadata"
-
-    def abstract(self, cache_seqlens, *, num_parts, fixed_length):
-        (b,) = cache_seqlens.shape
-        return (
-            jax.core.ShapedArray((num_parts, METADATA_FIELDS), jnp.int32),
-            jax.core.ShapedArray((b + 1,), jnp.int32),
-        )
-
-    def reference(self, cache_seqlens, *, num_parts, fixed_length):
-        from jax_flashmla.reference.schedule import mla_metadata
-
-        return mla_metadata(
-            cache_seqlens,
-            num_parts=num_parts,
-            block_tokens=SCHEDULER_BLOCK_TOKENS,
-            fixed_overhead=SCHEDULER_FIXED_OVERHEAD,
-            fixed_length=fixed_length,
-        )
-
-    def ffi_attributes(self, *, num_parts, fixed_length):
-        return {
-            "block_tokens": np.int64(SCHEDULER_BLOCK_TOKENS),
-            "fixed_overhead": np.int64(SCHEDULER_FIXED_OVERHEAD),
-            "fixed_length": np.int64(fixed_length),
-        }
-
-
-class CombinePrimitive(KernelPrimitive):
-    """Merges split-KV partials: (partial_o, partial_lse, num_splits, attn_sink) -> (out, lse).
-
-    partial_o f32 [R, s_q, h_q, d_v], partial_lse f32 [R, s_q, h_q], num_splits int32 [b+1],
-    attn_sink f32 [h_q] or [0] (no sink); out [b, s_q, h_q, d_v] in `out_dtype`,
-    lse f32 [b, h_q, s_q].
-    """
-
-    name = "jax_flashmla_combine"
-    ffi_target = "jax_flashmla_combine"
-
-    def abstract(self, partial_o, partial_lse, num_splits, attn_sink, *, out_dtype):
-        _, s_q, h_q, d_v = partial_o.shape
-        b = num_splits.shape[0] - 1
-        return (
-            jax.core.ShapedArray((b, s_q, h_q, d_v), out_dtype),
-            jax.core.ShapedArray((b, h_q, s_q), jnp.float32),
-        )
-
-    def reference(self, partial_o, partial_lse, num_splits, attn_sink, *, out_dtype):
-        from jax_flashmla.reference.schedule import combine_splits
-
-        sink = attn_sink if attn_sink.shape[0] else None
-        return combine_splits(partial_o, partial_lse, num_splits, sink, out_dtype=out_dtype)
-
-
-mla_metadata_p = MlaMetadataPrimitive()
-combine_p = CombinePrimitive()
-
-
-#: Geometry of the dense decode kernel: d_qk 576 (512 latent + 64 RoPE), d_v 512, page 64.
-DECODE_HEAD_DIM_QK = 576
-DECODE_HEAD_DIM_V = 512
-DECODE_PAGE_SIZE = 64
-
-
-class DenseDecodePrimitive(KernelPrimitive):
-    """Hopper dense decode: (q, k_cache, block_table, cache_seqlens, metadata, num_splits)
-    -> (out, lse, partial_o, partial_lse); the last two are the split-KV workspace."""
-
-    name = "jax_flashmla_decode_dense"
-    ffi_target = "jax_flashmla_decode_dense_sm90"
-
-    def abstract(
-        self, q, k_cache, block_table, cache_seqlens, metadata, num_splits, *, softmax_scale, causal
-    ):
-        b, s_q, h_q, _ = q.shape
-        rows = b + metadata.shape[0]
-        return (
-            jax.core.ShapedArray((b, s_q, h_q, DECODE_HEAD_DIM_V), q.dtype),
-            jax.core.ShapedArray((b, h_q, s_q), jnp.float32),
-            jax.core.ShapedArray((rows, s_q, h_q, DECODE_HEAD_DIM_V), jnp.float32),
-            jax.core.ShapedArray((rows, s_q, h_q), jnp.float32),
-        )
-
-    def reference(
-        self, q, k_cache, block_table, cache_seqlens, metadata, num_splits, *, softmax_scale, causal
-    ):
-        from jax_flashmla.reference.decode import dense_decode
-
-        out, lse = dense_decode(
-            q,
-            k_cache,
-            block_table,
-            cache_seqlens,
-            head_dim_v=DECODE_HEAD_DIM_V,
-            softmax_scale=softmax_scale,
-            causal=causal,
-        )
-        _, _, partial_o, partial_lse = self.abstract(
-            q,
-            k_cache,
-            block_table,
-            cache_seqlens,
-            metadata,
-            num_splits,
-            softmax_scale=softmax_scale,
-            causal=causal,
-        )
-        return (
-            out,
-            lse,
-            jnp.zeros(partial_o.shape, partial_o.dtype),
-            jnp.zeros(partial_lse.shape, partial_lse.dtype),
-        )
-
-    def ffi_attributes(self, *, softmax_scale, causal):
-        return {"softmax_scale": np.float32(softmax_scale), "causal": bool(causal)}
-
-
-dense_decode_p = DenseDecodePrimitive()
-
-#: Every XLA FFI custom-call target the ops may emit, e.g. to allow them in `jax.export`:
-#: ``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in FFI_TARGETS]``.
-FFI_TARGETS = tuple(p.ffi_target for p in (mla_metadata_p, combine_p, dense_decode_p))

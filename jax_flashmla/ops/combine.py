@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_flashmla._src import checks, platform
-from jax_flashmla._src.primitive import combine_p
+from jax_flashmla._src.forward_only import forward_only
+from jax_flashmla._src.kernels.combine import combine
 
 OP = "combine_splits"
 
@@ -35,13 +36,16 @@ def combine_splits(
       num_splits: int32 [b + 1], non-decreasing from 0 with num_splits[b] <= R. Rows past
         num_splits[b] are ignored (they may hold garbage).
       attn_sink: float32 [h_q], optional: out *= 1 / (1 + exp(attn_sink - lse)).
-      out_dtype: static, bfloat16 or float16.
+      out_dtype: static, bfloat16 or float16 (a dtype, a scalar type or its name).
       implementation: None, "cuda" or "xla".
 
-    A row whose pieces all have lse -inf gets out 0 and lse +inf.
+    A row whose pieces all have lse -inf gets out 0 and lse +inf. Forward-only: differentiating
+    it raises a TypeError.
 
     Raises:
-      TypeError: wrong dtypes. ValueError: wrong ranks or shapes, or "cuda" unavailable.
+      TypeError: an array argument is not an array or has a wrong dtype; out_dtype is not
+        bfloat16 or float16.
+      ValueError: wrong ranks or shapes, or "cuda" unavailable.
     """
     checks.check_array(
         OP, "partial_o", partial_o, ndim=4, dtypes=checks.FLOAT32, shape_doc="[rows, s_q, h_q, d_v]"
@@ -67,11 +71,15 @@ def combine_splits(
         checks.check_array(
             OP, "attn_sink", attn_sink, dtypes=checks.FLOAT32, shape=(h_q,), shape_doc="[h_q]"
         )
-    if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise TypeError(f"{OP}: out_dtype must be bfloat16 or float16; got {out_dtype}")
+    out_dtype = checks.check_dtype(OP, "out_dtype", out_dtype, checks.FLOAT16_TYPES)
     reason = "" if d_v % 8 == 0 else f"the kernel needs d_v % 8 == 0; got {d_v}"
+    use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
+    # The kernel's operand for "no sink" is an empty array.
     sink = attn_sink if attn_sink is not None else jnp.zeros((0,), jnp.float32)
-    params = {"out_dtype": jnp.dtype(out_dtype)}
-    if platform.choose_implementation(OP, implementation, reason) == "xla":
-        return tuple(combine_p.reference(partial_o, partial_lse, num_splits, sink, **params))
-    return tuple(combine_p.bind(partial_o, partial_lse, num_splits, sink, **params))
+
+    def compute(partial_o, partial_lse, num_splits, sink):
+        return combine(
+            partial_o, partial_lse, num_splits, sink, use_kernel=use_kernel, out_dtype=out_dtype
+        )
+
+    return forward_only(OP, compute)(partial_o, partial_lse, num_splits, sink)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jax_flashmla._src import checks, platform, sharding
-from jax_flashmla._src.primitive import (
-    DECODE_HEAD_DIM_QK,
-    DECODE_HEAD_DIM_V,
-    DECODE_PAGE_SIZE,
+from jax_flashmla._src.forward_only import forward_only
+from jax_flashmla._src.geometry import (
+    HEAD_DIM_QK,
+    HEAD_DIM_V,
+    KERNEL_PAGE_SIZE,
     METADATA_FIELDS,
-    dense_decode_p,
+    SPARSE_HEAD_DIMS_QK,
 )
+from jax_flashmla._src.kernels import decode_dense, decode_sparse
 from jax_flashmla.ops import metadata as metadata_op
 from jax_flashmla.ops import quant
-from jax_flashmla.reference import decode as reference
 
 OP = "flash_mla_with_kvcache"
 
@@ -47,29 +50,38 @@ def flash_mla_with_kvcache(
 ) -> tuple[jax.Array, jax.Array]:
     """MLA decode attention over a paged KV cache. Returns (out, lse).
 
-    Dense mode (indices None): request i's token t lives in row t % page of physical block
-    block_table[i, t // page]; query j of s_q sees keys t < cache_seqlens[i] (and, if causal,
-    t <= cache_seqlens[i] - s_q + j: bottom-right aligned). Block-table entries past
-    ceil(cache_seqlens[i] / page) are never read.
+    Dense mode (indices None). Request i has the effective length
+    L_i = clamp(cache_seqlens[i], 0, max_blocks_per_seq * page): a negative length counts as 0
+    and a length past what the block table covers is cut to its capacity. Its token t < L_i
+    lives in row t % page of physical block block_table[i, t // page]. Query j of s_q sees the
+    keys t < L_i (and, if causal, t <= L_i - s_q + j: bottom-right aligned) whose block id
+    lies in [0, num_blocks); a token whose block id lies outside is masked (never read, never
+    attended) as a token past the end would be. Block-table entries past ceil(L_i / page) are
+    never read.
 
     Sparse mode (indices given, FP8 cache): query token j of request i attends the keys
     indices[i, j, :topk_length[i]] (value = physical_block * page + offset; -1 = none), plus
     extra_indices_in_kvcache into extra_k_cache when given; one softmax over both.
 
+    A query with no key to attend gets out 0 and lse +inf. Forward-only: differentiating the
+    op raises a TypeError (flash_attn_varlen_func has gradients).
+
     Args:
-      q: [b, s_q, h_q, d_qk], bfloat16 or float16 (bfloat16 in sparse mode).
+      q: [b, s_q, h_q, d_qk], bfloat16 or float16 (bfloat16 with an FP8 cache). d_qk is 576
+        (dense mode, or sparse mode with the "V32" cache) or 512 (sparse mode, "MODEL1").
       k_cache: dense: [num_blocks, page, h_kv, d_qk], q's dtype, h_q % h_kv == 0. With
         is_fp8_kvcache: float8_e4m3fn (or uint8) [num_blocks, page, 1, 656] ("V32" layout,
         d_qk 576) or [num_blocks, page, 1, 584] ("MODEL1", d_qk 512); see
         `jax_flashmla.quantize_k_cache`.
       block_table: int32 [b, max_blocks_per_seq] (dense); must be None in sparse mode.
-      cache_seqlens: int32 [b] (dense, 0 allowed); must be None in sparse mode.
-      head_dim_v: d_v, 512 (V is the first d_v dims of each cache row).
+      cache_seqlens: int32 [b] (dense); must be None in sparse mode.
+      head_dim_v: d_v, 512 (V is the first 512 dims of each cache row).
       tile_scheduler_metadata, num_splits: from `get_mla_metadata` for these shapes, or both
         None to compute them here. Reuse one pair for every layer of a decode step. When the
         call is sharded over batch or heads, each shard schedules its own part instead (a
         schedule cannot be sliced); inside shard_map, compute them per device.
-      softmax_scale: static float, default d_qk ** -0.5.
+      softmax_scale: static float finite in float32 (zero and negative allowed), default
+        d_qk ** -0.5.
       causal: static bool, bottom-right causal mask over the s_q queries (dense mode only).
       is_fp8_kvcache: static bool, the cache is FP8 (required in sparse mode; in dense mode
         the FP8 cache is dequantised).
@@ -83,17 +95,32 @@ def flash_mla_with_kvcache(
         reference), "cuda" (the kernel or a ValueError saying why not) or "xla".
 
     Returns:
-      out: [b, s_q, h_q, head_dim_v] in q's dtype; 0 for a query with no key to attend.
+      out: [b, s_q, h_q, 512] in q's dtype; 0 for a query with no key to attend.
       lse: float32 [b, h_q, s_q], natural-log logsumexp of softmax_scale * q.k; +inf for a
         query with no key.
 
     Raises:
-      TypeError: an argument has the wrong dtype or is not an array / Python value.
-      ValueError: a rank or shape is wrong, h_q % h_kv != 0, head_dim_v > d_qk, the batch
-        sizes differ, the metadata was built for other shapes, topk is not a multiple of 64,
-        a sparse-only argument is given in dense mode (or the reverse), or implementation is
-        "cuda" where no kernel can take these inputs.
+      TypeError: an array argument is not an array (or None where None is allowed) or has
+        the wrong dtype; a static argument is not a Python value of its type.
+      ValueError: a rank or shape is wrong, the head dims are not those of the mode,
+        h_q % h_kv != 0, the batch sizes differ, the metadata was built for other shapes,
+        topk is not a multiple of 64, a sparse-only argument is given in dense mode (or the
+        reverse), or implementation is "cuda" where no kernel can take these inputs (e.g. a
+        size past one of the kernel's limits: h_kv or query tiles per KV head > 65535,
+        b * s_q, num_blocks * 64 or b + num_sm_parts > 2**31 - 1).
     """
+    optional_arrays = {
+        "block_table": block_table,
+        "cache_seqlens": cache_seqlens,
+        "tile_scheduler_metadata": tile_scheduler_metadata,
+        "num_splits": num_splits,
+        "indices": indices,
+        "attn_sink": attn_sink,
+        "topk_length": topk_length,
+        "extra_k_cache": extra_k_cache,
+        "extra_indices_in_kvcache": extra_indices_in_kvcache,
+        "extra_topk_length": extra_topk_length,
+    }
     checks.check_array(
         OP, "q", q, ndim=4, dtypes=checks.FLOAT16_TYPES, shape_doc="[batch, s_q, h_q, d_qk]"
     )
@@ -104,6 +131,9 @@ def flash_mla_with_kvcache(
         ndim=4,
         shape_doc="[num_blocks, page_block_size, h_kv, d_qk or bytes per token]",
     )
+    for name, value in optional_arrays.items():
+        if value is not None:
+            checks.check_array(OP, name, value)
     d_v = checks.check_int(OP, "head_dim_v", head_dim_v, minimum=1)
     causal = checks.check_bool(OP, "causal", causal)
     is_fp8 = checks.check_bool(OP, "is_fp8_kvcache", is_fp8_kvcache)
@@ -111,31 +141,24 @@ def flash_mla_with_kvcache(
     if s_q < 1 or h_q < 1:
         raise ValueError(f"{OP}: q must have s_q >= 1 and h_q >= 1; got shape {q.shape}")
     scale = checks.check_scale(OP, "softmax_scale", softmax_scale, d_qk**-0.5)
-    if d_v > d_qk:
-        raise ValueError(f"{OP}: head_dim_v must be <= d_qk ({d_qk}); got {d_v}")
-    sparse_args = {
-        "attn_sink": attn_sink,
-        "topk_length": topk_length,
-        "extra_k_cache": extra_k_cache,
-        "extra_indices_in_kvcache": extra_indices_in_kvcache,
-        "extra_topk_length": extra_topk_length,
-    }
+    _check_head_dims(d_qk, d_v, sparse=indices is not None)
+    layout = None
     if is_fp8:
+        checks.check_array(OP, "q", q, dtypes=(jnp.bfloat16,))
         checks.check_array(OP, "k_cache", k_cache, dtypes=FP8_CACHE_DTYPES)
         layout = _fp8_layout("k_cache", k_cache, d_qk)
-        cache = quant.dequantize_k_cache(k_cache, layout=layout, dtype=jnp.bfloat16)
     else:
         checks.check_array(OP, "k_cache", k_cache, dtypes=(q.dtype,))
-        cache = k_cache
-    if cache.shape[-1] != d_qk:
-        raise ValueError(
-            f"{OP}: k_cache must have d_qk = {d_qk} (q's last dim); got shape {k_cache.shape}"
-        )
-    h_kv = cache.shape[2]
+        if k_cache.shape[-1] != d_qk:
+            raise ValueError(
+                f"{OP}: k_cache must have d_qk = {d_qk} (q's last dim); got shape {k_cache.shape}"
+            )
+    h_kv = k_cache.shape[2]
     if h_kv < 1 or h_q % h_kv:
         raise ValueError(f"{OP}: h_q must be a multiple of h_kv; got h_q={h_q}, h_kv={h_kv}")
     if k_cache.shape[1] < 1:
         raise ValueError(f"{OP}: k_cache page_block_size must be >= 1; got {k_cache.shape}")
+    sparse_args = {name: optional_arrays[name] for name in _SPARSE_DIMS}
 
     if indices is None:
         for name, value in sparse_args.items():
@@ -152,48 +175,30 @@ def flash_mla_with_kvcache(
                 f"{OP}: block_table and cache_seqlens must be None in sparse mode: indices "
                 "already hold physical_block * page + offset"
             )
-        checks.check_array(OP, "q", q, dtypes=(jnp.bfloat16,))
-        if h_kv != 1:
-            raise ValueError(f"{OP}: sparse mode needs h_kv == 1; got k_cache {k_cache.shape}")
         _check_sparse_inputs(q, k_cache, indices, sparse_args)
+        if extra_k_cache is not None:
+            _fp8_layout("extra_k_cache", extra_k_cache, d_qk)
 
     _check_metadata(q, h_kv, tile_scheduler_metadata, num_splits)
+    metadata = () if tile_scheduler_metadata is None else (tile_scheduler_metadata, num_splits)
 
     if indices is None:
-        reason = _dense_kernel_unsupported_reason(q, k_cache, d_v, is_fp8)
+        reason = _dense_kernel_unsupported_reason(q, k_cache, is_fp8)
         use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
-        metadata = () if tile_scheduler_metadata is None else (tile_scheduler_metadata, num_splits)
-        return _dense_decode(
-            q,
-            k_cache if use_kernel else cache,
-            block_table,
-            cache_seqlens,
-            metadata,
-            softmax_scale=scale,
-            causal=causal,
-            head_dim_v=d_v,
-            use_kernel=use_kernel,
+        cache = k_cache
+        if is_fp8:
+            cache = quant.dequantize_k_cache(k_cache, layout=layout, dtype=jnp.bfloat16)
+        compute = functools.partial(
+            _dense_decode, softmax_scale=scale, causal=causal, use_kernel=use_kernel
         )
+        return forward_only(OP, compute)(q, cache, block_table, cache_seqlens, *metadata)
     platform.choose_implementation(OP, implementation, "the sparse decode kernel is not built yet")
-    extra = None
-    if extra_k_cache is not None:
-        extra = quant.dequantize_k_cache(
-            extra_k_cache,
-            layout=_fp8_layout("extra_k_cache", extra_k_cache, d_qk),
-            dtype=jnp.bfloat16,
-        )
-    return _sparse_decode(
-        q,
-        cache,
-        indices,
-        attn_sink,
-        topk_length,
-        extra,
-        extra_indices_in_kvcache,
-        extra_topk_length,
-        softmax_scale=scale,
-        head_dim_v=d_v,
+    present = [name for name, value in sparse_args.items() if value is not None]
+    compute = functools.partial(
+        _sparse_decode, present=tuple(present), softmax_scale=scale, layout=layout
     )
+    optional = (sparse_args[name] for name in present)
+    return forward_only(OP, compute)(q, k_cache, indices, *optional)
 
 
 # Dims of the decode operands for the sharding rules (jax_flashmla._src.sharding): batch b,
@@ -203,40 +208,30 @@ _DECODE_RESULT_DIMS = ("b s (k g) v", "b (k g) s")
 
 
 def _dense_decode(
-    q, cache, block_table, cache_seqlens, metadata, *, softmax_scale, causal, head_dim_v, use_kernel
+    q, cache, block_table, cache_seqlens, *metadata, softmax_scale, causal, use_kernel
 ):
     """Dense decode on the kernel or the reference, partitioned over batch and heads."""
     h_q, h_kv = q.shape[2], cache.shape[2]
 
     def compute(q, cache, block_table, cache_seqlens, *metadata):
-        if not use_kernel:
-            return reference.dense_decode(
-                q,
-                cache,
-                block_table,
-                cache_seqlens,
-                head_dim_v=head_dim_v,
-                softmax_scale=softmax_scale,
-                causal=causal,
-            )
-        local_h_q, local_h_kv = q.shape[2], cache.shape[2]
-        if not metadata:
+        if use_kernel and not metadata:
+            local_h_q, local_h_kv = q.shape[2], cache.shape[2]
             metadata = metadata_op.get_mla_metadata(
                 cache_seqlens,
                 q.shape[1] * local_h_q // local_h_kv,
                 local_h_kv,
                 implementation="cuda",
             )
-        out, lse, _, _ = dense_decode_p.bind(
+        return decode_dense.decode_dense(
             q,
             cache,
             block_table,
             cache_seqlens,
-            *metadata,
+            *(metadata or (None, None)),
+            use_kernel=use_kernel,
             softmax_scale=softmax_scale,
             causal=causal,
         )
-        return out, lse
 
     def per_shard(factor_axes):
         # A schedule covers the whole batch at the global head count: each shard makes its own.
@@ -256,61 +251,78 @@ def _dense_decode(
     )
 
 
-def _sparse_decode(
-    q,
-    cache,
-    indices,
-    attn_sink,
-    topk_length,
-    extra_cache,
-    extra_indices,
-    extra_topk_length,
-    *,
-    softmax_scale,
-    head_dim_v,
-):
-    """Sparse decode on the (dequantised) caches, partitioned over batch and heads."""
-    optional = {
-        "attn_sink": (attn_sink, "(k g)"),
-        "topk_length": (topk_length, "b"),
-        "extra_k_cache": (extra_cache, "e r k d"),
-        "extra_indices": (extra_indices, "b s u"),
-        "extra_topk_length": (extra_topk_length, "b"),
-    }
-    present = [name for name, (value, _) in optional.items() if value is not None]
+def _sparse_decode(q, cache, indices, *optional, present, softmax_scale, layout):
+    """Sparse decode of the FP8 caches, partitioned over batch and heads. `optional` holds the
+    sparse arguments named in `present`, in the order of _SPARSE_DIMS."""
+    dims = [_SPARSE_DIMS[name] for name in present]
 
-    def compute(q, cache, indices, *rest):
-        return reference.sparse_decode(
+    def compute(q, cache, indices, *optional):
+        given = dict(zip(present, optional, strict=True))
+        return decode_sparse.decode_sparse(
             q,
             cache,
             indices,
-            **dict(zip(present, rest, strict=True)),
+            given.get("topk_length"),
+            given.get("attn_sink"),
+            given.get("extra_k_cache"),
+            given.get("extra_indices_in_kvcache"),
+            given.get("extra_topk_length"),
+            use_kernel=False,
             softmax_scale=softmax_scale,
-            head_dim_v=head_dim_v,
+            layout=layout,
         )
 
     return sharding.partitioned_call(
         OP,
         compute,
-        (q, cache, indices, *(optional[n][0] for n in present)),
-        ("b s (k g) d", "n p k d", "b s t", *(optional[n][1] for n in present)),
+        (q, cache, indices, *optional),
+        ("b s (k g) d", "n p k d", "b s t", *dims),
         _DECODE_RESULT_DIMS,
         shardable=frozenset({"b", "g"}),
         given_sizes={"g": q.shape[2]},
     )
 
 
-def _dense_kernel_unsupported_reason(q, k_cache, d_v: int, is_fp8: bool) -> str:
+#: Sharding dims of the optional sparse-mode operands (the FP8 caches are replicated).
+_SPARSE_DIMS = {
+    "attn_sink": "(k g)",
+    "topk_length": "b",
+    "extra_k_cache": "e r k d",
+    "extra_indices_in_kvcache": "b s u",
+    "extra_topk_length": "b",
+}
+
+
+def _check_head_dims(d_qk: int, d_v: int, *, sparse: bool) -> None:
+    """Decode's head dims, in every implementation: MLA's latent + RoPE and the latent V."""
+    allowed = SPARSE_HEAD_DIMS_QK if sparse else (HEAD_DIM_QK,)
+    if d_qk not in allowed or d_v != HEAD_DIM_V:
+        mode = "sparse" if sparse else "dense"
+        want = " or ".join(str(d) for d in allowed)
+        raise ValueError(
+            f"{OP}: {mode} decode needs d_qk (q's last dim) {want} and head_dim_v "
+            f"{HEAD_DIM_V}; got d_qk {d_qk} and head_dim_v {d_v}"
+        )
+
+
+def _dense_kernel_unsupported_reason(q, k_cache, is_fp8: bool) -> str:
     """Why the Hopper dense decode kernel cannot take these inputs ("" when it can)."""
     if is_fp8:
         return "the FP8 dense decode kernel is not built yet"
-    if q.shape[-1] != DECODE_HEAD_DIM_QK or d_v != DECODE_HEAD_DIM_V:
-        return f"the kernel needs d_qk 576 and head_dim_v 512; got {q.shape[-1]} and {d_v}"
-    if k_cache.shape[1] != DECODE_PAGE_SIZE:
-        return f"the kernel needs page_block_size 64; got {k_cache.shape[1]}"
-    if k_cache.shape[0] == 0:
+    num_blocks, page, h_kv, _ = k_cache.shape
+    if page != KERNEL_PAGE_SIZE:
+        return f"the kernel needs page_block_size {KERNEL_PAGE_SIZE}; got {page}"
+    if num_blocks == 0:
         return "the kernel needs a cache of at least one block"
-    return ""
+    b, s_q, h_q, _ = q.shape
+    return decode_dense.launch_limit_error(
+        batch=b,
+        s_q=s_q,
+        h_q=h_q,
+        h_kv=h_kv,
+        num_blocks=num_blocks,
+        num_parts=metadata_op.num_sm_parts(s_q * h_q // h_kv, h_kv),
+    )
 
 
 def _fp8_layout(name: str, cache: jax.Array, d_qk: int) -> str:

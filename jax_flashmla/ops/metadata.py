@@ -5,12 +5,15 @@ from __future__ import annotations
 import jax
 
 from jax_flashmla._src import checks, platform
-from jax_flashmla._src.primitive import METADATA_FIELDS, SCHEDULER_BLOCK_TOKENS, mla_metadata_p
+from jax_flashmla._src.geometry import (
+    INT32_MAX,
+    METADATA_FIELDS,
+    QUERY_TILE_ROWS,
+    SCHEDULER_BLOCK_TOKENS,
+)
+from jax_flashmla._src.kernels.mla_metadata import mla_metadata
 
 OP = "get_mla_metadata"
-
-#: Rows of queries one decode CTA handles for one KV head.
-QUERY_ROWS_PER_TILE = 64
 
 
 def num_sm_parts(num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
@@ -19,7 +22,7 @@ def num_sm_parts(num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
     max(num_SMs // h_kv // ceil(s_q*h_q/h_kv / 64), 1), with the SM count of the target device
     (132 on an H200; 132 is also assumed where there is no GPU).
     """
-    tiles = -(-num_q_tokens_per_head_k // QUERY_ROWS_PER_TILE)
+    tiles = -(-num_q_tokens_per_head_k // QUERY_TILE_ROWS)
     return max(platform.target_device().num_sms // num_heads_k // tiles, 1)
 
 
@@ -51,14 +54,20 @@ def get_mla_metadata(
       tile_scheduler_metadata: int32 [num_sm_parts, 8]; num_sm_parts =
         max(num_SMs // h_kv // ceil(num_q_tokens_per_head_k / 64), 1). Row p is
         [begin_req, end_req (inclusive), begin_block, end_block (exclusive), begin_split_idx,
-        begin_req is split, end_req is split, 0], blocks being 64-token KV tiles; an empty part
-        is [b, -1, 0, 0, 0, 0, 0, 0]. See `jax_flashmla.reference.schedule` for the scheme.
-      num_splits: int32 [b + 1], exclusive prefix sum of the pieces each request is split into.
+        begin_req is split, end_req is split, 0] (columns named by
+        `jax_flashmla._src.geometry.MetadataField`), blocks being 64-token KV tiles; an empty
+        part is [b, -1, 0, 0, 0, 0, 0, 0]. See `jax_flashmla.reference.schedule` for the scheme,
+        which is exact for every int32 length and batch size (64-bit cost positions).
+      num_splits: int32 [b + 1], exclusive prefix sum of the pieces each request is split into
+        (at most b + num_sm_parts - 1 in all).
+
+    Not differentiable; its only array is an integer one, which JAX does not differentiate.
 
     Raises:
       TypeError: cache_seqlens is not an int32 array; a count is not a Python int.
       ValueError: cache_seqlens is not rank 1; a count is < 1;
         num_heads_q is not a multiple of num_heads_k; topk is not a positive multiple of 64;
+        b + num_sm_parts > 2**31 - 1 (num_splits would not fit int32);
         implementation is unknown, or "cuda" where the kernel cannot run.
     """
     checks.check_array(
@@ -76,13 +85,20 @@ def get_mla_metadata(
     fixed_length = -1
     if topk is not None:
         fixed_length = checks.check_int(OP, "topk", topk, minimum=1)
-        if fixed_length % SCHEDULER_BLOCK_TOKENS:
-            raise ValueError(f"{OP}: topk must be a multiple of 64; got {fixed_length}")
+        if fixed_length % SCHEDULER_BLOCK_TOKENS or fixed_length > INT32_MAX:
+            raise ValueError(
+                f"{OP}: topk must be a multiple of 64 and <= 2**31 - 1; got {fixed_length}"
+            )
     num_parts = num_sm_parts(rows, h_kv)
-    params = {"num_parts": num_parts, "fixed_length": fixed_length}
-    if platform.choose_implementation(OP, implementation) == "xla":
-        metadata, num_splits = mla_metadata_p.reference(cache_seqlens, **params)
-    else:
-        metadata, num_splits = mla_metadata_p.bind(cache_seqlens, **params)
+    b = cache_seqlens.shape[0]
+    if b + num_parts > INT32_MAX:
+        raise ValueError(
+            f"{OP}: batch + num_sm_parts must be <= 2**31 - 1 (num_splits is int32); got "
+            f"{b} + {num_parts}"
+        )
+    use_kernel = platform.choose_implementation(OP, implementation) == "cuda"
+    metadata, num_splits = mla_metadata(
+        cache_seqlens, use_kernel=use_kernel, num_parts=num_parts, fixed_length=fixed_length
+    )
     assert metadata.shape == (num_parts, METADATA_FIELDS)
     return metadata, num_splits

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_flashmla._src import checks
+
 __all__ = [
     "FP8_LAYOUTS",
     "Fp8Layout",
@@ -43,8 +45,9 @@ __all__ = [
 _E4M3_MAX = 448.0
 # Floor of the per-tile scale before rounding up to a power of two (avoids 0 / 0 on zero tiles).
 _SCALE_FLOOR = 1e-4
-# Bias of the e8m0 exponent byte: byte e encodes 2 ** (e - 127).
-_E8M0_BIAS = 127
+# Dtypes of a dequantised cache, and of the raw bytes of a quantised one.
+_FLOAT_TYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_BYTE_TYPES = (jnp.float8_e4m3fn, jnp.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,31 +125,30 @@ def infer_fp8_layout(bytes_per_token: int) -> str:
     Raises:
       ValueError: if no layout has that many bytes per token.
     """
+    return _layout_for_bytes("infer_fp8_layout", "bytes_per_token", bytes_per_token)
+
+
+def _layout_for_bytes(op: str, name: str, bytes_per_token: int) -> str:
     for layout in FP8_LAYOUTS.values():
         if layout.bytes_per_token == bytes_per_token:
             return layout.name
-    known = {v.name: v.bytes_per_token for v in FP8_LAYOUTS.values()}
+    known = ", ".join(f"{v.bytes_per_token} ({v.name})" for v in FP8_LAYOUTS.values())
     raise ValueError(
-        f"quant_k_cache: last dim must be the bytes per token of an FP8 layout {known}, "
-        f"got {bytes_per_token}"
+        f"{op}: {name} must be the bytes per token of an FP8 layout, {known}; got {bytes_per_token}"
     )
 
 
-def _get_layout(layout: Any) -> Fp8Layout:
-    if not isinstance(layout, str) or layout not in FP8_LAYOUTS:
-        raise ValueError(f"layout: must be one of {sorted(FP8_LAYOUTS)}, got {layout!r}")
-    return FP8_LAYOUTS[layout]
-
-
-def _check_cache_shape(name: str, shape: tuple[int, ...], last_dim: int, what: str) -> None:
-    if len(shape) != 4:
+def _check_cache(op: str, name: str, x: Any, dtypes: tuple, last_dim: int, what: str) -> None:
+    """An FP8-layout cache operand: rank 4 [num_blocks, page, 1, last_dim] of `dtypes`."""
+    checks.check_array(
+        op, name, x, ndim=4, dtypes=dtypes, shape_doc=f"[num_blocks, page, 1, {what}]"
+    )
+    if x.shape[2] != 1:
         raise ValueError(
-            f"{name}: must have rank 4 [num_blocks, page, h_kv, d], got shape {tuple(shape)}"
+            f"{op}: {name} must have h_kv (dim 2) 1 for an FP8 cache; got shape {tuple(x.shape)}"
         )
-    if shape[2] != 1:
-        raise ValueError(f"{name}: h_kv (dim 2) must be 1 for an FP8 cache, got {shape[2]}")
-    if shape[3] != last_dim:
-        raise ValueError(f"{name}: last dim must be {last_dim} ({what}), got {shape[3]}")
+    if x.shape[3] != last_dim:
+        raise ValueError(f"{op}: {name}'s last dim must be {last_dim} ({what}); got {x.shape[3]}")
 
 
 def _tile_scales(x: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
@@ -197,12 +199,12 @@ def _from_bytes(b: jax.Array, dtype: Any) -> jax.Array:
     return jax.lax.bitcast_convert_type(b, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("layout",))
 def quantize_k_cache(k_cache: jax.Array, *, layout: str = "V32") -> jax.Array:
     """Quantises a bf16 (or fp16/fp32) MLA K cache into an FP8 cache. Jittable (layout static).
 
     Args:
-      k_cache: [num_blocks, page, 1, d] floating array; d = 576 for "V32", 512 for "MODEL1".
+      k_cache: bfloat16, float16 or float32 [num_blocks, page, 1, d]; d = 576 for "V32",
+        512 for "MODEL1".
         Dims [0, d_nope) are quantised per tile; the last 64 (RoPE) are stored as bf16.
       layout: "V32" or "MODEL1" (see the module docstring for the byte layouts).
 
@@ -215,18 +217,21 @@ def quantize_k_cache(k_cache: jax.Array, *, layout: str = "V32") -> jax.Array:
       block (and to hand ours to FlashMLA, add it).
 
     Raises:
-      ValueError: unknown layout; k_cache not rank 4, h_kv != 1, or wrong last dim.
-      TypeError: k_cache is not a floating-point array (fp8 inputs are rejected too).
+      TypeError: k_cache not an array of bfloat16, float16 or float32; layout not a string.
+      ValueError: unknown layout name; k_cache not rank 4, h_kv != 1, or wrong last dim.
 
     Non-finite NoPE values turn their whole tile into NaN; RoPE values are cast to bf16 as-is.
     """
-    lay = _get_layout(layout)
-    _check_cache_shape("k_cache", k_cache.shape, lay.d_qk, f"d_qk of layout {lay.name!r}")
-    dtype = jnp.dtype(k_cache.dtype)
-    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2:
-        raise TypeError(
-            f"k_cache: dtype must be a 16- or 32-bit floating type (bf16, fp16, fp32), got {dtype}"
-        )
+    op = "quantize_k_cache"
+    checks.check_choice(op, "layout", layout, tuple(FP8_LAYOUTS))
+    lay = FP8_LAYOUTS[layout]
+    _check_cache(op, "k_cache", k_cache, _FLOAT_TYPES, lay.d_qk, f"d_qk of layout {lay.name!r}")
+    return _quantize(k_cache, layout)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _quantize(k_cache: jax.Array, layout: str) -> jax.Array:
+    lay = FP8_LAYOUTS[layout]
     num_blocks, page = k_cache.shape[0], k_cache.shape[1]
     x = k_cache[:, :, 0, :]  # [num_blocks, page, d_qk]
     nope = x[..., : lay.d_nope].astype(jnp.float32)
@@ -261,7 +266,6 @@ def _e8m0_to_float32(byte: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "dtype"))
 def dequantize_k_cache(
     quant_k_cache: jax.Array, *, layout: str | None = None, dtype: Any = jnp.bfloat16
 ) -> jax.Array:
@@ -271,7 +275,7 @@ def dequantize_k_cache(
       quant_k_cache: float8_e4m3fn or uint8 [num_blocks, page, 1, 656 ("V32") or 584
         ("MODEL1")], holding the raw bytes of the layout.
       layout: "V32", "MODEL1", or None to infer it from the last dim.
-      dtype: floating dtype of the result.
+      dtype: bfloat16, float16 or float32, the dtype of the result.
 
     Returns:
       [num_blocks, page, 1, 576] ("V32") or [num_blocks, page, 1, 512] ("MODEL1") in
@@ -279,30 +283,42 @@ def dequantize_k_cache(
       bf16 values.
 
     Raises:
-      ValueError: unknown layout; quant_k_cache not rank 4, h_kv != 1, or a last dim that
-        does not match the layout (or, with layout None, no layout).
-      TypeError: quant_k_cache not float8_e4m3fn / uint8, or dtype not floating.
+      TypeError: quant_k_cache not an array of float8_e4m3fn or uint8; dtype not one of the
+        three above; layout neither None nor a string.
+      ValueError: unknown layout name; quant_k_cache not rank 4, h_kv != 1, or a last dim
+        that does not match the layout (or, with layout None, no layout).
     """
-    in_dtype = jnp.dtype(quant_k_cache.dtype)
-    if in_dtype not in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.uint8)):
-        raise TypeError(
-            f"quant_k_cache: dtype must be float8_e4m3fn or uint8 (raw bytes), got {in_dtype}"
-        )
-    out_dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(out_dtype, jnp.floating):
-        raise TypeError(f"dtype: must be a floating dtype, got {out_dtype}")
-    shape = quant_k_cache.shape
-    if len(shape) != 4:
-        raise ValueError(
-            "quant_k_cache: must have rank 4 [num_blocks, page, 1, bytes_per_token], "
-            f"got shape {tuple(shape)}"
-        )
-    if layout is None:
-        layout = infer_fp8_layout(shape[3])
-    lay = _get_layout(layout)
-    _check_cache_shape(
-        "quant_k_cache", shape, lay.bytes_per_token, f"bytes per token of layout {lay.name!r}"
+    op = "dequantize_k_cache"
+    name = "quant_k_cache"
+    checks.check_array(
+        op,
+        name,
+        quant_k_cache,
+        ndim=4,
+        dtypes=_BYTE_TYPES,
+        shape_doc="[num_blocks, page, 1, bytes_per_token]",
     )
+    out_dtype = checks.check_dtype(op, "dtype", dtype, _FLOAT_TYPES)
+    if layout is None:
+        layout = _layout_for_bytes(op, f"{name}'s last dim", quant_k_cache.shape[3])
+    checks.check_choice(op, "layout", layout, tuple(FP8_LAYOUTS))
+    lay = FP8_LAYOUTS[layout]
+    _check_cache(
+        op,
+        name,
+        quant_k_cache,
+        _BYTE_TYPES,
+        lay.bytes_per_token,
+        f"bytes per token of layout {lay.name!r}",
+    )
+    return _dequantize(quant_k_cache, layout, out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "out_dtype"))
+def _dequantize(quant_k_cache: jax.Array, layout: str, out_dtype: np.dtype) -> jax.Array:
+    lay = FP8_LAYOUTS[layout]
+    in_dtype = jnp.dtype(quant_k_cache.dtype)
+    shape = quant_k_cache.shape
     num_blocks, page = shape[0], shape[1]
     raw = quant_k_cache[:, :, 0, :]
     if in_dtype != jnp.dtype(jnp.uint8):

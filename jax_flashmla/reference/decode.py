@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_flashmla._src.geometry import HEAD_DIM_QK, HEAD_DIM_V, SPARSE_HEAD_DIMS_QK
+
 _HIGHEST = lax.Precision.HIGHEST
 
 # Target size of one chunk's intermediates (gathered keys in fp32, logits, probabilities).
@@ -112,25 +114,42 @@ def _check_float(name: str, x: jax.Array) -> None:
         raise TypeError(f"{name} must be a floating-point array, got {x.dtype}")
 
 
+def _check_head_dims(
+    fn: str, d_qk: int, d_v: int, allowed_d_qk: tuple[int, ...], v_name: str = "head_dim_v"
+) -> None:
+    """MLA's head dims; any other width is an error, never a result of that width."""
+    if d_qk not in allowed_d_qk or d_v != HEAD_DIM_V:
+        want = " or ".join(str(d) for d in allowed_d_qk)
+        raise ValueError(
+            f"{fn}: d_qk (q's last dim) must be {want} and {v_name} {HEAD_DIM_V}; got "
+            f"d_qk {d_qk} and {v_name} {d_v}"
+        )
+
+
 def dense_decode(
     q: jax.Array,
     k_cache: jax.Array,
     block_table: jax.Array,
     cache_seqlens: jax.Array,
     *,
-    head_dim_v: int = 512,
+    head_dim_v: int = HEAD_DIM_V,
     softmax_scale: float | None = None,
     causal: bool = False,
     chunk_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Dense MLA decode over a paged KV cache (semantics.md section 1).
+    """Dense MLA decode over a paged KV cache (docs/ops.md, dense decode).
 
-    q [b, s_q, h_q, d_qk] (bf16/fp16); k_cache [num_blocks, page, h_kv, d_qk], same dtype;
-    block_table int32 [b, max_blocks]; cache_seqlens int32 [b]. V = K[..., :head_dim_v].
-    Query head h reads KV head h // (h_q // h_kv). With `causal`, query i sees keys
-    j <= s_k - s_q + i (bottom-right aligned). A request attends to at most max_blocks * page
-    tokens. Returns out [b, s_q, h_q, head_dim_v] in q's dtype and lse [b, h_q, s_q] fp32.
-    Lonely queries (no visible key) give out 0 and lse +inf.
+    q [b, s_q, h_q, 576] (bf16/fp16/fp32); k_cache [num_blocks, page, h_kv, 576], same dtype;
+    block_table int32 [b, max_blocks]; cache_seqlens int32 [b]; head_dim_v 512, V =
+    K[..., :512]. Query head h reads KV head h // (h_q // h_kv).
+
+    Request i attends its first L_i = clamp(cache_seqlens[i], 0, max_blocks * page) tokens
+    (negative lengths count as 0; lengths past the table's capacity are cut to it), token t
+    being row t % page of block block_table[i, t // page]. A token whose block id lies outside
+    [0, num_blocks) is masked: never gathered from that id, never attended. With `causal`,
+    query j sees keys t <= L_i - s_q + j (bottom-right aligned). Returns out
+    [b, s_q, h_q, 512] in q's dtype and lse [b, h_q, s_q] fp32; queries with no visible key
+    give out 0 and lse +inf.
 
     Footprint: with n = max_blocks * page, one request costs about
     n * (h_kv * d_qk * 6 + s_q * h_q * 12) bytes (its pages gathered in the cache dtype and in
@@ -142,14 +161,13 @@ def dense_decode(
     _check_float("q", q)
     b, s_q, h_q, d_qk = q.shape
     num_blocks, page, h_kv, d_k = k_cache.shape
+    _check_head_dims("dense_decode", d_qk, head_dim_v, (HEAD_DIM_QK,))
     if d_k != d_qk:
         raise ValueError(f"q head dim {d_qk} != k_cache head dim {d_k}")
     if k_cache.dtype != q.dtype:
         raise TypeError(f"k_cache dtype {k_cache.dtype} != q dtype {q.dtype}")
     if h_kv < 1 or h_q % h_kv != 0:
         raise ValueError(f"h_q ({h_q}) must be a multiple of h_kv ({h_kv})")
-    if not 0 < head_dim_v <= d_qk:
-        raise ValueError(f"head_dim_v must be in [1, {d_qk}], got {head_dim_v}")
     if block_table.ndim != 2 or block_table.shape[0] != b:
         raise ValueError(f"block_table must be [{b}, max_blocks], got {block_table.shape}")
     if cache_seqlens.shape != (b,):
@@ -165,17 +183,17 @@ def dense_decode(
 
     def one_chunk(q_c: jax.Array, bt_c: jax.Array, len_c: jax.Array) -> tuple[jax.Array, ...]:
         c = q_c.shape[0]
-        blocks_used = (len_c + page - 1) // page
-        block_ok = jnp.arange(max_blocks)[None, :] < blocks_used[:, None]
-        # Entries past a request's blocks are garbage: read block 0 instead (masked below).
-        safe_bt = jnp.where(block_ok, jnp.clip(bt_c, 0, num_blocks - 1), 0)
-        keys = jnp.take(k_cache, safe_bt, axis=0, mode="clip")  # [c, max_blocks, page, h_kv, d]
+        length = jnp.clip(len_c, 0, n)  # L_i
+        # A block id outside the cache masks its tokens; gather block 0 in its place.
+        block_ok = (bt_c >= 0) & (bt_c < num_blocks)
+        keys = jnp.take(k_cache, jnp.where(block_ok, bt_c, 0), axis=0)  # [c, max_blocks, ...]
         keys = keys.reshape(c, n, h_kv, d_qk).transpose(0, 2, 1, 3)  # [c, h_kv, n, d]
 
         pos = jnp.arange(n)
-        valid = pos[None, None, :] < len_c[:, None, None]  # [c, 1, n]
+        token_ok = jnp.repeat(block_ok, page, axis=1)  # [c, n]
+        valid = ((pos[None, :] < length[:, None]) & token_ok)[:, None, :]  # [c, 1, n]
         if causal:
-            last_visible = len_c[:, None] - s_q + jnp.arange(s_q)[None, :]  # [c, s_q]
+            last_visible = length[:, None] - s_q + jnp.arange(s_q)[None, :]  # [c, s_q]
             valid = valid & (pos[None, None, :] <= last_visible[:, :, None])  # [c, s_q, n]
         # Rows of the grouped query are (query token, head within the group).
         valid = jnp.broadcast_to(valid[:, None, :, None, :], (c, 1, s_q, group, n))
@@ -230,12 +248,13 @@ def sparse_decode(
     extra_indices: jax.Array | None = None,
     extra_topk_length: jax.Array | None = None,
     softmax_scale: float | None = None,
-    head_dim_v: int = 512,
+    head_dim_v: int = HEAD_DIM_V,
     chunk_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Sparse (top-k) MLA decode on an already dequantised cache (semantics.md section 2).
+    """Sparse (top-k) MLA decode on an already dequantised cache (docs/ops.md, sparse decode).
 
-    q [b, s_q, h_q, d_qk]; k_cache [num_blocks, page, 1, d_qk] (bf16/fp32, dequantised);
+    q [b, s_q, h_q, d_qk], d_qk 576 ("V32") or 512 ("MODEL1"), head_dim_v 512;
+    k_cache [num_blocks, page, 1, d_qk] (bf16/fp32, dequantised);
     indices int32 [b, s_q, topk], value = block * page + row in the flattened cache; any value
     < 0 or >= num_blocks * page is invalid. topk_length int32 [b]: only the first
     topk_length[i] slots of request i count. extra_k_cache [num_blocks2, page2, 1, d_qk] with
@@ -253,10 +272,9 @@ def sparse_decode(
     _check_float("q", q)
     _check_float("k_cache", k_cache)
     b, s_q, h_q, d_qk = q.shape
+    _check_head_dims("sparse_decode", d_qk, head_dim_v, SPARSE_HEAD_DIMS_QK)
     if k_cache.shape[-1] != d_qk:
         raise ValueError(f"q head dim {d_qk} != k_cache head dim {k_cache.shape[-1]}")
-    if not 0 < head_dim_v <= d_qk:
-        raise ValueError(f"head_dim_v must be in [1, {d_qk}], got {head_dim_v}")
     if indices.ndim != 3 or indices.shape[:2] != (b, s_q):
         raise ValueError(f"indices must be [{b}, {s_q}, topk], got {indices.shape}")
     topk = indices.shape[2]

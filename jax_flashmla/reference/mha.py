@@ -11,13 +11,18 @@ O(total_q * h * total_k).
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jax_flashmla._src import checks
+from jax_flashmla._src.geometry import MHA_HEAD_DIMS
+
 __all__ = ["mha_varlen"]
+
+_OP = "mha_varlen"
+_FLOATS = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 
 # Upper bound on the elements of one chunk's [chunk, h, total_k] score block (64 MiB in fp32).
 _MAX_SCORE_ELEMENTS = 1 << 24
@@ -58,38 +63,38 @@ def _check_inputs(
     max_seqlen_q: Any,
     max_seqlen_k: Any,
 ) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 3:
-            raise ValueError(f"{name}: must have rank 3 [tokens, heads, dim], got {x.shape}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name}: dtype must be floating, got {x.dtype}")
-    if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1]:
+    checks.check_array(_OP, "q", q, ndim=3, dtypes=_FLOATS, shape_doc="[total_q, h, d_qk]")
+    _, h, d_qk = q.shape
+    checks.check_array(
+        _OP, "k", k, dtypes=_FLOATS, shape=(None, None, d_qk), shape_doc=f"[total_k, h_k, {d_qk}]"
+    )
+    total_k, h_k, _ = k.shape
+    checks.check_array(
+        _OP,
+        "v",
+        v,
+        dtypes=_FLOATS,
+        shape=(total_k, h_k, None),
+        shape_doc=f"[{total_k}, {h_k}, d_v]",
+    )
+    if (d_qk, v.shape[2]) not in MHA_HEAD_DIMS:
         raise ValueError(
-            f"v: must have the tokens and heads of k {k.shape[:2]}, got shape {v.shape}"
+            f"{_OP}: (d_qk, d_v) must be one of {', '.join(map(str, MHA_HEAD_DIMS))}; "
+            f"got ({d_qk}, {v.shape[2]})"
         )
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"k: head dim must equal q's ({q.shape[2]}), got {k.shape[2]}")
-    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(
-            f"k: number of kv heads must divide the query heads ({q.shape[1]}), got {k.shape[1]}"
-        )
+    if h_k < 1 or h % h_k:
+        raise ValueError(f"{_OP}: q's heads must be a multiple of k's heads; got {h} and {h_k}")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if cu.ndim != 1 or cu.shape[0] < 1:
-            raise ValueError(f"{name}: must have shape [batch + 1], got {cu.shape}")
-        if not jnp.issubdtype(cu.dtype, jnp.integer):
-            raise TypeError(f"{name}: dtype must be an integer type (int32), got {cu.dtype}")
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        checks.check_array(_OP, name, cu, ndim=1, dtypes=checks.INT32, shape_doc="[batch + 1]")
+        if cu.shape[0] < 1:
+            raise ValueError(f"{_OP}: {name} must have at least one entry ([batch + 1]); got (0,)")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(
-            f"cu_seqlens_k: must have the shape of cu_seqlens_q {cu_seqlens_q.shape}, "
-            f"got {cu_seqlens_k.shape}"
+            f"{_OP}: cu_seqlens_k must have the shape of cu_seqlens_q, "
+            f"{tuple(cu_seqlens_q.shape)}; got {tuple(cu_seqlens_k.shape)}"
         )
-    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        try:
-            ok = not isinstance(m, bool) and operator.index(m) >= 0
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{name}: must be a static non-negative Python int, got {m!r}")
+    checks.check_int(_OP, "max_seqlen_q", max_seqlen_q, minimum=0)
+    checks.check_int(_OP, "max_seqlen_k", max_seqlen_k, minimum=0)
 
 
 @functools.partial(
@@ -120,7 +125,7 @@ def mha_varlen(
     Args:
       q: [total_q, h, d_qk] floating (bf16 in the tests).
       k: [total_k, h_k, d_qk], h % h_k == 0; query head i uses kv head i // (h // h_k).
-      v: [total_k, h_k, d_v].
+      v: [total_k, h_k, d_v]; (d_qk, d_v) one of MHA_HEAD_DIMS.
       cu_seqlens_q: int32 [b + 1], exclusive prefix sums of the query lengths (traced values).
       cu_seqlens_k: int32 [b + 1], same for the keys.
       max_seqlen_q: static upper bound of the query lengths (validated, otherwise unused:
@@ -142,9 +147,10 @@ def mha_varlen(
     Differentiable w.r.t. q, k and v; the gradients are finite for lonely queries.
 
     Raises:
-      ValueError: wrong ranks or mismatched shapes, h % h_k != 0, cu_seqlens not [b + 1] or of
-        different lengths, max_seqlen not a non-negative int, bad query_chunk_size.
-      TypeError: non-floating q/k/v or non-integer cu_seqlens.
+      ValueError: wrong ranks or mismatched shapes, unsupported (d_qk, d_v), h % h_k != 0,
+        cu_seqlens not [b + 1] or of different lengths, negative max_seqlen, bad
+        query_chunk_size.
+      TypeError: non-array or non-floating q/k/v, cu_seqlens not int32, max_seqlen not an int.
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     total_q, h, d_qk = q.shape
@@ -152,20 +158,17 @@ def mha_varlen(
     d_v = v.shape[2]
     g = h // h_k
     b = cu_seqlens_q.shape[0] - 1
-    scale = float(d_qk**-0.5 if softmax_scale is None else softmax_scale)
+    scale = checks.check_scale(_OP, "softmax_scale", softmax_scale, d_qk**-0.5)
     if query_chunk_size is None:
         chunk = _default_chunk(total_q, h, total_k)
-    elif isinstance(query_chunk_size, int) and query_chunk_size >= 1:
-        chunk = query_chunk_size
     else:
-        raise ValueError(f"query_chunk_size: must be a positive int, got {query_chunk_size!r}")
+        chunk = checks.check_int(_OP, "query_chunk_size", query_chunk_size, minimum=1)
 
     if b == 0 or total_q == 0 or total_k == 0:
         # No sequence or no key at all: every query is lonely.
         return jnp.zeros((total_q, h, d_v), q.dtype), jnp.full((total_q, h), jnp.inf, jnp.float32)
 
-    cu_q = cu_seqlens_q.astype(jnp.int32)
-    cu_k = cu_seqlens_k.astype(jnp.int32)
+    cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
     q_seq, q_pos, q_valid = _segments(cu_q, total_q)
     k_seq, k_pos, k_valid = _segments(cu_k, total_k)
     len_q = cu_q[1:] - cu_q[:-1]

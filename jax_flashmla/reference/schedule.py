@@ -9,6 +9,10 @@ processes every block whose position lies in [pP, (p+1)P). A request crossing a 
 its pieces are merged by the combine step. Unlike a greedy fill, every quantity here is a
 prefix sum or a binary search, so the CUDA kernel computes it in parallel with no loop over
 requests.
+
+Positions reach b * (2**25 + c) for int32 lengths, past int32 once b >= 64, so they are
+computed in 64-bit integers (as the CUDA scheduler does) whatever jax_enable_x64 says; every
+result fits int32 (num_splits[b] <= b + num_parts - 1, which get_mla_metadata bounds).
 """
 
 from __future__ import annotations
@@ -16,6 +20,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_flashmla._src.geometry import METADATA_FIELDS, MetadataField
+
+
+def _empty_row(b: int) -> np.ndarray:
+    """The row of a part with no work: begin_req b, end_req -1, every other field 0."""
+    row = np.zeros(METADATA_FIELDS, np.int32)
+    row[MetadataField.BEGIN_REQ] = b
+    row[MetadataField.END_REQ] = -1
+    return row
 
 
 def mla_metadata(
@@ -28,55 +42,61 @@ def mla_metadata(
 ) -> tuple[jax.Array, jax.Array]:
     """Split-KV schedule: (tile_scheduler_metadata int32 [num_parts, 8], num_splits [b+1]).
 
-    Row p of the metadata is [begin_req, end_req (inclusive), begin_block (in begin_req),
-    end_block (exclusive, in end_req), begin_split_idx (this part's piece of begin_req),
-    begin_req is split, end_req is split, 0]; an empty part is [b, -1, 0, 0, 0, 0, 0, 0].
-    num_splits is the exclusive prefix sum of the number of pieces of each request.
-    fixed_length >= 0 replaces every length (sparse decode: each request attends topk keys).
+    Row p of the metadata holds the fields of `MetadataField`: [begin_req, end_req
+    (inclusive), begin_block (in begin_req), end_block (exclusive, in end_req),
+    begin_split_idx (this part's piece of begin_req), begin_req is split, end_req is split, 0];
+    an empty part is [b, -1, 0, 0, 0, 0, 0, 0]. num_splits is the exclusive prefix sum of the
+    number of pieces of each request. Negative lengths count as 0. fixed_length >= 0 replaces
+    every length (sparse decode: each request attends topk keys); the schedule then depends
+    on no array and is computed with NumPy at trace time (XLA would constant-fold it slowly).
     """
     (b,) = cache_seqlens.shape
     if b == 0:
-        empty_row = jnp.array([0, -1, 0, 0, 0, 0, 0, 0], jnp.int32)
-        return jnp.tile(empty_row, (num_parts, 1)), jnp.zeros((1,), jnp.int32)
-    lengths = cache_seqlens.astype(jnp.int32)
+        return jnp.tile(_empty_row(0), (num_parts, 1)), jnp.zeros((1,), jnp.int32)
     if fixed_length >= 0:
-        lengths = jnp.full((b,), fixed_length, jnp.int32)
-    lengths = jnp.maximum(lengths, 0)
-    n = lengths // block_tokens + (lengths % block_tokens > 0)
-    cost = n + fixed_overhead
-    start = jnp.cumsum(cost) - cost  # S_i
-    total = jnp.sum(cost)
-    payload = jnp.maximum((total + num_parts - 1) // num_parts, 1)  # P
-    span_end = start + jnp.maximum(n, 1)  # strictly increasing since fixed_overhead >= 1
-    pieces = (span_end - 1) // payload - start // payload + 1
-    num_splits = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(pieces)])
+        lengths = np.full((b,), fixed_length, np.int64)
+        metadata, num_splits = _schedule(np, lengths, num_parts, block_tokens, fixed_overhead)
+        return jnp.asarray(metadata), jnp.asarray(num_splits)
+    with jax.enable_x64(True):
+        lengths = jnp.maximum(cache_seqlens.astype(jnp.int64), 0)
+        return _schedule(jnp, lengths, num_parts, block_tokens, fixed_overhead)
 
-    part_lo = jnp.arange(num_parts, dtype=jnp.int32) * payload
+
+def _schedule(xp, lengths, num_parts, block_tokens, fixed_overhead):
+    """The scheme on int64 `lengths` (>= 0) with the array module xp (numpy, or jax.numpy
+    with 64-bit integers enabled); returns int32 (metadata, num_splits)."""
+    (b,) = lengths.shape
+    n = (lengths + block_tokens - 1) // block_tokens
+    cost = n + fixed_overhead
+    start = xp.cumsum(cost) - cost  # S_i
+    total = xp.sum(cost)
+    payload = xp.maximum((total + num_parts - 1) // num_parts, 1)  # P
+    span_end = start + xp.maximum(n, 1)  # strictly increasing since fixed_overhead >= 1
+    pieces = (span_end - 1) // payload - start // payload + 1
+    num_splits = xp.concatenate([xp.zeros((1,), xp.int64), xp.cumsum(pieces)])
+
+    part = xp.arange(num_parts, dtype=xp.int64)
+    part_lo = part * payload
     part_hi = part_lo + payload
-    begin = jnp.searchsorted(span_end, part_lo, side="right").astype(jnp.int32)
-    end = (jnp.searchsorted(start, part_hi, side="left") - 1).astype(jnp.int32)
+    begin = xp.searchsorted(span_end, part_lo, side="right")
+    end = xp.searchsorted(start, part_hi, side="left") - 1
     empty = begin > end
-    begin_c = jnp.clip(begin, 0, b - 1)
-    end_c = jnp.clip(end, 0, b - 1)
-    begin_block = jnp.maximum(part_lo - start[begin_c], 0)
-    end_block = jnp.minimum(part_hi - start[end_c], n[end_c])
-    begin_split = jnp.arange(num_parts, dtype=jnp.int32) - start[begin_c] // payload
-    rows = jnp.stack(
-        [
-            begin,
-            end,
-            begin_block,
-            end_block,
-            begin_split,
-            (pieces[begin_c] > 1).astype(jnp.int32),
-            (pieces[end_c] > 1).astype(jnp.int32),
-            jnp.zeros_like(begin),
-        ],
-        axis=1,
-    )
-    empty_row = jnp.array([b, -1, 0, 0, 0, 0, 0, 0], jnp.int32)
-    metadata = jnp.where(empty[:, None], empty_row, rows).astype(jnp.int32)
-    return metadata, num_splits.astype(jnp.int32)
+    begin_c = xp.clip(begin, 0, b - 1)
+    end_c = xp.clip(end, 0, b - 1)
+    fields = {
+        MetadataField.BEGIN_REQ: begin,
+        MetadataField.END_REQ: end,
+        MetadataField.BEGIN_BLOCK: xp.maximum(part_lo - start[begin_c], 0),
+        MetadataField.END_BLOCK: xp.minimum(part_hi - start[end_c], n[end_c]),
+        MetadataField.BEGIN_SPLIT_IDX: part - start[begin_c] // payload,
+        MetadataField.IS_FIRST_REQ_SPLIT: pieces[begin_c] > 1,
+        MetadataField.IS_LAST_REQ_SPLIT: pieces[end_c] > 1,
+        MetadataField.PAD: xp.zeros_like(begin),
+    }
+    # Every field of a non-empty part lies in [-1, max(b, n_i)]: int32 is exact.
+    rows = xp.stack([fields[f].astype(xp.int32) for f in MetadataField], axis=1)
+    metadata = xp.where(empty[:, None], _empty_row(b), rows)
+    return metadata, num_splits.astype(xp.int32)
 
 
 def combine_splits(

@@ -1,4 +1,4 @@
-"""Plain-JAX reference of sparse (top-k) MLA prefill in bf16 (semantics.md section 3).
+"""Plain-JAX reference of sparse (top-k) MLA prefill in bf16 (docs/ops.md, sparse prefill).
 
 Each query token attends to its own selection of KV tokens, so the keys are gathered per token:
 [s_q, topk, d_qk]. For long prompts (s_q in the tens of thousands) that cannot be done at
@@ -10,7 +10,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_flashmla.reference.decode import _attend, _map_row_chunks, _rows_per_chunk
+from jax_flashmla._src.geometry import HEAD_DIM_V, SPARSE_HEAD_DIMS_QK
+from jax_flashmla.reference.decode import (
+    _attend,
+    _check_head_dims,
+    _map_row_chunks,
+    _rows_per_chunk,
+)
 
 
 def sparse_prefill(
@@ -18,7 +24,7 @@ def sparse_prefill(
     kv: jax.Array,
     indices: jax.Array,
     sm_scale: float,
-    d_v: int = 512,
+    d_v: int = HEAD_DIM_V,
     attn_sink: jax.Array | None = None,
     topk_length: jax.Array | None = None,
     *,
@@ -26,7 +32,7 @@ def sparse_prefill(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sparse MLA prefill: query token t attends to kv[indices[t, 0, :]].
 
-    q [s_q, h_q, d_qk] (d_qk 512 or 576); kv [s_kv, 1, d_qk]; indices int32 [s_q, 1, topk],
+    q [s_q, h_q, d_qk] (d_qk 512 or 576, d_v 512); kv [s_kv, 1, d_qk]; indices int32 [s_q, 1, topk],
     a value < 0 or >= s_kv is invalid; topk_length int32 [s_q]: only the first topk_length[t]
     slots of token t count. Duplicate indices are separate keys. V = kv[..., :d_v].
     attn_sink fp32 [h_q] scales out by 1 / (1 + exp(sink - lse)) and changes nothing else.
@@ -48,10 +54,9 @@ def sparse_prefill(
     s_kv, h_kv, d_k = kv.shape
     if h_kv != 1:
         raise ValueError(f"kv must have one KV head, got shape {kv.shape}")
+    _check_head_dims("sparse_prefill", d_qk, d_v, SPARSE_HEAD_DIMS_QK, "d_v")
     if d_k != d_qk:
         raise ValueError(f"q head dim {d_qk} != kv head dim {d_k}")
-    if not 0 < d_v <= d_qk:
-        raise ValueError(f"d_v must be in [1, {d_qk}], got {d_v}")
     if indices.ndim != 3 or indices.shape[:2] != (s_q, 1):
         raise ValueError(f"indices must be [{s_q}, 1, topk], got {indices.shape}")
     topk = indices.shape[2]
