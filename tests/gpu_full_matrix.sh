@@ -8,7 +8,8 @@
 #   bash tests/gpu_full_matrix.sh b64     # b = 64, one shard per s_q (565)
 #
 # Logs go to $LOG_DIR (default /tmp/jax_flashmla_full); the exit status is non-zero if any
-# shard failed. Requires the package installed with its CUDA extension.
+# shard failed. Requires the package installed with its CUDA extension:
+# JAX_FLASHMLA_REQUIRE_GPU=1 makes the shards fail, not skip, where the kernels cannot run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log_dir=${LOG_DIR:-/tmp/jax_flashmla_full}
@@ -20,7 +21,8 @@ case "${1:-}" in
                "test_full_matrix and [b64-sq4") ;;
   *) echo "usage: $0 small|b64" >&2; exit 2 ;;
 esac
-export JAX_FLASHMLA_FULL=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # the shards share the GPU
+export JAX_FLASHMLA_REQUIRE_GPU=1 JAX_FLASHMLA_FULL=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the shards share the GPU
 pids=()
 for i in "${!shards[@]}"; do
   JAX_COMPILATION_CACHE_DIR="/tmp/jax_flashmla_cache_$i" "${PYTHON:-python3}" -P -m pytest -q \

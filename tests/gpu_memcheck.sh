@@ -9,11 +9,12 @@
 #   bash tests/gpu_memcheck.sh tests/test_gpu_schedule.py
 #
 # Arguments go to pytest (after -m "gpu and not full"). Exit status: pytest's, or 1 if the
-# sanitizer reported an error.
+# sanitizer reported an error. JAX_FLASHMLA_REQUIRE_GPU=1: GPU tests that cannot run here stop
+# pytest with an error instead of passing as skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${LOG:-/tmp/jax_flashmla_memcheck.log}
-XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+JAX_FLASHMLA_REQUIRE_GPU=1 XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
   compute-sanitizer --tool memcheck --kernel-name kns=jfm --print-limit 20 --error-exitcode 1 \
   "${PYTHON:-python3}" -P -m pytest -q -p no:cacheprovider -m "gpu and not full" "$@" 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

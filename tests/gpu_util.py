@@ -9,6 +9,16 @@ import sys
 import jax
 import jax.numpy as jnp
 
+#: XLA flags that put every command-buffer-compatible custom call into a command buffer (CUDA
+#: graph). Without the minimum graph size of 1, XLA forms no graph for fewer than its default
+#: number of commands (a decode step has two custom calls: the scheduler and the decode).
+COMMAND_BUFFER_FLAGS = (
+    "--xla_gpu_enable_command_buffer=CUSTOM_CALL",
+    "--xla_gpu_graph_min_graph_size=1",
+)
+#: XLA flags that turn command buffers off altogether (an empty list of command types).
+NO_COMMAND_BUFFER_FLAGS = ("--xla_gpu_enable_command_buffer=",)
+
 
 def poison_device_memory(nbytes: int) -> None:
     """Fill and free NaN buffers of about `nbytes` so that the next outputs XLA allocates land
@@ -18,14 +28,38 @@ def poison_device_memory(nbytes: int) -> None:
     del chunks
 
 
+def start_python(script: str, xla_flags: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start `script` in a fresh Python with `xla_flags` appended to XLA_FLAGS.
+
+    The child allocates GPU memory on demand: the test process already holds most of it, and
+    several children may share the GPU.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join((env.get("XLA_FLAGS", ""), *xla_flags)).strip()
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return subprocess.Popen(
+        [sys.executable, "-P", "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish_python(process: subprocess.Popen, timeout: float = 600) -> str:
+    """Wait for a `start_python` child; its stdout, or an AssertionError with its stderr."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        raise AssertionError(
+            f"child Python timed out after {timeout} s: {stderr[-4000:]}"
+        ) from None
+    assert process.returncode == 0, f"child Python exit {process.returncode}: {stderr[-4000:]}"
+    return stdout
+
+
 def run_with_command_buffers(script: str) -> str:
     """Run `script` in a fresh Python with XLA command buffers (CUDA graphs) for custom calls."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=CUSTOM_CALL"
-    ).strip()
-    result = subprocess.run(
-        [sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
+    return finish_python(start_python(script, COMMAND_BUFFER_FLAGS))

@@ -1,30 +1,43 @@
 #!/usr/bin/env bash
-# Everything a change to the dense decode kernel must pass on the H200 before it lands, in
-# three parts that each fit one 10-minute device call (times measured 2026-12-01 on the H200):
+# Everything a change to the kernels must pass on a Hopper GPU (H100/H200) before it lands, in
+# parts that each take under 10 minutes (times measured or estimated on the H200, 16 cores):
 #
-#   bash tests/gpu_validate.sh kernel    # build, quick GPU tests (~240 s), decode_check plain
-#                                        # and under memcheck (~20-90 s), bench_decode.py (~230 s)
-#   bash tests/gpu_validate.sh matrix    # build, full matrix in parallel shards (~300 s)
-#   bash tests/gpu_validate.sh memcheck           # build, memcheck over the quick decode tests
-#                                                 # but command buffers (~350 s)
-#   bash tests/gpu_validate.sh memcheck-schedule  # build, memcheck over the schedule tests but
-#                                                 # command buffers (240-600 s: varies by call)
-#   bash tests/gpu_validate.sh memcheck-graphs    # build, memcheck over both command-buffer
-#                                                 # tests (355 s + 41 s)
+#   bash tests/gpu_validate.sh kernel    # build; quick GPU tests (~300 s); the C++ tests of
+#                                        # tests/cpp, plain and under memcheck (~20-90 s)
+#   bash tests/gpu_validate.sh bench     # build; benchmarks/bench_decode.py and its plot (~230 s)
+#   bash tests/gpu_validate.sh matrix    # build; full matrix in parallel shards (~300 s)
+#   bash tests/gpu_validate.sh memcheck           # build; memcheck over the quick tests of
+#                                                 # test_gpu_decode_dense.py (~350 s)
+#   bash tests/gpu_validate.sh memcheck-rules     # build; memcheck over the rescale and
+#                                                 # input-rule tests (~250 s)
+#   bash tests/gpu_validate.sh memcheck-schedule  # build; memcheck over the schedule tests but
+#                                                 # command buffers (240-600 s)
+#   bash tests/gpu_validate.sh memcheck-graphs    # build; memcheck over the schedule's
+#                                                 # command-buffer test (~60 s)
 #
-# The three memcheck parts together cover every quick decode and schedule test; each needs its
-# own device call.
+# The memcheck parts together cover every quick test but those of test_gpu_command_buffers.py,
+# which profile with CUPTI (not under compute-sanitizer); tests/cpp/graph_capture replays the
+# kernels from a CUDA graph under memcheck instead. The quick run is stopped after 540 s (a hung
+# kernel), leaving its log.
 #
-# Logs and results go to $OUT (the device tool's output folder; default /tmp/jax_flashmla_out):
-# pytest logs, decode_check.txt, decode_check_memcheck.txt, decode_dense.{json,txt,png},
-# full matrix shard logs, memcheck_{decode,schedule,graphs}.log. Exit status non-zero if any
-# step failed.
+# JAX_FLASHMLA_REQUIRE_GPU=1 is set: GPU tests that cannot run here (no Hopper GPU, no
+# compiled extension) stop pytest with an error instead of passing as skipped.
+#
+# Logs and results go to ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}: quick_tests.log,
+# cpp_tests.log, decode_check_memcheck.txt, graph_capture_memcheck.txt,
+# decode_dense.{json,txt,png}, the full matrix shard logs, memcheck_{decode,rules,schedule,
+# graphs}.log. Exit status non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/jax_flashmla_out}
-mkdir -p "$out"
+logs=${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}
+mkdir -p "$logs"
 py=${PYTHON:-python3}
+export JAX_FLASHMLA_REQUIRE_GPU=1
 status=0
+# The quick GPU subset, in this order (the input-rule tests, with the largest schedules, last).
+QUICK_FILES=(tests/test_gpu_decode_dense.py tests/test_gpu_schedule.py
+             tests/test_gpu_decode_rescale.py tests/test_gpu_command_buffers.py
+             tests/test_gpu_decode_inputs.py tests/test_gpu_sharding.py)
 step() {  # step NAME COMMAND...: runs, logs the time and the exit status
   local name=$1 t0=$SECONDS
   shift
@@ -35,60 +48,75 @@ build() {
   "$py" -m pip install -q --no-index --no-deps .whl/*.whl 2>/dev/null || true  # CUTLASS wheel
   CMAKE_BUILD_PARALLEL_LEVEL=16 "$py" -m pip install -q --no-build-isolation --no-deps .
 }
+build_cpp_tests() {  # the C++ tests of tests/cpp, in build/cpp
+  local generator=()
+  command -v ninja > /dev/null && generator=(-G Ninja)
+  cmake -S . -B build/cpp "${generator[@]}" -DPython_EXECUTABLE="$(command -v "$py")" \
+    -DCMAKE_BUILD_TYPE=Release -DJAX_FLASHMLA_BUILD_TESTS=ON > "$logs/cpp_build.log" 2>&1 &&
+    cmake --build build/cpp -j 16 >> "$logs/cpp_build.log" 2>&1
+}
 quick_tests() {
-  "$py" -P -m pytest -q -p no:cacheprovider -m "gpu and not full" \
-    tests/test_gpu_decode_dense.py tests/test_gpu_schedule.py > "$out/quick_tests.log" 2>&1
+  timeout -k 30 -s INT 540 "$py" -P -m pytest -q -p no:cacheprovider -m "gpu and not full" \
+    "${QUICK_FILES[@]}" > "$logs/quick_tests.log" 2>&1
   local rc=$?
-  tail -3 "$out/quick_tests.log"
+  tail -3 "$logs/quick_tests.log"
   return $rc
 }
-decode_check() {
-  local cutlass
-  cutlass=$("$py" -c "import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))")/source
-  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icsrc \
-    -I"$cutlass/include" -o /tmp/decode_check benchmarks/probes/decode_check.cu \
-    csrc/kernels/common/scheduler.cu csrc/kernels/common/combine.cu || return 1
-  /tmp/decode_check > "$out/decode_check.txt" 2>&1 || { tail -5 "$out/decode_check.txt"; return 1; }
-  tail -1 "$out/decode_check.txt"
-  compute-sanitizer --tool memcheck --error-exitcode 1 /tmp/decode_check \
-    > "$out/decode_check_memcheck.txt" 2>&1 || { tail -5 "$out/decode_check_memcheck.txt"; return 1; }
-  tail -1 "$out/decode_check_memcheck.txt"
+cpp_tests() {  # cpp_tests BUILD_PID: waits for build_cpp_tests, runs ctest, then memcheck
+  wait "$1" || { tail -20 "$logs/cpp_build.log"; return 1; }
+  ctest --test-dir build/cpp --output-on-failure > "$logs/cpp_tests.log" 2>&1 ||
+    { tail -20 "$logs/cpp_tests.log"; return 1; }
+  tail -3 "$logs/cpp_tests.log"
+  local test
+  for test in decode_check graph_capture; do
+    compute-sanitizer --tool memcheck --error-exitcode 1 "build/cpp/$test" \
+      > "$logs/${test}_memcheck.txt" 2>&1 || { tail -5 "$logs/${test}_memcheck.txt"; return 1; }
+    tail -1 "$logs/${test}_memcheck.txt"
+  done
 }
 bench() {
-  "$py" -P benchmarks/bench_decode.py --json "$out/decode_dense.json" > "$out/decode_dense.txt" &&
-    "$py" -P benchmarks/plot_decode.py "$out/decode_dense.json" &&
-    cat "$out/decode_dense.txt"
+  "$py" -P benchmarks/bench_decode.py --json "$logs/decode_dense.json" > "$logs/decode_dense.txt" &&
+    "$py" -P benchmarks/plot_decode.py "$logs/decode_dense.json" &&
+    cat "$logs/decode_dense.txt"
 }
-memcheck() {  # memcheck NAME SELECTION FILES...: pytest -k SELECTION, log in $out/memcheck_NAME.log
+memcheck() {  # memcheck NAME SELECTION FILES...: pytest -k SELECTION, log in $logs/memcheck_NAME.log
   local name=$1 selection=$2
   shift 2
-  LOG="$out/memcheck_$name.log" bash tests/gpu_memcheck.sh -vv -k "$selection" "$@" > /dev/null
+  LOG="$logs/memcheck_$name.log" bash tests/gpu_memcheck.sh -vv -k "$selection" "$@" > /dev/null
   local rc=$?
-  tail -2 "$out/memcheck_$name.log"
+  tail -2 "$logs/memcheck_$name.log"
   return $rc
 }
 case "${1:-}" in
   kernel)
+    build_cpp_tests &
+    cpp_build=$!
     step build build
     step "quick GPU tests" quick_tests
-    step "decode_check + memcheck" decode_check
+    step "C++ tests + memcheck" cpp_tests "$cpp_build" ;;
+  bench)
+    step build build
     step bench bench ;;
   matrix)
     step build build
-    step "full matrix, small batches" env LOG_DIR="$out/full_small" bash tests/gpu_full_matrix.sh small
-    step "full matrix, b 64" env LOG_DIR="$out/full_b64" bash tests/gpu_full_matrix.sh b64 ;;
+    step "full matrix, small batches" env LOG_DIR="$logs/full_small" bash tests/gpu_full_matrix.sh small
+    step "full matrix, b 64" env LOG_DIR="$logs/full_b64" bash tests/gpu_full_matrix.sh b64 ;;
   memcheck)
     step build build
-    step "memcheck, quick decode tests" memcheck decode "quick and not command_buffers" \
-      tests/test_gpu_decode_dense.py ;;
+    step "memcheck, quick decode tests" memcheck decode quick tests/test_gpu_decode_dense.py ;;
+  memcheck-rules)
+    step build build
+    step "memcheck, rescale and input-rule tests" memcheck rules quick \
+      tests/test_gpu_decode_rescale.py tests/test_gpu_decode_inputs.py ;;
   memcheck-schedule)
     step build build
     step "memcheck, schedule tests" memcheck schedule "not command_buffers" \
       tests/test_gpu_schedule.py ;;
   memcheck-graphs)
     step build build
-    step "memcheck, command-buffer tests" memcheck graphs command_buffers \
-      tests/test_gpu_decode_dense.py tests/test_gpu_schedule.py ;;
-  *) echo "usage: $0 kernel|matrix|memcheck|memcheck-schedule|memcheck-graphs" >&2; exit 2 ;;
+    step "memcheck, command-buffer test" memcheck graphs command_buffers \
+      tests/test_gpu_schedule.py ;;
+  *) echo "usage: $0 kernel|bench|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs" >&2
+     exit 2 ;;
 esac
 exit $status

@@ -2,18 +2,22 @@
 
 Every test compares `flash_mla_with_kvcache(..., implementation="cuda")` (bf16/fp16, d_qk 576,
 d_v 512, page 64) with `jax_flashmla.reference.decode.dense_decode` evaluated on fp32 copies of
-the same inputs, under semantics.md's dense-decode tolerances (`check_close`). Test data follow
-semantics.md: q and k ~ N(0, 1) / 10 clamped to [-1, 1]; varlen lengths ~ max(N(s_k, s_k / 2),
-s_q) (else all s_k); a randomly permuted block table whose entries past each request's blocks are
-2147480000; NaN in every cache element no request may read (rows past a request's length in its
-last page, every block it does not use, spare blocks). The same layout as oracle_decode's
-builders, but q and the cache are drawn on the device (jax.random): NumPy would take seconds per
-GB, and the largest caches here hold 15 GB. Device memory is poisoned with NaN before each
-kernel call, so an output the kernel forgets to write shows up.
+the same inputs, under the dense-decode tolerances of docs/ops.md (`check_close`). Test data
+follow docs/ops.md: q and k ~ N(0, 1) / 10 clamped to [-1, 1]; varlen lengths ~ max(N(s_k,
+s_k / 2), s_q) (else all s_k); a randomly permuted block table whose entries past each request's
+blocks are 2147480000; NaN in every cache element no request may read (rows past a request's
+length in its last page, every block it does not use, spare blocks). The same layout as
+oracle_decode's builders, but q and the cache are drawn on the device (jax.random): NumPy would
+take seconds per GB, and the largest caches here hold 15 GB. Device memory is poisoned with NaN
+before each kernel call, so an output the kernel forgets to write shows up.
+
+The helpers here (layouts, builders, `run_kernel`, `check_against_reference`) also serve
+test_gpu_decode_rescale.py, test_gpu_decode_inputs.py, test_gpu_command_buffers.py and
+test_gpu_sharding.py.
 
 Runs (on an H200, from the repository root):
 
-    python -P -m pytest -q -m gpu tests/test_gpu_decode_dense.py       # quick: 67 tests
+    python -P -m pytest -q -m gpu tests/test_gpu_decode_dense.py       # quick: 66 tests
     JAX_FLASHMLA_FULL=1 python -P -m pytest -q -m gpu tests/test_gpu_decode_dense.py  # + 2294
     bash tests/gpu_memcheck.sh -k quick tests/test_gpu_decode_dense.py  # compute-sanitizer
     bash tests/gpu_full_matrix.sh small; bash tests/gpu_full_matrix.sh b64  # full, sharded
@@ -46,8 +50,8 @@ causal and non-causal variants of one input set run back to back and share its d
 # of one core) plus ~7 min of building, running and comparing (two thirds of it in the b=64
 # cases). tests/gpu_full_matrix.sh runs it as three parallel pytest shards at a time (measured
 # on the H200, 16 cores: b in {1, 2, 6} and the other full tests 113-131 s; b=64 132 s).
-# Quick run (67 tests, ~75 compilations of each kind): ~2 min including the JAX start-up and the
-# command-buffer subprocess; under compute-sanitizer memcheck perhaps 5-10 min.
+# Quick run (66 tests, ~75 compilations of each kind): ~2 min including the JAX start-up;
+# under compute-sanitizer memcheck ~6 min (platform allocator, ~5 s per test).
 
 from __future__ import annotations
 
@@ -55,14 +59,13 @@ import concurrent.futures
 import dataclasses
 import functools
 import itertools
-import os
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gpu_util import poison_device_memory, run_with_command_buffers
+from gpu_util import poison_device_memory
 from oracle_decode import (
     BF16,
     DENSE_DECODE_LSE_TOL,
@@ -74,7 +77,7 @@ from oracle_decode import (
 )
 
 import jax_flashmla as fm
-from jax_flashmla.ops import metadata as metadata_op
+from jax_flashmla._src.geometry import HEAD_DIM_QK, HEAD_DIM_V, KERNEL_PAGE_SIZE
 from jax_flashmla.reference import decode as reference_decode
 
 pytestmark = pytest.mark.gpu
@@ -82,15 +85,14 @@ pytestmark = pytest.mark.gpu
 #: The implementation under test. The comparison side is always the fp32 reference.
 KERNEL = "cuda"
 
-D_QK = 576
-D_V = 512
-PAGE = 64
+D_QK = HEAD_DIM_QK
+D_V = HEAD_DIM_V
+PAGE = KERNEL_PAGE_SIZE
 SPARE_BLOCKS = 2
 #: Varlen lengths are capped at this multiple of the mean (mean + 4 sd), so that every case of a
 #: mean-s_k class shares one block-table width (and so one compilation).
 LENGTH_CAP = 3
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------
 # Test data
@@ -241,8 +243,10 @@ def seed_of(*parts) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("causal",))
-def _kernel(q, k_cache, block_table, cache_seqlens, metadata, num_splits, *, causal):
+@functools.partial(jax.jit, static_argnames=("causal", "softmax_scale"))
+def _kernel(
+    q, k_cache, block_table, cache_seqlens, metadata, num_splits, *, causal, softmax_scale=None
+):
     return fm.flash_mla_with_kvcache(
         q,
         k_cache,
@@ -251,6 +255,7 @@ def _kernel(q, k_cache, block_table, cache_seqlens, metadata, num_splits, *, cau
         D_V,
         metadata,
         num_splits,
+        softmax_scale=softmax_scale,
         causal=causal,
         implementation=KERNEL,
     )
@@ -259,9 +264,11 @@ def _kernel(q, k_cache, block_table, cache_seqlens, metadata, num_splits, *, cau
 # Compiled without autotuning: hundreds of reference shapes are compiled once each, and tuning
 # each matrix product would cost more than running it.
 @functools.partial(
-    jax.jit, static_argnames=("causal",), compiler_options={"xla_gpu_autotune_level": 0}
+    jax.jit,
+    static_argnames=("causal", "softmax_scale"),
+    compiler_options={"xla_gpu_autotune_level": 0},
 )
-def _reference(q, k_cache, block_table, cache_seqlens, *, causal):
+def _reference(q, k_cache, block_table, cache_seqlens, *, causal, softmax_scale=None):
     """The fp32 oracle: the reference on fp32 copies of the inputs (so fp32 outputs)."""
     return reference_decode.dense_decode(
         q.astype(jnp.float32),
@@ -269,6 +276,7 @@ def _reference(q, k_cache, block_table, cache_seqlens, *, causal):
         block_table,
         cache_seqlens,
         head_dim_v=D_V,
+        softmax_scale=softmax_scale,
         causal=causal,
     )
 
@@ -284,21 +292,29 @@ def metadata_for(inputs: Inputs) -> tuple[jax.Array, jax.Array]:
 
 
 def run_kernel(
-    inputs: Inputs, *, causal: bool, with_metadata: bool
+    inputs: Inputs, *, causal: bool, with_metadata: bool, softmax_scale: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One kernel call on freshly NaN-poisoned device memory; host copies of (out, lse)."""
     metadata = metadata_for(inputs) if with_metadata else (None, None)
     b, s_q, h_q, _ = inputs.q.shape
     poison_device_memory(max(b * s_q * h_q * D_V * 4, 1 << 20))
-    out, lse = _kernel(*inputs.args(), *metadata, causal=causal)
+    out, lse = _kernel(*inputs.args(), *metadata, causal=causal, softmax_scale=softmax_scale)
     return np.asarray(out), np.asarray(lse)
 
 
-def check_against_reference(inputs: Inputs, out: np.ndarray, lse: np.ndarray, *, causal: bool):
+def check_against_reference(
+    inputs: Inputs,
+    out: np.ndarray,
+    lse: np.ndarray,
+    *,
+    causal: bool,
+    softmax_scale: float | None = None,
+):
     b, s_q, h_q, _ = inputs.q.shape
     assert out.shape == (b, s_q, h_q, D_V) and out.dtype == np.dtype(inputs.q.dtype)
     assert lse.shape == (b, h_q, s_q) and lse.dtype == np.float32
-    ref_out, ref_lse = (np.asarray(x) for x in _reference(*inputs.args(), causal=causal))
+    reference = _reference(*inputs.args(), causal=causal, softmax_scale=softmax_scale)
+    ref_out, ref_lse = (np.asarray(x) for x in reference)
     check_close(out, ref_out, name="out", **DENSE_DECODE_OUT_TOL)
     check_close(lse, ref_lse, name="lse", **DENSE_DECODE_LSE_TOL)
     # Lonely queries (no visible key): out exactly 0, lse exactly +inf.
@@ -466,11 +482,7 @@ def abstract_args(case: Case, *, with_metadata: bool) -> tuple[jax.ShapeDtypeStr
     ]
     if with_metadata:
         rows = case.s_q * case.h_q // case.h_kv
-        parts = metadata_op.num_sm_parts(rows, case.h_kv)
-        args += [
-            jax.ShapeDtypeStruct((parts, 8), jnp.int32),
-            jax.ShapeDtypeStruct((case.b + 1,), jnp.int32),
-        ]
+        args += jax.eval_shape(lambda lens: fm.get_mla_metadata(lens, rows, case.h_kv), args[3])
     return tuple(args)
 
 
@@ -485,10 +497,13 @@ def precompile(cases: list[Case], workers: int = 16) -> None:
     for case in cases:
         meta = case.with_metadata
         jobs[("kernel", case.shape_key, case.causal, meta)] = lambda c=case, m=meta: _kernel.lower(
-            *abstract_args(c, with_metadata=m), *(() if m else (None, None)), causal=c.causal
+            *abstract_args(c, with_metadata=m),
+            *(() if m else (None, None)),
+            causal=c.causal,
+            softmax_scale=None,
         ).compile()
         jobs[("reference", case.shape_key, case.causal)] = lambda c=case: _reference.lower(
-            *abstract_args(c, with_metadata=False), causal=c.causal
+            *abstract_args(c, with_metadata=False), causal=c.causal, softmax_scale=None
         ).compile()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for future in [pool.submit(job) for job in jobs.values()]:
@@ -497,7 +512,7 @@ def precompile(cases: list[Case], workers: int = 16) -> None:
 
 @pytest.fixture(scope="module")
 def full_matrix_compiled(request: pytest.FixtureRequest):
-    """Precompiles the full-matrix cases this session runs (a `-k` shard compiles only its own)."""
+    """Precompiles the full-matrix cases selected for this run (a `-k` shard compiles its own)."""
     if jax.config.jax_compilation_cache_dir:
         selected = [
             item.callspec.params["case"]
@@ -621,7 +636,7 @@ def test_long_context(s_q, causal, h_q, h_kv, lengths):
 
 
 # ----------------------------------------------------------------------------------------------
-# Determinism, jit + scan over layers, command buffers
+# Determinism, jit + scan over layers
 # ----------------------------------------------------------------------------------------------
 
 
@@ -707,45 +722,6 @@ def test_quick_scan_over_layers(causal, h_q, h_kv):
         np.testing.assert_array_equal(bits(outs[i]), bits(out), err_msg=f"layer {i}")
         np.testing.assert_array_equal(bits(lses[i]), bits(lse), err_msg=f"layer {i}")
         check_against_reference(inputs, out, lse, causal=causal)
-
-
-#: Two input sets of the same shapes (so one executable and command buffer serve both).
-COMMAND_BUFFER_INPUTS = [
-    {"seed": seed, "b": 6, "s_q": 2, "s_k": 900, "h_q": 128, "h_kv": 1} for seed in (11, 12)
-]
-
-COMMAND_BUFFER_SCRIPT = """
-import sys
-sys.path.insert(0, {tests_dir!r})
-import jax, numpy as np
-import test_gpu_decode_dense as t
-
-sets = [t.build_inputs(**spec) for spec in t.COMMAND_BUFFER_INPUTS]
-stacked = [(x.q[None], x.k_cache[None], x.block_table, x.cache_seqlens) for x in sets]
-results = {{}}
-for step in range(3):  # capture, then replay with other buffers and data
-    for index, args in enumerate(stacked):
-        outs, lses = t.decode_layers(*args, causal=True)
-        results[f"out{{index}}"] = t.bits(np.asarray(outs[0]))
-        results[f"lse{{index}}"] = t.bits(np.asarray(lses[0]))
-np.savez({path!r}, **results)
-print("command buffers ok")
-"""
-
-
-def test_quick_command_buffers(tmp_path):
-    """Under XLA command buffers (CUDA graphs), jitted calls replayed with other data give the
-    plain call's results."""
-    path = str(tmp_path / "command_buffers.npz")
-    script = COMMAND_BUFFER_SCRIPT.format(tests_dir=TESTS_DIR, path=path)
-    assert "command buffers ok" in run_with_command_buffers(script)
-    saved = np.load(path)
-    for index, spec in enumerate(COMMAND_BUFFER_INPUTS):
-        inputs = build_inputs(**spec)
-        out, lse = plain_call(inputs, causal=True)
-        np.testing.assert_array_equal(saved[f"out{index}"], bits(out))
-        np.testing.assert_array_equal(saved[f"lse{index}"], bits(lse))
-        check_against_reference(inputs, out, lse, causal=True)
 
 
 def test_matrix_layout():

@@ -10,6 +10,7 @@ from gpu_util import poison_device_memory, run_with_command_buffers
 from test_schedule import combine_oracle, make_partials
 
 import jax_flashmla as fm
+from jax_flashmla._src.geometry import METADATA_FIELDS
 from jax_flashmla._src.platform import target_device
 from jax_flashmla.reference.schedule import combine_splits
 
@@ -36,8 +37,23 @@ def test_metadata_kernel_equals_reference(rng, b, rows_per_head, h_kv):
     np.testing.assert_array_equal(np.asarray(splits), np.asarray(ref_splits))
 
 
+#: Lengths of every size: empty, page edges, negative (count as 0), and near 2**31 - 1 with a
+#: batch whose summed costs overflow int32.
+EDGE_LENGTHS = (
+    [0],
+    [0] * 300,
+    [1],
+    [2**30],
+    [64, 65, 128, 129],
+    list(range(0, 20000, 37)),
+    [-1, -(2**31), 5, 0],
+    [2**31 - 1] * 64,
+    [2**31 - 1, -5, 0, 7, 2**31 - 64] * 20,
+)
+
+
 def test_metadata_kernel_edge_cases(rng):
-    for lens in ([0], [0] * 300, [1], [2**30], [64, 65, 128, 129], list(range(0, 20000, 37))):
+    for lens in EDGE_LENGTHS:
         (m, s), (rm, rs) = metadata_both(jnp.asarray(lens, jnp.int32), 128, 1)
         np.testing.assert_array_equal(np.asarray(m), np.asarray(rm), err_msg=str(lens[:5]))
         np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
@@ -51,7 +67,7 @@ def test_metadata_kernel_edge_cases(rng):
 def test_metadata_uses_device_sm_count():
     lens = jnp.ones((4,), jnp.int32)
     metadata, _ = fm.get_mla_metadata(lens, 16, 1, implementation="cuda")
-    assert metadata.shape == (target_device().num_sms, 8)
+    assert metadata.shape == (target_device().num_sms, METADATA_FIELDS)
 
 
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])
@@ -102,6 +118,7 @@ def test_combine_kernel_is_deterministic(rng):
 COMMAND_BUFFER_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 import jax_flashmla as fm
+from jax_flashmla._src.geometry import METADATA_FIELDS
 lens = jnp.asarray(np.random.default_rng(0).integers(0, 9000, 128), jnp.int32)
 step = jax.jit(lambda x: fm.get_mla_metadata(x, 128, 1, implementation="cuda"))
 for _ in range(3):

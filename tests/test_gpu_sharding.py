@@ -1,6 +1,10 @@
-"""Sharded ops on two or more GPUs (the nvidia-h200-x2 machine): automatic sharding over query
-heads and over batch, and shard_map with device-local cache pools, each compared with the
-single-device result. The dense decode runs its Hopper kernel; the other ops their reference."""
+"""Sharded ops on two or more GPUs: automatic sharding of the dense decode kernel over query
+heads and over batch, and every op in shard_map with device-local cache pools.
+
+The automatically sharded kernel is compared with the fp32 reference under the dense-decode
+tolerances of docs/ops.md, not bit for bit with the single-device kernel: each shard schedules
+its own split-KV work, so the splits (and the rounding) differ. Skipped with fewer than 2 GPUs.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_gpu_decode_dense import D_V, build_inputs, check_against_reference, seed_of
 from test_sharding import _all_ops_per_device, assert_same, collectives
 
 import jax_flashmla as fm
@@ -27,41 +32,46 @@ def gpu_mesh(name: str):
     return jax.sharding.Mesh(devices, (name,), axis_types=(AxisType.Auto,))
 
 
-def kernel_decode_inputs(rng, b=8, s_q=1, h_q=128, s_k=3000):
-    lens = np.maximum(rng.normal(s_k, s_k / 2, b), 1).astype(np.int32)
-    blocks = -(-int(lens.max()) // 64)
-    table = rng.permutation(b * blocks).reshape(b, blocks).astype(np.int32)
-    q = jnp.asarray(rng.normal(size=(b, s_q, h_q, 576)) / 10, jnp.bfloat16)
-    cache = jnp.asarray(rng.normal(size=(b * blocks, 64, 1, 576)) / 10, jnp.bfloat16)
-    return q, cache, jnp.asarray(table), jnp.asarray(lens)
+#: (q, cache, block_table, cache_seqlens) specs and the mesh axis, per layout.
+LAYOUTS = {
+    "heads": ((P(None, None, "model"), P(), P(), P()), "model"),
+    "batch": ((P("data"), P(), P("data"), P("data")), "data"),
+}
 
 
-@pytest.mark.parametrize("layout", ["heads", "batch"])
-def test_dense_decode_kernel_sharded(rng, layout):
-    q, cache, table, lens = kernel_decode_inputs(rng)
-    axis = "model" if layout == "heads" else "data"
+@pytest.mark.parametrize("with_metadata", [False, True], ids=["no-metadata", "metadata"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_dense_decode_kernel_sharded(layout, with_metadata):
+    inputs = build_inputs(
+        seed_of("sharded", layout), b=8, s_q=2, s_k=3000, h_q=128, h_kv=1, varlen=True
+    )
+    specs, axis = LAYOUTS[layout]
     mesh = gpu_mesh(axis)
-    specs = {
-        "heads": (P(None, None, "model"), P(), P(), P()),
-        "batch": (P("data"), P(), P("data"), P("data")),
-    }[layout]
     placed = [
-        jax.device_put(x, NamedSharding(mesh, s))
-        for x, s in zip((q, cache, table, lens), specs, strict=True)
+        jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(inputs.args(), specs, strict=True)
     ]
-    decode = jax.jit(lambda *a: fm.flash_mla_with_kvcache(*a, 512, implementation="cuda"))
+
+    @jax.jit
+    def decode(q, cache, table, lens):
+        # Metadata built for the global shapes: each shard schedules itself instead.
+        metadata = fm.get_mla_metadata(lens, 2 * 128, 1) if with_metadata else (None, None)
+        return fm.flash_mla_with_kvcache(
+            q, cache, table, lens, D_V, *metadata, causal=True, implementation="cuda"
+        )
+
     text = decode.lower(*placed).compile().as_text()
     assert not {"all-gather", "all-to-all"} & set(collectives(text)), collectives(text)
-    assert "jax_flashmla_decode_dense_sm90" in text
-    sharded = decode(*placed)
-    single = jax.jit(lambda *a: fm.flash_mla_with_kvcache(*a, 512, implementation="cuda"))(
-        q, cache, table, lens
-    )
-    for x, y in zip(sharded, single, strict=True):  # the kernel is per row: bitwise equal
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    decode_targets = [t for t in fm.FFI_TARGETS if "decode" in t]
+    assert any(f'custom_call_target="{t}"' in text for t in decode_targets), decode_targets
+    out, lse = decode(*placed)
+    got, want = tuple(out.sharding.spec), tuple(specs[0])
+    assert got + (None,) * (4 - len(got)) == want + (None,) * (4 - len(want)), got
+    check_against_reference(inputs, np.asarray(out), np.asarray(lse), causal=True)
 
 
 def test_every_op_in_shard_map_with_device_local_pools(rng):
+    """Each device runs the ops on its own inputs (its own cache pool) with the shapes of a
+    single call, so it computes what the single call on that device computes."""
     per_device = [_all_ops_per_device(rng) for _ in range(2)]
     mesh = gpu_mesh("data")
     for k, (_, fn, _) in enumerate(per_device[0]):
