@@ -1,12 +1,13 @@
-"""Dense MLA decode benchmark: jax_flashmla's kernel against FlashMLA's H200 figures and XLA.
+"""Dense MLA decode benchmark: jax_flashmla's kernel side by side with FlashMLA and FA3's MLA mode.
 
-Runs the dense-decode configurations of shared/docs/targets.md (b = 128, h_kv = 1, page 64,
+Runs the dense-decode configurations of docs/performance.md (b = 128, h_kv = 1, page 64,
 varlen lengths ~ max(N(s_k, s_k / 2), s_q), random block table, bf16 by default):
   compute   h_q = 128, s_q in {1, 2}, causal or not, mean s_k in {4096, 8192, 16384, 32768}
   short     h_q = 128, s_q = 1, s_k in {512, 1024, 2048}
-  bandwidth h_q = 16, s_q = 1, s_k in {4096, 16384}
+  bandwidth h_q = 16, s_q = 1, s_k in {1024, 4096, 16384}
+or the configurations given with --only b,s_q,h_q,s_k,causal (repeatable).
 
-Counting (semantics.md), with mean_s_k the actual mean of the drawn lengths:
+Counting (docs/ops.md), with mean_s_k the actual mean of the drawn lengths:
   FLOPs = b * s_q * h_q * mean_s_k * 2 * (d_qk + d_v)
   bytes = b * (s_q * h_q * d_qk * 2 + mean_s_k * h_kv * d_qk * 2 + s_q * h_q * d_v * 2)
 
@@ -20,73 +21,60 @@ which removes the Python dispatch, the launch of the first kernel and the final
 synchronisation (they are the same in both). Should noise make the difference non-positive
 (tiny smoke-test sizes), the time of R calls divided by R is reported instead.
 
-"ratio" compares with FlashMLA's figure at equal work: FlashMLA's lengths were drawn from the
-same distribution but not identical to ours (their mean s_k was ~3% above the nominal one), so
-ratio = our throughput / FlashMLA's (TFLOPS; GB/s for the bandwidth group), i.e. FlashMLA's
-time scaled to our work divided by our time: > 1 means we are faster.
+Peers (--peers; on by default where `flash_mla` or `fa3_mla` can be imported, i.e. after
+`source ../shared/peers/setup_peers.sh` on the GPU machine): right after our op, FlashMLA's
+dense decode and FlashAttention-3's MLA mode run in this process on the very same arrays
+(shared with torch through DLPack, no copy), timed the same way: the n calls, each on its own
+q, captured in one CUDA graph after one eager call (FlashMLA builds its schedule on its first
+call), graph replay + synchronize timed for n = R and n = R / 4. ratio = FlashMLA's time / ours
+and fa3_ratio = FA3's time / ours (> 1: we are faster); these side-by-side ratios are the only
+comparison the benchmark makes. Each peer's output for the first q is checked against ours;
+a peer that disagrees makes the script exit with status 1 (after writing the JSON).
 
 Examples:
-  python benchmarks/bench_decode.py --json benchmarks/results/h200/decode_dense.json
-  python benchmarks/bench_decode.py --configs bandwidth --skip-xla
-  python benchmarks/bench_decode.py --scale 64 --implementation xla   # CPU smoke test
+  source ../shared/peers/setup_peers.sh &&
+    python3 -P benchmarks/bench_decode.py --json benchmarks/results/h200/decode_dense.json
+  python3 -P benchmarks/bench_decode.py --only 128,1,128,4096,0 --only 128,2,128,8192,1 --skip-xla
+  python3 -P benchmarks/bench_decode.py --scale 64 --implementation xla   # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
+import traceback
+from collections.abc import Callable
 
 import numpy as np
 
-D_QK = 576
-D_V = 512
-PAGE = 64
+from jax_flashmla._src.geometry import HEAD_DIM_QK, HEAD_DIM_V, KERNEL_PAGE_SIZE
+
 BYTES_PER_VALUE = 2  # bf16 and fp16
 
-#: FlashMLA's own kernels on the H200 (targets.md), keyed by (b, s_q, h_q, h_kv, s_k, causal):
-#: (time in us, TFLOPS or None, TB/s or None) as published.
-FLASHMLA_H200 = {
-    (128, 1, 128, 1, 4096, False): (259, 582, None),
-    (128, 1, 128, 1, 8192, False): (533, 565, None),
-    (128, 1, 128, 1, 16384, False): (1037, 581, None),
-    (128, 1, 128, 1, 32768, False): (2044, 589, None),
-    (128, 2, 128, 1, 4096, False): (519, 580, None),
-    (128, 2, 128, 1, 8192, False): (973, 619, None),
-    (128, 2, 128, 1, 16384, False): (1947, 618, None),
-    (128, 2, 128, 1, 32768, False): (4022, 599, None),
-    (128, 1, 128, 1, 4096, True): (282, 534, None),
-    (128, 1, 128, 1, 8192, True): (540, 558, None),
-    (128, 1, 128, 1, 16384, True): (1066, 565, None),
-    (128, 1, 128, 1, 32768, True): (2142, 562, None),
-    (128, 2, 128, 1, 4096, True): (499, 604, None),
-    (128, 2, 128, 1, 8192, True): (985, 611, None),
-    (128, 2, 128, 1, 16384, True): (1976, 609, None),
-    (128, 2, 128, 1, 32768, True): (4007, 601, None),
-    (128, 1, 128, 1, 512, False): (63, 297, None),
-    (128, 1, 128, 1, 1024, False): (95, 398, None),
-    (128, 1, 128, 1, 2048, False): (156, 483, None),
-    (128, 1, 16, 1, 4096, False): (181, None, 3.47),
-    (128, 1, 16, 1, 16384, False): (636, None, 3.92),
-}
+#: The peers: record prefix -> the module setup_peers.sh makes importable.
+PEER_MODULES = {"flashmla": "flash_mla", "fa3": "fa3_mla"}
+#: Largest relative error of a peer's output row accepted (||theirs - ours|| / ||ours|| over the
+#: 512 dims of one (request, query, head)). Rounding either bf16 output costs ~0.4% of a row; a
+#: wrong comparison (other inputs, other masking, garbage) is off by a whole row.
+AGREEMENT = 2e-2
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    group: str  # "compute", "short" or "bandwidth"
+    group: str  # "compute", "short", "bandwidth" or "only"
     b: int
     s_q: int
     h_q: int
     h_kv: int
     s_k: int  # nominal mean length
     causal: bool
-
-    @property
-    def key(self) -> tuple:
-        return (self.b, self.s_q, self.h_q, self.h_kv, self.s_k, self.causal)
 
     @property
     def label(self) -> str:
@@ -108,36 +96,36 @@ CONFIGS = (
         for s_k in (4096, 8192, 16384, 32768)
     ]
     + [Config("short", 128, 1, 128, 1, s_k, False) for s_k in (512, 1024, 2048)]
-    + [Config("bandwidth", 128, 1, 16, 1, s_k, False) for s_k in (4096, 16384)]
+    + [Config("bandwidth", 128, 1, 16, 1, s_k, False) for s_k in (1024, 4096, 16384)]
 )
 GROUPS = ("compute", "short", "bandwidth")
 
 
+@dataclasses.dataclass
+class PeerResult:
+    """One peer on one config: its time per call and how far its output is from ours."""
+
+    us: float | None = None  # None: the peer did not run
+    max_abs_diff: float | None = None
+    rel_err: float | None = None
+
+    @property
+    def disagrees(self) -> bool:
+        # NaN compares false, so a NaN error disagrees too.
+        return self.rel_err is not None and not self.rel_err <= AGREEMENT
+
+
+#: (config, inputs as make_inputs returns them, our output for the first q) -> peer -> result.
+PeerMeasure = Callable[[Config, tuple, object], dict[str, PeerResult]]
+
+
 def flops(b: int, s_q: int, h_q: int, mean_s_k: float) -> float:
-    return b * s_q * h_q * mean_s_k * 2 * (D_QK + D_V)
+    return b * s_q * h_q * mean_s_k * 2 * (HEAD_DIM_QK + HEAD_DIM_V)
 
 
 def bytes_moved(b: int, s_q: int, h_q: int, h_kv: int, mean_s_k: float) -> float:
-    per_request = s_q * h_q * D_QK + mean_s_k * h_kv * D_QK + s_q * h_q * D_V
+    per_request = s_q * h_q * HEAD_DIM_QK + mean_s_k * h_kv * HEAD_DIM_QK + s_q * h_q * HEAD_DIM_V
     return b * per_request * BYTES_PER_VALUE
-
-
-def flashmla_throughput(key: tuple) -> tuple[float, float, float] | None:
-    """FlashMLA's (us, TFLOPS, GB/s) for a config key, the missing figure derived from the
-    published one through the mean length it implies; None if FlashMLA has no figure."""
-    if key not in FLASHMLA_H200:
-        return None
-    b, s_q, h_q, h_kv, _, _ = key
-    us, tflops, tbps = FLASHMLA_H200[key]
-    if tflops is not None:
-        mean_s_k = tflops * 1e12 * us * 1e-6 / flops(b, s_q, h_q, 1.0)
-        gbps = bytes_moved(b, s_q, h_q, h_kv, mean_s_k) / (us * 1e3)
-    else:
-        gbps = tbps * 1e3
-        fixed = bytes_moved(b, s_q, h_q, h_kv, 0.0)
-        mean_s_k = (gbps * us * 1e3 - fixed) / (bytes_moved(b, s_q, h_q, h_kv, 1.0) - fixed)
-        tflops = flops(b, s_q, h_q, mean_s_k) / (us * 1e6)
-    return us, tflops, gbps
 
 
 def draw_lengths(cfg: Config, seed: int) -> np.ndarray:
@@ -156,8 +144,9 @@ def make_inputs(cfg: Config, dtype, seed: int, repeats: int):
     import jax
     import jax.numpy as jnp
 
+    page = KERNEL_PAGE_SIZE
     lengths = draw_lengths(cfg, seed)
-    max_blocks = max(1, -(-int(lengths.max()) // PAGE))
+    max_blocks = max(1, -(-int(lengths.max()) // page))
     rng = np.random.default_rng(seed + 1)
     block_table = rng.permutation(cfg.b * max_blocks).reshape(cfg.b, max_blocks)
     key_q, key_k = jax.random.split(jax.random.key(seed))
@@ -166,14 +155,14 @@ def make_inputs(cfg: Config, dtype, seed: int, repeats: int):
     def cache_fn(key):
         # Block by block, so that a 10 GB cache needs no 40 GB of random-bit intermediates.
         def one_block(index):
-            shape = (PAGE, cfg.h_kv, D_QK)
+            shape = (page, cfg.h_kv, HEAD_DIM_QK)
             return (jax.random.normal(jax.random.fold_in(key, index), shape) / 10).astype(dtype)
 
         num_blocks = cfg.b * max_blocks
-        step = max(1, min(num_blocks, (1 << 24) // (PAGE * cfg.h_kv * D_QK)))
+        step = max(1, min(num_blocks, (1 << 24) // (page * cfg.h_kv * HEAD_DIM_QK)))
         return jax.lax.map(one_block, jnp.arange(num_blocks), batch_size=step)
 
-    shape = (cfg.b, cfg.s_q, cfg.h_q, D_QK)
+    shape = (cfg.b, cfg.s_q, cfg.h_q, HEAD_DIM_QK)
     q_fn = jax.jit(lambda key: (jax.random.normal(key, shape) / 10).astype(dtype))
     qs = [q_fn(jax.random.fold_in(key_q, i)) for i in range(repeats)]
     k_cache = cache_fn(key_k)
@@ -189,15 +178,21 @@ def kernel_unavailable(cfg: Config, dtype, implementation: str) -> str:
     import jax_flashmla as fm
 
     structs = (
-        jax.ShapeDtypeStruct((cfg.b, cfg.s_q, cfg.h_q, D_QK), dtype),
-        jax.ShapeDtypeStruct((cfg.b, PAGE, cfg.h_kv, D_QK), dtype),
+        jax.ShapeDtypeStruct((cfg.b, cfg.s_q, cfg.h_q, HEAD_DIM_QK), dtype),
+        jax.ShapeDtypeStruct((cfg.b, KERNEL_PAGE_SIZE, cfg.h_kv, HEAD_DIM_QK), dtype),
         jax.ShapeDtypeStruct((cfg.b, 1), np.int32),
         jax.ShapeDtypeStruct((cfg.b,), np.int32),
     )
 
     def call(q, k_cache, block_table, seqlens):
         return fm.flash_mla_with_kvcache(
-            q, k_cache, block_table, seqlens, D_V, causal=cfg.causal, implementation=implementation
+            q,
+            k_cache,
+            block_table,
+            seqlens,
+            HEAD_DIM_V,
+            causal=cfg.causal,
+            implementation=implementation,
         )
 
     try:
@@ -222,7 +217,7 @@ def jitted_calls(cfg: Config, implementation: str):
                 k_cache,
                 block_table,
                 seqlens,
-                D_V,
+                HEAD_DIM_V,
                 tile_metadata,
                 num_splits,
                 causal=cfg.causal,
@@ -232,6 +227,19 @@ def jitted_calls(cfg: Config, implementation: str):
         ]
 
     return many_calls
+
+
+def differential_us(median_time: Callable[[int], float], repeats: int) -> float:
+    """Time of one call in microseconds from `median_time(n)`, the median seconds of n
+    back-to-back calls: (time of R calls - time of R / 4) / (R - R / 4)."""
+    many = median_time(repeats)
+    few = max(1, repeats // 4)
+    if few == repeats:
+        return many / repeats * 1e6
+    per_call = (many - median_time(few)) / (repeats - few)
+    # Noise larger than the calls themselves (tiny smoke-test sizes) can make the difference
+    # non-positive: fall back to the plain mean, which overstates the time a little.
+    return (per_call if per_call > 0 else many / repeats) * 1e6
 
 
 def time_op(
@@ -244,7 +252,7 @@ def time_op(
     runs: int,
     warmup: int,
 ) -> float:
-    """Median time of one call in microseconds (see the module docstring)."""
+    """Median time of one call of our op in microseconds (see the module docstring)."""
     import jax
 
     qs, k_cache, block_table, seqlens, _ = inputs
@@ -263,24 +271,183 @@ def time_op(
             del outs
         return statistics.median(times)
 
-    many = median_time(repeats)
-    few = max(1, repeats // 4)
-    if few == repeats:
-        return many / repeats * 1e6
-    per_call = (many - median_time(few)) / (repeats - few)
-    # Noise larger than the calls themselves (tiny smoke-test sizes) can make the difference
-    # non-positive: fall back to the plain mean, which overstates the time a little.
-    return (per_call if per_call > 0 else many / repeats) * 1e6
+    return differential_us(median_time, repeats)
 
 
-def record(kernel: str, cfg: Config, dtype_name: str, us: float, mean_s_k: float, scale: int):
+def agreement(theirs: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
+    """(max |theirs - ours|, largest relative error of an output row): rows are the last axis
+    (the 512 output dims of one request, query and head), compared in float32."""
+    theirs = np.asarray(theirs, np.float32)
+    ours = np.asarray(ours, np.float32)
+    if theirs.shape != ours.shape:
+        raise ValueError(f"peer output shape {theirs.shape} differs from ours {ours.shape}")
+    diff = theirs - ours
+    row_err = np.linalg.norm(diff, axis=-1) / np.maximum(np.linalg.norm(ours, axis=-1), 1e-30)
+    return float(np.abs(diff).max()), float(row_err.max())
+
+
+def flashmla_calls(flash_mla, cfg: Config, qs, k_cache, block_table, seqlens) -> list:
+    """One FlashMLA dense decode call per q, sharing one schedule (built on the first call)."""
+    # At 9241ae3 get_mla_metadata ignores its arguments and returns (empty schedule, None);
+    # older FlashMLA computes (metadata, num_splits) from them. Both pass on positionally.
+    schedule, num_splits = flash_mla.get_mla_metadata(
+        seqlens, cfg.s_q * cfg.h_q // cfg.h_kv, cfg.h_kv
+    )
+
+    def call_on(q):
+        def call():
+            out, _ = flash_mla.flash_mla_with_kvcache(
+                q,
+                k_cache,
+                block_table,
+                seqlens,
+                HEAD_DIM_V,
+                schedule,
+                num_splits,
+                causal=cfg.causal,
+            )
+            return out
+
+        return call
+
+    return [call_on(q) for q in qs]
+
+
+def fa3_calls(fa3_mla, cfg: Config, qs, k_cache, block_table, seqlens) -> list:
+    """One FA3 MLA-mode call per q (each prepared once: its scheduler metadata and output)."""
+    return [fa3_mla.dense_decode(q, k_cache, block_table, seqlens, causal=cfg.causal) for q in qs]
+
+
+PEER_CALLS = {"flashmla": flashmla_calls, "fa3": fa3_calls}
+
+
+class TorchPeers:
+    """Times the peers on our own arrays, shared with torch through DLPack, the way time_op
+    times our op. A peer that cannot be imported is reported once and skipped; a peer that fails
+    on one config is reported and gives None there."""
+
+    def __init__(self, *, repeats: int, runs: int, warmup: int, dtype_name: str):
+        self.repeats, self.runs, self.warmup = repeats, runs, warmup
+        self.modules: dict[str, object] = {}
+        self.reported: set[str] = set()
+        for name, module_name in PEER_MODULES.items():
+            if name == "fa3" and dtype_name != "bfloat16":
+                print(f"# peer {name}: skipped, its build here is bfloat16 only", file=sys.stderr)
+                continue
+            try:
+                self.modules[name] = importlib.import_module(module_name)
+            except Exception as error:  # a missing build, torch or CUDA library
+                print(f"# peer {name}: cannot import {module_name}: {error!r}", file=sys.stderr)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.modules)
+
+    def __call__(self, cfg: Config, inputs, our_out) -> dict[str, PeerResult]:
+        results = {name: PeerResult() for name in PEER_MODULES}
+        if not self.modules:
+            return results
+        import torch
+
+        qs, k_cache, block_table, seqlens, _ = inputs
+        try:
+            shared = (
+                [torch.from_dlpack(q) for q in qs[: self.repeats]],
+                torch.from_dlpack(k_cache),
+                torch.from_dlpack(block_table),
+                torch.from_dlpack(seqlens),
+            )
+            ours = np.asarray(our_out, np.float32)
+        except Exception as error:
+            self.report("all peers", cfg, error)
+            return results
+        for name, module in self.modules.items():
+            try:
+                with torch.inference_mode():
+                    results[name] = self.measure(name, module, cfg, shared, ours)
+            except Exception as error:
+                self.report(name, cfg, error)
+            torch.cuda.empty_cache()
+        return results
+
+    def measure(self, name: str, module, cfg: Config, shared, ours: np.ndarray) -> PeerResult:
+        import torch
+
+        calls = PEER_CALLS[name](module, cfg, *shared)
+        first = calls[0]()  # eager: FlashMLA builds its schedule on its first call
+        torch.cuda.synchronize()
+        max_abs_diff, rel_err = agreement(first.float().cpu().numpy(), ours)
+        del first
+
+        def median_time(n: int) -> float:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: JAX's own threads may touch CUDA while this thread captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                outs = [call() for call in calls[:n]]
+            for _ in range(self.warmup):
+                graph.replay()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(self.runs):
+                start = time.perf_counter()
+                graph.replay()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            del graph, outs
+            return statistics.median(times)
+
+        return PeerResult(differential_us(median_time, self.repeats), max_abs_diff, rel_err)
+
+    def report(self, name: str, cfg: Config, error: Exception) -> None:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(
+            f"# peer {name} failed on {cfg.label}: {type(error).__name__}: {first_line}",
+            file=sys.stderr,
+        )
+        if name not in self.reported:  # the whole story once per peer
+            self.reported.add(name)
+            traceback.print_exception(error, file=sys.stderr)
+
+
+def peer_fields(us: float, peers: dict[str, PeerResult]) -> dict:
+    """The record's side-by-side fields for a kernel that took `us` per call."""
+    flashmla = peers.get("flashmla") or PeerResult()
+    fa3 = peers.get("fa3") or PeerResult()
+
+    def ratio(result: PeerResult) -> float | None:
+        return None if result.us is None else round(result.us / us, 3)
+
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 2)
+
+    def significant(value: float | None) -> float | None:
+        return None if value is None else float(f"{value:.3g}")
+
+    return {
+        "flashmla_us": rounded(flashmla.us),
+        "ratio": ratio(flashmla),
+        "peer_max_abs_diff": significant(flashmla.max_abs_diff),
+        "peer_rel_err": significant(flashmla.rel_err),
+        "fa3_us": rounded(fa3.us),
+        "fa3_ratio": ratio(fa3),
+        "fa3_max_abs_diff": significant(fa3.max_abs_diff),
+        "fa3_rel_err": significant(fa3.rel_err),
+        "side_by_side": flashmla.us is not None or fa3.us is not None,
+    }
+
+
+def record(
+    kernel: str,
+    cfg: Config,
+    dtype_name: str,
+    us: float,
+    mean_s_k: float,
+    peers: dict[str, PeerResult],
+    card: str,
+    date: str,
+) -> dict:
     tflops = flops(cfg.b, cfg.s_q, cfg.h_q, mean_s_k) / (us * 1e6)
     gbps = bytes_moved(cfg.b, cfg.s_q, cfg.h_q, cfg.h_kv, mean_s_k) / (us * 1e3)
-    reference = flashmla_throughput(cfg.key) if scale == 1 else None
-    ratio = None
-    if reference is not None:
-        _, ref_tflops, ref_gbps = reference
-        ratio = gbps / ref_gbps if cfg.group == "bandwidth" else tflops / ref_tflops
     return {
         "kernel": kernel,
         "b": cfg.b,
@@ -288,14 +455,16 @@ def record(kernel: str, cfg: Config, dtype_name: str, us: float, mean_s_k: float
         "h_q": cfg.h_q,
         "h_kv": cfg.h_kv,
         "s_k": cfg.s_k,
+        "mean_s_k": round(mean_s_k, 1),
         "causal": cfg.causal,
         "varlen": True,
         "dtype": dtype_name,
         "us": round(us, 2),
         "tflops": round(tflops, 2),
         "gbps": round(gbps, 1),
-        "flashmla_us": None if reference is None else reference[0],
-        "ratio": None if ratio is None else round(ratio, 3),
+        **peer_fields(us, peers),
+        "card": card,
+        "date": date,
     }
 
 
@@ -305,12 +474,21 @@ def fmt(value, spec: str) -> str:
     return "-".rjust(width) if value is None else format(value, spec)
 
 
+HEADER = (
+    f"{'config':<46} {'us':>9} {'TFLOPS':>7} {'GB/s':>8} {'FlashMLA':>9} {'ratio':>6} "
+    f"{'FA3 us':>9} {'ratio':>6} {'FM err':>8} {'FA3 err':>8}"
+)
+
+
 def print_row(cfg_label: str, main: dict, xla: dict | None) -> None:
-    speedup = None if xla is None else xla["us"] / main["us"]
+    xla_columns = ""
+    if xla is not None:
+        xla_columns = f" {xla['us']:>10.1f} {xla['us'] / main['us']:>7.2f}"
     print(
-        f"{cfg_label:<42} {main['us']:>9.1f} {main['tflops']:>7.1f} {main['gbps']:>8.1f} "
-        f"{fmt(main['flashmla_us'], '>11.0f')} {fmt(main['ratio'], '>6.3f')} "
-        f"{fmt(None if xla is None else xla['us'], '>10.1f')} {fmt(speedup, '>7.2f')}",
+        f"{cfg_label:<46} {main['us']:>9.1f} {main['tflops']:>7.1f} {main['gbps']:>8.1f} "
+        f"{fmt(main['flashmla_us'], '>9.1f')} {fmt(main['ratio'], '>6.3f')} "
+        f"{fmt(main['fa3_us'], '>9.1f')} {fmt(main['fa3_ratio'], '>6.3f')} "
+        f"{fmt(main['peer_rel_err'], '>8.1e')} {fmt(main['fa3_rel_err'], '>8.1e')}{xla_columns}",
         flush=True,
     )
 
@@ -323,16 +501,44 @@ def select_configs(spec: str) -> list[Config]:
     return [c for c in CONFIGS if "all" in names or c.group in names]
 
 
+def parse_only(spec: str) -> Config:
+    """--only b,s_q,h_q,s_k,causal (h_kv 1), e.g. 128,1,128,4096,0."""
+    try:
+        b, s_q, h_q, s_k, causal = (int(field) for field in spec.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--only wants b,s_q,h_q,s_k,causal as five integers, got {spec!r}"
+        ) from None
+    if min(b, s_q, h_q, s_k) < 1 or causal not in (0, 1):
+        raise argparse.ArgumentTypeError(
+            f"--only wants b, s_q, h_q, s_k >= 1 and causal 0 or 1, got {spec!r}"
+        )
+    return Config("only", b, s_q, h_q, 1, s_k, bool(causal))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--configs", default="all", help="all, or a comma list of " + ", ".join(GROUPS)
+    )
+    parser.add_argument(
+        "--only",
+        type=parse_only,
+        action="append",
+        metavar="B,S_Q,H_Q,S_K,CAUSAL",
+        help="run this configuration (h_kv 1) instead of --configs; repeatable",
     )
     parser.add_argument("--implementation", choices=("cuda", "xla"), default="cuda")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--repeats", type=int, default=20, help="op calls per jitted function (R)")
     parser.add_argument("--runs", type=int, default=30, help="timed runs (median)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time FlashMLA and FA3's MLA mode side by side (default: when importable)",
+    )
     parser.add_argument("--skip-xla", action="store_true", help="do not time the XLA reference")
     parser.add_argument("--xla-repeats", type=int, default=1)
     parser.add_argument("--xla-runs", type=int, default=5)
@@ -347,15 +553,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def peers_importable() -> bool:
+    return any(importlib.util.find_spec(module) is not None for module in PEER_MODULES.values())
+
+
+def main(argv=None, measure_peers: PeerMeasure | None = None) -> int:
+    """Run the benchmark; `measure_peers` replaces the torch peers (tests)."""
     args = parse_args(argv)
+    want_peers = measure_peers is not None or (
+        args.peers if args.peers is not None else peers_importable()
+    )
+    if want_peers and measure_peers is None:
+        # Read when JAX creates its GPU client: leave the memory JAX does not use to torch.
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
     import jax.numpy as jnp
 
     import jax_flashmla as fm
 
     dtype = jnp.dtype(args.dtype)
-    configs = [c.scaled(args.scale) for c in select_configs(args.configs)]
+    configs = args.only or select_configs(args.configs)
+    configs = [c.scaled(args.scale) for c in configs]
     main_kernel = "jax_flashmla" if args.implementation == "cuda" else "xla_reference"
     time_xla = args.implementation == "cuda" and not args.skip_xla
 
@@ -365,24 +583,42 @@ def main(argv=None) -> int:
         return 1
 
     device = jax.devices()[0]
+    card = device.device_kind
+    date = datetime.date.today().isoformat()
+    peers_note = "on"
+    if want_peers and measure_peers is None:
+        if device.platform != "gpu":
+            want_peers, peers_note = False, f"off (JAX runs on {device.platform}, not a GPU)"
+        else:
+            measure_peers = TorchPeers(
+                repeats=args.repeats, runs=args.runs, warmup=args.warmup, dtype_name=args.dtype
+            )
+            peers_note = f"{', '.join(measure_peers.names) or 'none importable'}"
+    elif not want_peers:
+        peers_note = (
+            "off (--no-peers)"
+            if args.peers is False
+            else "off (flash_mla / fa3_mla not importable: source ../shared/peers/setup_peers.sh)"
+        )
     print(
-        f"# jax {jax.__version__}, {device.device_kind} ({device.platform}), {args.dtype}, "
+        f"# jax {jax.__version__}, {card} ({device.platform}), {date}, {args.dtype}, "
         f"main = {main_kernel}, R = {args.repeats} (time of R calls - time of R/4, per call), "
-        f"median of {args.runs} runs"
-        + ("" if args.scale == 1 else f", scale 1/{args.scale} (FlashMLA figures not comparable)")
+        f"median of {args.runs} runs" + ("" if args.scale == 1 else f", scale 1/{args.scale}")
     )
     print(
-        f"{'config':<42} {'us':>9} {'TFLOPS':>7} {'GB/s':>8} {'FlashMLA us':>11} {'ratio':>6} "
-        f"{'XLA us':>10} {'vs XLA':>7}"
+        f"# peers side by side (same process, same arrays; ratio = peer us / our us): "
+        f"{peers_note}; err = largest relative error of an output row against ours"
     )
+    print(HEADER + (f" {'XLA us':>10} {'vs XLA':>7}" if time_xla else ""))
     records = []
+    disagreements = []
     metadata_fn = jax.jit(fm.get_mla_metadata, static_argnums=(1, 2))
     for cfg in configs:
         repeats = max(args.repeats, args.xla_repeats if time_xla else 0)
         inputs = make_inputs(cfg, dtype, args.seed + cfg.b, repeats)
-        lengths = inputs[-1]
+        qs, k_cache, block_table, seqlens, lengths = inputs
         mean_s_k = float(lengths.mean())
-        metadata = metadata_fn(inputs[3], cfg.s_q * cfg.h_q // cfg.h_kv, cfg.h_kv)
+        metadata = metadata_fn(seqlens, cfg.s_q * cfg.h_q // cfg.h_kv, cfg.h_kv)
         jax.block_until_ready(metadata)
         us = time_op(
             cfg,
@@ -393,7 +629,22 @@ def main(argv=None) -> int:
             runs=args.runs,
             warmup=args.warmup,
         )
-        main_record = record(main_kernel, cfg, args.dtype, us, mean_s_k, args.scale)
+        peers: dict[str, PeerResult] = {}
+        if want_peers:
+            call_once = jitted_calls(cfg, args.implementation)
+            our_out = call_once(qs[:1], k_cache, block_table, seqlens, *metadata)[0][0]
+            peers = measure_peers(cfg, inputs, jax.block_until_ready(our_out))
+            del our_out
+            for name, result in peers.items():
+                if result.disagrees:
+                    disagreements.append(f"{cfg.label}: {name} rel_err {result.rel_err:.3g}")
+                    print(
+                        f"# peer {name} DISAGREES with ours on {cfg.label}: largest row error "
+                        f"{result.rel_err:.3g} (limit {AGREEMENT}), max abs diff "
+                        f"{result.max_abs_diff:.3g}",
+                        file=sys.stderr,
+                    )
+        main_record = record(main_kernel, cfg, args.dtype, us, mean_s_k, peers, card, date)
         records.append(main_record)
         xla_record = None
         if time_xla:
@@ -406,17 +657,26 @@ def main(argv=None) -> int:
                 runs=args.xla_runs,
                 warmup=1,
             )
-            xla_record = record("xla_reference", cfg, args.dtype, xla_us, mean_s_k, args.scale)
+            xla_record = record(
+                "xla_reference", cfg, args.dtype, xla_us, mean_s_k, peers, card, date
+            )
             records.append(xla_record)
-        shown_xla = xla_record if time_xla else None
-        print_row(f"{cfg.label} (mean {mean_s_k:.0f})", main_record, shown_xla)
-        del inputs, metadata
+        print_row(f"{cfg.label} (mean {mean_s_k:.0f})", main_record, xla_record)
+        del inputs, qs, k_cache, block_table, seqlens, metadata
+        if args.json:  # after every config: a crash later keeps what was measured
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+                f.write("\n")
 
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
-            f.write("\n")
         print(f"# wrote {len(records)} records to {args.json}")
+    if disagreements:
+        print(
+            f"# {len(disagreements)} peer outputs disagree with ours; their ratios compare "
+            "different work: " + "; ".join(disagreements),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Plot bench_decode.py's JSON: TFLOPS and GB/s against s_k, FlashMLA's H200 figures dashed.
+"""Plot bench_decode.py's JSON: the side-by-side ratios per configuration.
 
-One solid line per (s_q, causal, h_q) series of our kernel (records whose "kernel" is
---kernel, by default "jax_flashmla", else the first kernel in the file), and for each series
-FlashMLA's published figure at the same (s_q, causal, h_q) as a dashed line of the same colour.
+One pair of bars per configuration of our kernel (records whose "kernel" is --kernel, by
+default "jax_flashmla", else the first kernel in the file): FlashMLA's time / ours ("ratio")
+and FlashAttention-3 MLA's time / ours ("fa3_ratio"), both measured in the same process on the
+same arrays; > 1 means we are faster. A run without peers has no ratio: the plot says so.
 
     python benchmarks/plot_decode.py benchmarks/results/h200/decode_dense.json
     # writes benchmarks/results/h200/decode_dense.png (or --out PATH)
@@ -12,35 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_decode  # FlashMLA's figures and how they are counted
-
-
-def series_label(s_q: int, causal: bool, h_q: int) -> str:
-    return f"s_q={s_q} h_q={h_q}" + (" causal" if causal else "")
+#: (record key, legend) of each bar of a configuration.
+BARS = (("ratio", "FlashMLA time / ours"), ("fa3_ratio", "FA3 MLA time / ours"))
 
 
-def group_records(records: list[dict], kernel: str) -> dict[tuple, list[dict]]:
-    series: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
-        if r["kernel"] == kernel:
-            series[(r["s_q"], r["causal"], r["h_q"])].append(r)
-    return {k: sorted(v, key=lambda r: r["s_k"]) for k, v in sorted(series.items())}
-
-
-def flashmla_series() -> dict[tuple, list[tuple[int, float, float]]]:
-    """(s_q, causal, h_q) -> [(s_k, TFLOPS, GB/s)] of FlashMLA's H200 figures."""
-    series: dict[tuple, list[tuple[int, float, float]]] = defaultdict(list)
-    for key in bench_decode.FLASHMLA_H200:
-        _, s_q, h_q, _, s_k, causal = key
-        _, tflops, gbps = bench_decode.flashmla_throughput(key)
-        series[(s_q, causal, h_q)].append((s_k, tflops, gbps))
-    return {k: sorted(v) for k, v in series.items()}
+def config_label(record: dict) -> str:
+    causal = " causal" if record["causal"] else ""
+    return f"b{record['b']} s_q{record['s_q']} h{record['h_q']} s_k{record['s_k']}{causal}"
 
 
 def plot(records: list[dict], out: Path, kernel: str | None = None, title: str = "") -> Path:
@@ -54,43 +37,45 @@ def plot(records: list[dict], out: Path, kernel: str | None = None, title: str =
         raise SystemExit("no records to plot")
     if kernel is None:
         kernel = "jax_flashmla" if "jax_flashmla" in kernels else kernels[0]
-    ours = group_records(records, kernel)
-    if not ours:
+    rows = [r for r in records if r["kernel"] == kernel]
+    if not rows:
         raise SystemExit(f"no records of kernel {kernel!r}; the file has {kernels}")
-    theirs = flashmla_series()
 
-    fig, (ax_flops, ax_bytes) = plt.subplots(1, 2, figsize=(13, 5))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    ticks: set[int] = set()
-    for index, (key, rows) in enumerate(ours.items()):
-        colour = colours[index % len(colours)]
-        s_k = [r["s_k"] for r in rows]
-        ticks.update(s_k)
-        label = series_label(*key)
-        ax_flops.plot(s_k, [r["tflops"] for r in rows], "o-", color=colour, label=label)
-        ax_bytes.plot(s_k, [r["gbps"] for r in rows], "o-", color=colour, label=label)
-        if key in theirs:
-            ref_s_k, ref_tflops, ref_gbps = zip(*theirs[key], strict=True)
-            ticks.update(ref_s_k)
-            style = {"color": colour, "linestyle": "--", "marker": "x", "alpha": 0.8}
-            ax_flops.plot(ref_s_k, ref_tflops, label=f"FlashMLA {label}", **style)
-            ax_bytes.plot(ref_s_k, ref_gbps, label=f"FlashMLA {label}", **style)
-
-    dtype = ", ".join(sorted({r["dtype"] for r in records}))
-    for ax, ylabel in ((ax_flops, "TFLOPS"), (ax_bytes, "GB/s")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(ticks))
-        ax.set_xticklabels([str(t) for t in sorted(ticks)], rotation=45)
-        ax.minorticks_off()
-        ax.set_xlabel("mean s_k (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-    ax_flops.set_title("compute (FLOPs as semantics.md)")
-    ax_bytes.set_title("memory traffic (bytes as semantics.md)")
-    ax_bytes.legend(fontsize=7, loc="best")
-    fig.suptitle(
-        title or f"dense MLA decode, {kernel} ({dtype}); dashed: FlashMLA on the H200 (targets.md)"
+    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows) + 3), 6))
+    width = 0.8 / len(BARS)
+    measured = False
+    for index, (key, legend) in enumerate(BARS):
+        values = [r.get(key) for r in rows]
+        if all(v is None for v in values):
+            continue
+        measured = True
+        xs = [i + (index - (len(BARS) - 1) / 2) * width for i in range(len(rows))]
+        heights = [math.nan if v is None else v for v in values]
+        bars = ax.bar(xs, heights, width, label=legend)
+        ax.bar_label(bars, labels=["" if v is None else f"{v:.2f}" for v in values], fontsize=6)
+    if not measured:
+        ax.text(
+            0.5,
+            0.5,
+            "no peer ran beside this kernel (bench_decode.py without flash_mla / fa3_mla)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([config_label(r) for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("peer time / our time (> 1: ours faster)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, axis="y", alpha=0.3)
+    if measured:
+        ax.legend(fontsize=8, loc="best")
+    cards = ", ".join(sorted({str(r.get("card")) for r in rows}))
+    dates = ", ".join(sorted({str(r.get("date")) for r in rows}))
+    dtype = ", ".join(sorted({r["dtype"] for r in rows}))
+    ax.set_title(
+        title or f"dense MLA decode side by side, {kernel} ({dtype}), {cards}, {dates}",
+        fontsize=10,
     )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
