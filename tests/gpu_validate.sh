@@ -68,8 +68,9 @@ cpp_tests() {  # cpp_tests BUILD_PID: waits for build_cpp_tests, runs ctest, the
     { tail -20 "$logs/cpp_tests.log"; return 1; }
   tail -3 "$logs/cpp_tests.log"
   local test
+  # graph_capture provokes a failing cudaMalloc on purpose: API errors are not reported.
   for test in decode_check graph_capture; do
-    compute-sanitizer --tool memcheck --error-exitcode 1 "build/cpp/$test" \
+    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 "build/cpp/$test" \
       > "$logs/${test}_memcheck.txt" 2>&1 || { tail -5 "$logs/${test}_memcheck.txt"; return 1; }
     tail -1 "$logs/${test}_memcheck.txt"
   done
