@@ -40,6 +40,9 @@ def _gpu_skip_reason() -> str:
 # Last, so that the items deselected by -m / -k are gone already.
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from gpu_util import SELECTED_ITEMS
+
+    config.stash[SELECTED_ITEMS] = list(items)
     reason = _gpu_skip_reason()
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if reason and gpu_items and os.environ.get(REQUIRE_GPU_ENV) == "1":

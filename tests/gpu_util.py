@@ -8,6 +8,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
+
+#: The test items selected for this run (after -m / -k), stored by conftest.py.
+SELECTED_ITEMS = pytest.StashKey[list]()
 
 #: XLA flags that put every command-buffer-compatible custom call into a command buffer (CUDA
 #: graph). Without the minimum graph size of 1, XLA forms no graph for fewer than its default

@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gpu_util import poison_device_memory
+from gpu_util import SELECTED_ITEMS, poison_device_memory
 from oracle_decode import (
     BF16,
     DENSE_DECODE_LSE_TOL,
@@ -516,7 +516,7 @@ def full_matrix_compiled(request: pytest.FixtureRequest):
     if jax.config.jax_compilation_cache_dir:
         selected = [
             item.callspec.params["case"]
-            for item in request.session.items
+            for item in request.config.stash[SELECTED_ITEMS]
             if getattr(item, "originalname", None) == "test_full_matrix"
         ]
         precompile(selected)

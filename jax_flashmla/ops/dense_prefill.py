@@ -76,15 +76,20 @@ def flash_attn_varlen_func(
     _check_head_dims(OP, d_qk, d_v, f"({d_qk}, {d_v})")
     _check_heads(OP, "q", "k", q.shape[1], h_k)
     _check_cu_seqlens(OP, "cu_seqlens_q", cu_seqlens_q, "cu_seqlens_k", cu_seqlens_k)
-    statics = (
-        OP,
-        checks.check_int(OP, "max_seqlen_q", max_seqlen_q, minimum=0),
-        checks.check_int(OP, "max_seqlen_k", max_seqlen_k, minimum=0),
-        checks.check_scale(OP, "softmax_scale", softmax_scale, d_qk**-0.5),
-        checks.check_bool(OP, "causal", causal),
-    )
+    statics = _statics(OP, max_seqlen_q, max_seqlen_k, softmax_scale, d_qk, causal)
     platform.choose_implementation(OP, implementation, _NO_KERNEL)
     return _mha(q, k, v, cu_seqlens_q, cu_seqlens_k, statics)
+
+
+def _statics(op: str, max_seqlen_q, max_seqlen_k, softmax_scale, d_qk: int, causal) -> tuple:
+    """The checked static arguments: (op, max_seqlen_q, max_seqlen_k, softmax_scale, causal)."""
+    return (
+        op,
+        checks.check_int(op, "max_seqlen_q", max_seqlen_q, minimum=0),
+        checks.check_int(op, "max_seqlen_k", max_seqlen_k, minimum=0),
+        checks.check_scale(op, "softmax_scale", softmax_scale, d_qk**-0.5),
+        checks.check_bool(op, "causal", causal),
+    )
 
 
 def _check_head_dims(op: str, d_qk: int, d_v: int, got: str) -> None:
@@ -285,12 +290,6 @@ def flash_attn_varlen_kvpacked_func(
     _check_head_dims(op, d, width - d, f"head_dim_qk {d} and kv's last dim {width}")
     _check_heads(op, "q", "kv", q.shape[1], kv.shape[1])
     _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, "cu_seqlens_k", cu_seqlens_k)
-    statics = (
-        op,
-        checks.check_int(op, "max_seqlen_q", max_seqlen_q, minimum=0),
-        checks.check_int(op, "max_seqlen_k", max_seqlen_k, minimum=0),
-        checks.check_scale(op, "softmax_scale", softmax_scale, d**-0.5),
-        checks.check_bool(op, "causal", causal),
-    )
+    statics = _statics(op, max_seqlen_q, max_seqlen_k, softmax_scale, d, causal)
     platform.choose_implementation(op, implementation, _NO_KERNEL)
     return _mha(q, kv[..., :d], kv[..., d:], cu_seqlens_q, cu_seqlens_k, statics)
