@@ -10,6 +10,9 @@ cache element that must not be read.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import os
 from collections.abc import Sequence
 
 import ml_dtypes
@@ -552,3 +555,255 @@ def make_sparse_prefill_inputs(
         "indices": indices,
         "topk_length": topk_length,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 caches for sparse decode: the byte layouts of docs/ops.md, read independently in NumPy
+# ----------------------------------------------------------------------------------------------
+
+#: Per layout: (d_qk, NoPE dims, NoPE values per scale, bytes per token). V32 keeps each token's
+#: 656 bytes together (512 e4m3 | 4 float32 scales | 64 bf16); MODEL1 stores a block's page * 576
+#: token bytes (448 e4m3 | 64 bf16 each) and then its page * 8 scale bytes (7 e8m0 | 1 pad each).
+FP8_LAYOUT_SIZES = {"V32": (576, 512, 128, 656), "MODEL1": (512, 448, 64, 584)}
+#: MODEL1: the token bytes and the scale bytes of one token.
+MODEL1_TOKEN_BYTES = 576
+MODEL1_SCALE_BYTES = 8
+
+
+def fp8_layout_of(cache) -> str:
+    """The layout whose bytes per token are the last dim of `cache`."""
+    width = np.shape(cache)[-1]
+    for name, sizes in FP8_LAYOUT_SIZES.items():
+        if sizes[3] == width:
+            return name
+    raise ValueError(f"no FP8 layout has {width} bytes per token")
+
+
+def e4m3fn_values() -> np.ndarray:
+    """float64 [256]: the value of each float8_e4m3fn bit pattern (bias 7, no infinities;
+    S.1111.111 is NaN), from the format's definition."""
+    values = np.empty(256)
+    for byte in range(256):
+        sign = -1.0 if byte & 0x80 else 1.0
+        exponent, mantissa = (byte >> 3) & 0xF, byte & 0x7
+        if exponent == 0xF and mantissa == 0x7:
+            values[byte] = np.nan
+        elif exponent == 0:
+            values[byte] = sign * mantissa / 8.0 * 2.0**-6
+        else:
+            values[byte] = sign * (1.0 + mantissa / 8.0) * 2.0 ** (exponent - 7)
+    return values
+
+
+@functools.cache
+def _e4m3fn_table() -> np.ndarray:
+    table = e4m3fn_values()
+    table.flags.writeable = False
+    return table
+
+
+def fp8_cache_bytes(cache) -> np.ndarray:
+    """The raw bytes of an FP8 cache (float8_e4m3fn or uint8, NumPy or JAX) as uint8."""
+    raw = np.asarray(cache)
+    assert raw.dtype.itemsize == 1, raw.dtype
+    return raw.view(np.uint8)
+
+
+def _bf16_bits_to_f64(raw: np.ndarray) -> np.ndarray:
+    """uint8 [..., 2 n] little-endian bfloat16 patterns -> float64 [..., n]."""
+    bits = np.ascontiguousarray(raw).view("<u2").astype(np.uint32) << 16
+    return bits.view(np.float32).astype(np.float64)
+
+
+def dequantize_fp8_tokens(cache, tokens) -> np.ndarray:
+    """float64 [n, d_qk]: the dequantised rows of the flat token ids `tokens` (int [n], each in
+    [0, num_blocks * page)) of an FP8 cache [num_blocks, page, 1, bytes per token]."""
+    raw = fp8_cache_bytes(cache)
+    layout = fp8_layout_of(raw)
+    d_qk, d_nope, tile, width = FP8_LAYOUT_SIZES[layout]
+    num_blocks, page = raw.shape[:2]
+    block, row = np.divmod(np.asarray(tokens, np.int64), page)
+    if layout == "V32":
+        token = raw[block, row, 0]
+        scales = np.ascontiguousarray(token[:, d_nope : d_nope + 16]).view("<f4")
+        rope = token[:, d_nope + 16 :]
+    else:
+        flat = raw.reshape(num_blocks, page * width)
+        split = page * MODEL1_TOKEN_BYTES
+        token = flat[:, :split].reshape(num_blocks, page, MODEL1_TOKEN_BYTES)[block, row]
+        exponents = flat[:, split:].reshape(num_blocks, page, MODEL1_SCALE_BYTES)[block, row]
+        exponents = exponents[:, : d_nope // tile].astype(np.int64)
+        scales = np.where(exponents == 255, np.nan, np.ldexp(1.0, exponents - 127))
+        rope = token[:, d_nope:]
+    nope = _e4m3fn_table()[token[:, :d_nope]].reshape(len(block), d_nope // tile, tile)
+    nope *= scales[:, :, None]
+    out = np.empty((len(block), d_qk))
+    out[:, :d_nope] = nope.reshape(len(block), d_nope)
+    out[:, d_nope:] = _bf16_bits_to_f64(rope)
+    return out
+
+
+def dequantize_fp8_cache(cache) -> np.ndarray:
+    """float64 [num_blocks, page, 1, d_qk]: a whole FP8 cache, dequantised."""
+    raw = fp8_cache_bytes(cache)
+    num_blocks, page = raw.shape[:2]
+    return dequantize_fp8_tokens(raw, np.arange(num_blocks * page)).reshape(num_blocks, page, 1, -1)
+
+
+def counted_valid_slots(indices: np.ndarray, lengths, num_tokens: int) -> np.ndarray:
+    """bool [b, s_q, topk]: slot j of request i counts (j < lengths[i] clamped to [0, topk])
+    and holds a token id in [0, num_tokens)."""
+    b, _, topk = indices.shape
+    count = np.full(b, topk) if lengths is None else np.clip(np.asarray(lengths, np.int64), 0, topk)
+    counted = np.arange(topk)[None, None, :] < count[:, None, None]
+    values = np.asarray(indices, np.int64)
+    return counted & (values >= 0) & (values < num_tokens)
+
+
+def counted_tokens(indices, lengths, num_tokens: int) -> np.ndarray:
+    """bool [num_tokens]: the tokens that some counted valid slot selects."""
+    values = np.asarray(indices, np.int64)
+    used = np.zeros(num_tokens, bool)
+    used[values[counted_valid_slots(values, lengths, num_tokens)]] = True
+    return used
+
+
+def sparse_decode_fp8_oracle(
+    q,
+    k_cache,
+    indices,
+    *,
+    topk_length=None,
+    attn_sink=None,
+    extra_k_cache=None,
+    extra_indices=None,
+    extra_topk_length=None,
+    softmax_scale: float | None = None,
+    head_dim_v: int = 512,
+    workers: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`sparse_decode_oracle` on the dequantised FP8 caches, vectorised for large shapes (b 321,
+    h_q 128, 4096 keys per query). Returns out [b, s_q, h_q, dv], lse [b, h_q, s_q], float64.
+
+    k_cache, extra_k_cache: FP8 caches (raw bytes, V32 or MODEL1). Per request, the distinct
+    tokens that its counted valid slots select are dequantised once (dequantize_fp8_tokens);
+    each (request, query token) then attends its slots' rows (a token selected twice is two
+    keys) with all heads in one float64 matrix product. `workers` threads (default: one per
+    CPU) gather the keys of a chunk of requests, then this thread runs the chunk's products
+    (which use BLAS threads of their own).
+    """
+    q = _f64(q)
+    b, s_q, h_q, d_qk = q.shape
+    scale = d_qk**-0.5 if softmax_scale is None else softmax_scale
+    sources = [(fp8_cache_bytes(k_cache), np.asarray(indices), topk_length)]
+    if extra_k_cache is not None:
+        sources.append(
+            (fp8_cache_bytes(extra_k_cache), np.asarray(extra_indices), extra_topk_length)
+        )
+    for cache, slots, _ in sources:
+        assert FP8_LAYOUT_SIZES[fp8_layout_of(cache)][0] == d_qk, (cache.shape, d_qk)
+        assert slots.shape[:2] == (b, s_q), slots.shape
+    sink = None if attn_sink is None else _f64(attn_sink)
+
+    def request_keys(i: int) -> list[np.ndarray]:
+        """Per query token of request i, float64 [keys, d_qk]: the rows of its counted valid
+        slots in slot order, main cache first."""
+        parts = [[] for _ in range(s_q)]
+        for cache, slots, lengths in sources:
+            num_tokens = cache.shape[0] * cache.shape[1]
+            count = None if lengths is None else np.asarray(lengths)[i : i + 1]
+            valid = counted_valid_slots(slots[i : i + 1], count, num_tokens)[0]
+            tokens, where = np.unique(slots[i][valid].astype(np.int64), return_inverse=True)
+            rows = dequantize_fp8_tokens(cache, tokens)
+            for s, part in enumerate(np.split(where, np.cumsum(valid.sum(axis=1))[:-1])):
+                parts[s].append(rows[part])
+        return [np.concatenate(p) for p in parts]
+
+    out = np.zeros((b, s_q, h_q, head_dim_v))
+    lse = np.full((b, h_q, s_q), np.inf)  # lonely rows keep out 0 and lse +inf, whatever the sink
+    workers = workers or os.cpu_count() or 1
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for first in range(0, b, 2 * workers):
+            chunk = range(first, min(b, first + 2 * workers))
+            for i, keys in zip(chunk, list(pool.map(request_keys, chunk)), strict=True):
+                for s, k in enumerate(keys):
+                    if k.shape[0] == 0:
+                        continue
+                    logits = scale * (q[i, s] @ k.T)  # [h_q, keys]
+                    top = logits.max(axis=1)
+                    weights = np.exp(logits - top[:, None])
+                    total = weights.sum(axis=1)
+                    # All of k, then V's columns: contiguous operands for BLAS.
+                    o = (weights @ k)[:, :head_dim_v] / total[:, None]
+                    row_lse = top + np.log(total)
+                    if sink is not None:
+                        with np.errstate(over="ignore"):
+                            o *= (1.0 / (1.0 + np.exp(sink - row_lse)))[:, None]
+                    out[i, s] = o
+                    lse[i, :, s] = row_lse
+    return out, lse
+
+
+def sparse_cache_blocks(b: int, s_k: int, page: int, *, length_cap: int = 2) -> int:
+    """Blocks of the cache make_sparse_selection lays out: ceil(length_cap * s_k / page) per
+    request, and one spare block that belongs to nobody."""
+    return b * -(-length_cap * s_k // page) + 1
+
+
+def make_sparse_selection(
+    rng: np.random.Generator,
+    *,
+    b: int,
+    s_q: int,
+    topk: int,
+    page: int,
+    s_k: int,
+    varlen: bool = True,
+    length_cap: int = 2,
+    invalid_frac: float = 0.05,
+    out_of_range_frac: float = 0.02,
+    duplicates: bool = False,
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Top-k indices into a paged cache, drawn as make_sparse_cache_and_indices draws them but
+    vectorised (b = 321 with topk 2048 in well under a second), and without the cache.
+
+    Request i has a context of max(N(s_k, s_k / 2), 1) tokens (s_k without varlen), capped at
+    length_cap * s_k, laid out through a random block table in a cache of
+    sparse_cache_blocks(b, s_k, page, length_cap=length_cap) blocks. Each (request, query
+    token) picks topk context positions (distinct unless `duplicates`; -1 for missing ones when
+    the context is shorter), stored as physical_block * page + row in random slots. Then
+    `invalid_frac` of the slots become -1 and `out_of_range_frac` other invalid values (< -1 or
+    >= num_blocks * page). Returns (indices int32 [b, s_q, topk], num_blocks, context lengths
+    int32 [b]).
+    """
+    cap = length_cap * s_k
+    max_blocks = -(-cap // page)
+    num_blocks = sparse_cache_blocks(b, s_k, page, length_cap=length_cap)
+    num_tokens = num_blocks * page
+    lengths = np.clip(make_seqlens(rng, b, s_k, varlen=varlen), 1, cap).astype(np.int64)
+    owned = rng.permutation(num_blocks)[: b * max_blocks].reshape(b, max_blocks)
+    span = lengths[:, None, None]
+    if duplicates:
+        positions = (rng.random((b, s_q, topk)) * span).astype(np.int64)
+        present = np.ones(positions.shape, bool)
+    else:
+        # A random order of each context (the positions past its length sort last).
+        keys = rng.random((b, s_q, cap))
+        keys[np.broadcast_to(np.arange(cap) >= span, keys.shape)] = 2.0
+        positions = np.argsort(keys, axis=-1)[..., :topk]
+        present = positions < span
+        if cap < topk:
+            pad = ((0, 0), (0, 0), (0, topk - cap))
+            positions = np.pad(positions, pad)
+            present = np.pad(present, pad)
+    requests = np.arange(b)[:, None, None]
+    physical = owned[requests, positions // page] * page + positions % page
+    indices = np.where(present, physical, -1)
+    shuffle = np.argsort(rng.random(indices.shape), axis=-1)
+    indices = np.take_along_axis(indices, shuffle, axis=-1)
+    draw = rng.random(indices.shape)
+    indices[draw < invalid_frac] = -1
+    wild = (draw >= invalid_frac) & (draw < invalid_frac + out_of_range_frac)
+    choices = np.array([-2, -(2**31), num_tokens, num_tokens + 7, 2**31 - 1], np.int64)
+    indices[wild] = rng.choice(choices, size=int(wild.sum()))
+    return indices.astype(np.int32), num_blocks, lengths.astype(np.int32)

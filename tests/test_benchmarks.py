@@ -194,3 +194,265 @@ def test_only_parses_configs():
 def test_committed_h200_results_have_every_key():
     records = json.loads((BENCHMARKS / "results" / "h200" / "decode_dense.json").read_text())
     assert records and all(set(r) >= KEYS for r in records)
+
+
+# The sparse decode benchmark (bench_decode_sparse.py) and its plot.
+
+SPARSE_KEYS = {
+    "kernel",
+    "layout",
+    "b",
+    "s_q",
+    "h_q",
+    "h_kv",
+    "s_k",
+    "topk",
+    "d_qk",
+    "page",
+    "dtype",
+    "us",
+    "tflops",
+    "gbps",
+    "flashmla_us",
+    "flashmla_tflops",
+    "flashmla_h_q",
+    "ratio",
+    "peer_max_abs_diff",
+    "peer_rel_err",
+    "side_by_side",
+    "card",
+    "date",
+}
+SPARSE_SMOKE_ARGS = [
+    "--scale",
+    "64",
+    "--implementation",
+    "xla",
+    "--runs",
+    "2",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+]
+
+
+def sparse_counts(record: dict) -> tuple[int, int]:
+    """(FLOPs, bytes) of a sparse decode record, as docs/ops.md counts them."""
+    d_qk = {"V32": 576, "MODEL1": 512}[record["layout"]]
+    token_bytes = {"V32": 656, "MODEL1": 584}[record["layout"]]
+    assert record["d_qk"] == d_qk
+    b, s_q, h_q, topk = record["b"], record["s_q"], record["h_q"], record["topk"]
+    work = b * s_q * h_q * topk * 2 * (d_qk + 512)
+    moved = b * s_q * topk * token_bytes + b * s_q * h_q * (d_qk + 512) * 2
+    return work, moved
+
+
+def check_counting(record: dict) -> None:
+    """tflops and gbps follow from us and the sparse counts."""
+    work, moved = sparse_counts(record)
+    # us is rounded to 0.01 in the record, TFLOPS and GB/s are computed before rounding.
+    rounding = 0.006 / record["us"] + 1e-3
+    assert record["tflops"] == pytest.approx(work / (record["us"] * 1e6), rel=rounding, abs=0.006)
+    assert record["gbps"] == pytest.approx(moved / (record["us"] * 1e3), rel=rounding, abs=0.06)
+
+
+def test_bench_decode_sparse_smoke_without_peers(tmp_path):
+    out = tmp_path / "decode_sparse.json"
+    bench = load("bench_decode_sparse")
+    argv = [*SPARSE_SMOKE_ARGS, "--no-peers", "--configs", "heads", "--json", str(out)]
+    assert bench.main(argv) == 0
+    records = json.loads(out.read_text())
+    # The heads group, both layouts, scaled by 64: b 2, s_k 512, topk 2048 / 64 -> 64.
+    assert [(r["layout"], r["h_q"]) for r in records] == [
+        ("V32", 16),
+        ("MODEL1", 16),
+        ("V32", 32),
+        ("MODEL1", 32),
+    ]
+    for record in records:
+        assert set(record) == SPARSE_KEYS, record
+        assert record["kernel"] == "xla_reference"
+        assert (record["b"], record["s_q"], record["s_k"], record["topk"]) == (2, 2, 512, 64)
+        assert (record["h_kv"], record["page"], record["dtype"]) == (1, 64, "bfloat16")
+        assert record["us"] > 0
+        check_counting(record)
+        assert record["side_by_side"] is False
+        assert record["flashmla_us"] is None and record["ratio"] is None
+        assert record["flashmla_tflops"] is None and record["flashmla_h_q"] is None
+        assert record["peer_rel_err"] is None
+        assert record["card"] and record["date"]
+    assert "torch" not in sys.modules
+    png = tmp_path / "decode_sparse.png"
+    plot = load("plot_decode_sparse")
+    assert plot.main([str(out), "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+
+
+def fake_flashmla(flashmla_us: float, scale_theirs: float, seen: list):
+    """A FlashMLA measurement that reports `flashmla_us` and compares `scale_theirs` times our
+    output with ours; it checks the arrays it is handed."""
+
+    def measure(cfg, inputs, our_out):
+        bench = sys.modules["bench_decode_sparse"]
+        ours = np.asarray(our_out, np.float32)
+        assert ours.shape == (cfg.b, cfg.s_q, cfg.h_q, 512)
+        token_bytes = {"V32": 656, "MODEL1": 584}[cfg.layout]
+        assert inputs.cache.shape[1:] == (64, 1, token_bytes)
+        assert str(inputs.cache.dtype) == "float8_e4m3fn"
+        assert inputs.indices.shape == (cfg.b, cfg.s_q, cfg.topk)
+        assert [q.shape for q in inputs.qs] == [(cfg.b, cfg.s_q, cfg.h_q, cfg.d_qk)] * 2
+        seen.append(cfg)
+        diff, rel = bench.dense.agreement(ours * scale_theirs, ours)
+        return bench.PeerResult(flashmla_us, diff, rel)
+
+    return measure
+
+
+def test_bench_decode_sparse_side_by_side_records_and_plot(tmp_path):
+    out = tmp_path / "decode_sparse.json"
+    bench = load("bench_decode_sparse")
+    seen = []
+    argv = [*SPARSE_SMOKE_ARGS, "--only", "V32,128,16,2048", "--only", "MODEL1,148,128,16384"]
+    status = bench.main([*argv, "--json", str(out)], measure_peer=fake_flashmla(50.0, 1.001, seen))
+    assert status == 0
+    assert [(c.layout, c.b, c.s_q, c.h_q, c.topk, c.s_k) for c in seen] == [
+        ("V32", 2, 2, 16, 64, 512),
+        ("MODEL1", 2, 2, 128, 256, 512),
+    ]
+    records = json.loads(out.read_text())
+    assert len(records) == 2
+    for record in records:
+        assert set(record) == SPARSE_KEYS, record
+        check_counting(record)
+        assert record["side_by_side"] is True
+        assert record["flashmla_us"] == 50.0
+        assert record["ratio"] == pytest.approx(50.0 / record["us"], abs=1e-3)
+        work, _ = sparse_counts(record)
+        assert record["flashmla_tflops"] == pytest.approx(work / 50e6, abs=0.006)
+        assert 0 < record["peer_rel_err"] == pytest.approx(1e-3, rel=1e-2)
+        assert record["peer_max_abs_diff"] > 0
+    # FlashMLA takes 64 or 128 heads: 16 heads run padded to 64.
+    assert [r["flashmla_h_q"] for r in records] == [64, 128]
+    png = tmp_path / "decode_sparse.png"
+    plot = load("plot_decode_sparse")
+    assert plot.main([str(out), "--out", str(png), "--kernel", "xla_reference"]) == 0
+    assert png.stat().st_size > 1000
+    assert plot.config_label(records[0]) == "V32 b2 h16 topk64 (FlashMLA h64)"
+
+
+def test_bench_decode_sparse_fails_when_flashmla_disagrees(tmp_path, capsys):
+    out = tmp_path / "decode_sparse.json"
+    bench = load("bench_decode_sparse")
+    argv = [*SPARSE_SMOKE_ARGS, "--only", "MODEL1,128,32,2048", "--json", str(out)]
+    assert bench.main(argv, measure_peer=fake_flashmla(50.0, 1.5, [])) == 1
+    assert "DISAGREES" in capsys.readouterr().err
+    (record,) = json.loads(out.read_text())  # written all the same
+    assert record["peer_rel_err"] == pytest.approx(0.5, rel=1e-2)
+
+
+def test_bench_decode_sparse_configs():
+    bench = load("bench_decode_sparse")
+    shapes = {(c.layout, c.b, c.s_q, c.h_q, c.topk, c.s_k) for c in bench.CONFIGS}
+    assert len(shapes) == len(bench.CONFIGS) == 12
+    for layout in ("V32", "MODEL1"):
+        assert {(b, h_q, topk) for lay, b, _, h_q, topk, _ in shapes if lay == layout} == {
+            (64, 128, 2048),
+            (128, 128, 2048),
+            (148, 64, 16384),
+            (148, 128, 16384),
+            (128, 16, 2048),
+            (128, 32, 2048),
+        }
+    assert {(c.s_q, c.s_k) for c in bench.CONFIGS} == {(2, 32768)}
+    assert [c.h_q for c in bench.select_configs("heads", "MODEL1")] == [16, 32]
+    cfg = bench.parse_only("MODEL1,148,64,16384")
+    assert (cfg.layout, cfg.b, cfg.h_q, cfg.topk, cfg.s_q, cfg.s_k, cfg.d_qk) == (
+        "MODEL1",
+        148,
+        64,
+        16384,
+        2,
+        32768,
+        512,
+    )
+    for bad in ("V32,128,128", "V64,128,128,2048", "V32,128,128,100", "V32,0,128,2048"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--only", bad])
+    # Scaled down, topk stays a positive multiple of 64 within the context.
+    small = bench.parse_only("V32,148,128,16384").scaled(1024)
+    assert (small.b, small.topk, small.s_k) == (1, 64, 64)
+
+
+def test_bench_decode_sparse_counting():
+    bench = load("bench_decode_sparse")
+    v32 = bench.parse_only("V32,128,128,2048")
+    assert bench.flops(v32) == 128 * 2 * 128 * 2048 * 2 * (576 + 512)
+    assert bench.bytes_moved(v32) == 128 * 2 * 2048 * 656 + 128 * 2 * 128 * (576 + 512) * 2
+    model1 = bench.parse_only("MODEL1,148,64,16384")
+    assert bench.flops(model1) == 148 * 2 * 64 * 16384 * 2 * (512 + 512)
+    assert bench.bytes_moved(model1) == 148 * 2 * 16384 * 584 + 148 * 2 * 64 * 1024 * 2
+    assert [bench.flashmla_heads(h) for h in (1, 16, 64, 65, 128, 129)] == [
+        64,
+        64,
+        64,
+        128,
+        128,
+        None,
+    ]
+
+
+def test_bench_decode_sparse_indices_select_each_request_own_tokens():
+    bench = load("bench_decode_sparse")
+    cfg = bench.Config("only", "V32", b=3, h_q=16, topk=128, s_k=200)
+    indices, block_table = bench.draw_indices(cfg, seed=5)
+    assert indices.shape == (3, 2, 128) and indices.dtype == np.int32
+    assert block_table.shape == (3, 4)  # ceil(200 / 64) blocks each, a permutation of 12
+    assert sorted(block_table.ravel()) == list(range(12))
+    for i in range(3):
+        for j in range(2):
+            row = indices[i, j]
+            blocks, offsets = row // 64, row % 64
+            # Block k of request i holds its tokens 64 k ..., so the position is recoverable.
+            slots = np.array([list(block_table[i]).index(blk) for blk in blocks])
+            positions = slots * 64 + offsets
+            assert len(set(positions)) == 128  # distinct tokens
+            assert positions.min() >= 0 and positions.max() < 200  # within the context
+            assert not np.array_equal(np.sort(positions), positions)  # an indexer's order
+    # The two query tokens of a request select different sets.
+    assert set(indices[0, 0]) != set(indices[0, 1])
+
+
+def test_bench_decode_sparse_flashmla_views():
+    """What FlashMLA is handed: q padded with zero heads, and MODEL1 blocks padded to a
+    multiple of 576 bytes whose first page * 584 bytes are the block's bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_flashmla as fm
+
+    bench = load("bench_decode_sparse")
+    q = jax.random.normal(jax.random.key(0), (2, 2, 16, 512)).astype(jnp.bfloat16)
+    padded = np.asarray(bench.padded_heads(q, 64), np.float32)
+    assert padded.shape == (2, 2, 64, 512)
+    np.testing.assert_array_equal(padded[:, :, :16], np.asarray(q, np.float32))
+    assert not padded[:, :, 16:].any()
+
+    values = jax.random.normal(jax.random.key(1), (3, 64, 1, 512)) / 10
+    cache = fm.quantize_k_cache(values.astype(jnp.bfloat16), layout="MODEL1")
+    blocks = np.asarray(bench.padded_blocks(cache))
+    block_bytes = 64 * 584
+    assert blocks.dtype == np.uint8 and blocks.shape == (3, 65 * 576)  # 37376 -> 37440
+    raw = np.asarray(jax.lax.bitcast_convert_type(cache, jnp.uint8)).reshape(3, block_bytes)
+    np.testing.assert_array_equal(blocks[:, :block_bytes], raw)
+    assert not blocks[:, block_bytes:].any()
+    # FlashMLA's view: [num_blocks, page, 1, 584] rows at the padded block stride; reading it
+    # back as our cache gives the same dequantised values.
+    view = np.lib.stride_tricks.as_strided(
+        blocks, shape=(3, 64, 1, 584), strides=(blocks.strides[0], 584, 584, 1)
+    )
+    again = jax.lax.bitcast_convert_type(jnp.asarray(view), jnp.float8_e4m3fn)
+    np.testing.assert_array_equal(
+        np.asarray(fm.dequantize_k_cache(again), np.float32),
+        np.asarray(fm.dequantize_k_cache(cache), np.float32),
+    )

@@ -53,8 +53,11 @@ def test_metadata_lowers_to_custom_call():
         "fixed_length = -1 : i64",
     ):
         assert attribute in call, call
-    (call,) = custom_calls(cuda_hlo(lambda x: fm.get_mla_metadata(x, 64, 1, topk=2048), lens))
-    assert "fixed_length = 2048 : i64" in call and f"tensor<132x{METADATA_FIELDS}xi32>" in call
+    # Sparse decode: parts per query token and 64-head tile (here s_q 2, h_q 64).
+    (call,) = custom_calls(
+        cuda_hlo(lambda x: fm.get_mla_metadata(x, 128, 1, num_heads_q=64, topk=2048), lens)
+    )
+    assert "fixed_length = 2048 : i64" in call and f"tensor<66x{METADATA_FIELDS}xi32>" in call
 
 
 def test_combine_lowers_to_custom_call():
@@ -138,6 +141,54 @@ def test_dense_decode_lowers_to_metadata_then_kernel():
         "tensor<37x2x128x512xf32>, tensor<37x2x128xf32>)"
     ) in decode_call
     assert "causal = true" in decode_call and "softmax_scale = 1.000000e-01 : f32" in decode_call
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("layout, d_qk, token_bytes", [("V32", 576, 656), ("MODEL1", 512, 584)])
+def test_sparse_decode_lowers_to_custom_call(layout, d_qk, token_bytes, with_lengths):
+    """Sparse decode: the schedule (from the lengths when given, else fixed at topk +
+    extra_topk), then the kernel with every optional operand, absent ones zero-sized."""
+    b, s_q, h_q, topk, extra_topk = 3, 2, 16, 128, 64
+    q = jax.ShapeDtypeStruct((b, s_q, h_q, d_qk), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((10, 7, 1, token_bytes), jnp.float8_e4m3fn)
+    extra_cache = jax.ShapeDtypeStruct((4, 5, 1, token_bytes), jnp.float8_e4m3fn)
+    indices = jax.ShapeDtypeStruct((b, s_q, topk), jnp.int32)
+    extra_indices = jax.ShapeDtypeStruct((b, s_q, extra_topk), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
+
+    def call(q, cache, indices, extra_cache, extra_indices, lengths):
+        return fm.flash_mla_with_kvcache(
+            q,
+            cache,
+            None,
+            None,
+            512,
+            softmax_scale=0.25,
+            is_fp8_kvcache=True,
+            indices=indices,
+            extra_k_cache=extra_cache,
+            extra_indices_in_kvcache=extra_indices,
+            topk_length=lengths if with_lengths else None,
+            implementation="cuda",
+        )
+
+    hlo = cuda_hlo(call, q, cache, indices, extra_cache, extra_indices, lengths)
+    metadata_call, decode_call = custom_calls(hlo)
+    parts = 132 // s_q
+    assert "@jax_flashmla_mla_metadata" in metadata_call
+    fixed = -1 if with_lengths else topk + extra_topk
+    assert f"fixed_length = {fixed} : i64" in metadata_call
+    assert "@jax_flashmla_decode_sparse_sm90" in decode_call
+    topk_length = f"tensor<{b}xi32>" if with_lengths else "tensor<0xi32>"
+    assert (
+        f"(tensor<{b}x{s_q}x{h_q}x{d_qk}xbf16>, tensor<10x7x1x{token_bytes}xf8E4M3FN>, "
+        f"tensor<{b}x{s_q}x{topk}xi32>, {topk_length}, tensor<0xf32>, "
+        f"tensor<4x5x1x{token_bytes}xf8E4M3FN>, tensor<{b}x{s_q}x{extra_topk}xi32>, "
+        f"tensor<0xi32>, tensor<{parts}x{METADATA_FIELDS}xi32>, tensor<{b + 1}xi32>) -> "
+        f"(tensor<{b}x{s_q}x{h_q}x512xbf16>, tensor<{b}x{h_q}x{s_q}xf32>, "
+        f"tensor<{b + parts}x{s_q}x{h_q}x512xf32>, tensor<{b + parts}x{s_q}x{h_q}xf32>)"
+    ) in decode_call, decode_call
+    assert "softmax_scale = 2.500000e-01 : f32" in decode_call
 
 
 def test_dense_decode_kernel_only_for_its_shapes():

@@ -218,7 +218,9 @@ def test_schedule_fixed_length_near_int32_max():
     want = closed_form_schedule(lengths, 132, fixed_length=topk)
     np.testing.assert_array_equal(metadata, want[0])
     np.testing.assert_array_equal(num_splits, want[1])
-    got = jax.jit(lambda x: jax_flashmla.get_mla_metadata(x, 16, 1, topk=topk))(lengths)
+    got = jax.jit(lambda x: jax_flashmla.get_mla_metadata(x, 16, 1, num_heads_q=16, topk=topk))(
+        lengths
+    )
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
 

@@ -16,7 +16,7 @@ from jax_flashmla._src.geometry import (
     METADATA_FIELDS,
     SPARSE_HEAD_DIMS_QK,
 )
-from jax_flashmla._src.kernels import decode_dense, decode_sparse
+from jax_flashmla._src.kernels import decode_dense, decode_sparse, mla_metadata
 from jax_flashmla.ops import metadata as metadata_op
 from jax_flashmla.ops import quant
 
@@ -60,8 +60,11 @@ def flash_mla_with_kvcache(
     never read.
 
     Sparse mode (indices given, FP8 cache): query token j of request i attends the keys
-    indices[i, j, :topk_length[i]] (value = physical_block * page + offset; -1 = none), plus
-    extra_indices_in_kvcache into extra_k_cache when given; one softmax over both.
+    indices[i, j, :L_i] with L_i = clamp(topk_length[i], 0, topk) (all topk slots without
+    topk_length), value = physical_block * page + offset; a value outside
+    [0, num_blocks * page) (FlashMLA uses -1) selects nothing and is never read; duplicated
+    values count twice. The same holds for extra_indices_in_kvcache into extra_k_cache (with
+    extra_topk_length), whose keys join the same softmax. The cache is dequantised on chip.
 
     A query with no key to attend gets out 0 and lse +inf. Forward-only: differentiating the
     op raises a TypeError (flash_attn_varlen_func has gradients).
@@ -77,9 +80,12 @@ def flash_mla_with_kvcache(
       cache_seqlens: int32 [b] (dense); must be None in sparse mode.
       head_dim_v: d_v, 512 (V is the first 512 dims of each cache row).
       tile_scheduler_metadata, num_splits: from `get_mla_metadata` for these shapes, or both
-        None to compute them here. Reuse one pair for every layer of a decode step. When the
-        call is sharded over batch or heads, each shard schedules its own part instead (a
-        schedule cannot be sliced); inside shard_map, compute them per device.
+        None to compute them here (sparse mode: get_mla_metadata(any int32 [b], s_q * h_q, 1,
+        num_heads_q=h_q, topk=topk + extra_topk); without them the schedule is made from
+        topk_length and extra_topk_length, so shorter requests take less time). Reuse one
+        pair for every layer of a decode step. When the call is sharded over batch or heads,
+        each shard schedules its own part instead (a schedule cannot be sliced); inside
+        shard_map, compute them per device.
       softmax_scale: static float finite in float32 (zero and negative allowed), default
         d_qk ** -0.5.
       causal: static bool, bottom-right causal mask over the s_q queries (dense mode only).
@@ -92,7 +98,8 @@ def flash_mla_with_kvcache(
       extra_indices_in_kvcache: int32 [b, s_q, extra_topk] into extra_k_cache.
       extra_topk_length: int32 [b].
       implementation: None (the kernel when it supports the inputs and device, else the XLA
-        reference), "cuda" (the kernel or a ValueError saying why not) or "xla".
+        reference; in sparse mode the reference until the sparse kernel has passed its GPU
+        tests), "cuda" (the kernel or a ValueError saying why not) or "xla".
 
     Returns:
       out: [b, s_q, h_q, 512] in q's dtype; 0 for a query with no key to attend.
@@ -107,7 +114,8 @@ def flash_mla_with_kvcache(
         topk is not a multiple of 64, a sparse-only argument is given in dense mode (or the
         reverse), or implementation is "cuda" where no kernel can take these inputs (e.g. a
         size past one of the kernel's limits: h_kv or query tiles per KV head > 65535,
-        b * s_q, num_blocks * 64 or b + num_sm_parts > 2**31 - 1).
+        b * s_q, num_blocks * 64 or b + num_sm_parts > 2**31 - 1; sparse mode: s_q or
+        ceil(h_q / 64) > 65535, b * s_q or b + num_sm_parts > 2**31 - 1).
     """
     optional_arrays = {
         "block_table": block_table,
@@ -179,7 +187,7 @@ def flash_mla_with_kvcache(
         if extra_k_cache is not None:
             _fp8_layout("extra_k_cache", extra_k_cache, d_qk)
 
-    _check_metadata(q, h_kv, tile_scheduler_metadata, num_splits)
+    _check_metadata(q, h_kv, tile_scheduler_metadata, num_splits, sparse=indices is not None)
     metadata = () if tile_scheduler_metadata is None else (tile_scheduler_metadata, num_splits)
 
     if indices is None:
@@ -192,13 +200,23 @@ def flash_mla_with_kvcache(
             _dense_decode, softmax_scale=scale, causal=causal, use_kernel=use_kernel
         )
         return forward_only(OP, compute)(q, cache, block_table, cache_seqlens, *metadata)
-    platform.choose_implementation(OP, implementation, "the sparse decode kernel is not built yet")
+    b, s_q, h_q, _ = q.shape
+    reason = decode_sparse.launch_limit_error(
+        batch=b, s_q=s_q, h_q=h_q, num_parts=metadata_op.sparse_num_sm_parts(s_q, h_q)
+    )
+    if implementation is None and not decode_sparse.RUNS_BY_DEFAULT:
+        implementation = "xla"
+    use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
     present = [name for name, value in sparse_args.items() if value is not None]
     compute = functools.partial(
-        _sparse_decode, present=tuple(present), softmax_scale=scale, layout=layout
+        _sparse_decode,
+        present=tuple(present),
+        softmax_scale=scale,
+        layout=layout,
+        use_kernel=use_kernel,
     )
     optional = (sparse_args[name] for name in present)
-    return forward_only(OP, compute)(q, k_cache, indices, *optional)
+    return forward_only(OP, compute)(q, k_cache, indices, *optional, *metadata)
 
 
 # Dims of the decode operands for the sharding rules (jax_flashmla._src.sharding): batch b,
@@ -251,14 +269,19 @@ def _dense_decode(
     )
 
 
-def _sparse_decode(q, cache, indices, *optional, present, softmax_scale, layout):
-    """Sparse decode of the FP8 caches, partitioned over batch and heads. `optional` holds the
-    sparse arguments named in `present`, in the order of _SPARSE_DIMS."""
+def _sparse_decode(
+    q, cache, indices, *optional_and_metadata, present, softmax_scale, layout, use_kernel
+):
+    """Sparse decode of the FP8 caches on the kernel or the reference, partitioned over batch
+    and heads. `optional_and_metadata` holds the sparse arguments named in `present`, in the
+    order of _SPARSE_DIMS, then the schedule when the caller gave one."""
     dims = [_SPARSE_DIMS[name] for name in present]
+    given_metadata = len(optional_and_metadata) > len(present)
 
-    def compute(q, cache, indices, *optional):
-        given = dict(zip(present, optional, strict=True))
-        return decode_sparse.decode_sparse(
+    def compute(q, cache, indices, *rest):
+        given = dict(zip(present, rest[: len(present)], strict=True))
+        metadata = tuple(rest[len(present) :])
+        operands = decode_sparse.with_placeholders(
             q,
             cache,
             indices,
@@ -267,20 +290,67 @@ def _sparse_decode(q, cache, indices, *optional, present, softmax_scale, layout)
             given.get("extra_k_cache"),
             given.get("extra_indices_in_kvcache"),
             given.get("extra_topk_length"),
-            use_kernel=False,
+        )
+        if use_kernel and not metadata:
+            metadata = _sparse_schedule(q, indices, given)
+        return decode_sparse.decode_sparse(
+            *operands,
+            *(metadata or (None, None)),
+            use_kernel=use_kernel,
             softmax_scale=softmax_scale,
             layout=layout,
         )
 
+    def per_shard(factor_axes):
+        # A schedule covers the whole batch at the global head count: each shard makes its own.
+        return lambda q, cache, indices, *rest: compute(q, cache, indices, *rest[: len(present)])
+
     return sharding.partitioned_call(
         OP,
         compute,
-        (q, cache, indices, *optional),
-        ("b s (k g) d", "n p k d", "b s t", *dims),
+        (q, cache, indices, *optional_and_metadata),
+        (
+            "b s (k g) d",
+            "n p k d",
+            "b s t",
+            *dims,
+            *(("o f", "c") if given_metadata else ()),
+        ),
         _DECODE_RESULT_DIMS,
         shardable=frozenset({"b", "g"}),
         given_sizes={"g": q.shape[2]},
+        local_fn=per_shard if given_metadata else None,
     )
+
+
+def _sparse_schedule(q, indices, given) -> tuple[jax.Array, jax.Array]:
+    """The sparse kernel's schedule for these (per-shard) inputs: each request weighs its
+    counted slots, rounded up to whole blocks of 64, main and extra."""
+    b, s_q, h_q, _ = q.shape
+    num_parts = metadata_op.sparse_num_sm_parts(s_q, h_q)
+    extra_indices = given.get("extra_indices_in_kvcache")
+    topk = indices.shape[2]
+    extra_topk = 0 if extra_indices is None else extra_indices.shape[2]
+    topk_length = given.get("topk_length")
+    extra_topk_length = given.get("extra_topk_length")
+    if topk_length is None and extra_topk_length is None:
+        return mla_metadata.mla_metadata(
+            jnp.zeros((b,), jnp.int32),
+            use_kernel=True,
+            num_parts=num_parts,
+            fixed_length=topk + extra_topk,
+        )
+
+    def whole_blocks(length, limit):
+        if length is None:
+            return jnp.full((b,), limit, jnp.int32)
+        counted = jnp.clip(length, 0, limit)
+        return (counted + TOPK_MULTIPLE - 1) // TOPK_MULTIPLE * TOPK_MULTIPLE
+
+    lengths = whole_blocks(topk_length, topk)
+    if extra_indices is not None:
+        lengths = lengths + whole_blocks(extra_topk_length, extra_topk)
+    return mla_metadata.mla_metadata(lengths, use_kernel=True, num_parts=num_parts, fixed_length=-1)
 
 
 #: Sharding dims of the optional sparse-mode operands (the FP8 caches are replicated).
@@ -425,14 +495,17 @@ def _check_sparse_inputs(q, k_cache, indices, sparse_args) -> None:
             )
 
 
-def _check_metadata(q, h_kv, tile_scheduler_metadata, num_splits) -> None:
+def _check_metadata(q, h_kv, tile_scheduler_metadata, num_splits, *, sparse: bool) -> None:
     """The metadata must be absent or built by get_mla_metadata for these shapes."""
     if (tile_scheduler_metadata is None) != (num_splits is None):
         raise ValueError(f"{OP}: pass both tile_scheduler_metadata and num_splits, or neither")
     if tile_scheduler_metadata is None:
         return
     b, s_q, h_q, _ = q.shape
-    parts = metadata_op.num_sm_parts(s_q * h_q // h_kv, h_kv)
+    if sparse:
+        parts = metadata_op.sparse_num_sm_parts(s_q, h_q)
+    else:
+        parts = metadata_op.num_sm_parts(s_q * h_q // h_kv, h_kv)
     for name, value, shape in (
         ("tile_scheduler_metadata", tile_scheduler_metadata, (parts, METADATA_FIELDS)),
         ("num_splits", num_splits, (b + 1,)),
@@ -441,6 +514,6 @@ def _check_metadata(q, h_kv, tile_scheduler_metadata, num_splits) -> None:
         if tuple(value.shape) != shape:
             raise ValueError(
                 f"{OP}: {name} has shape {tuple(value.shape)} but these inputs need {shape}: "
-                f"build it with get_mla_metadata(cache_seqlens, {s_q * h_q // h_kv}, {h_kv}) "
-                f"for q of shape {q.shape}"
+                f"build it with get_mla_metadata(cache_seqlens, {s_q * h_q // h_kv}, {h_kv}"
+                f"{f', num_heads_q={h_q}, topk=...' if sparse else ''}) for q of shape {q.shape}"
             )

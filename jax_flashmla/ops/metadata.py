@@ -17,13 +17,21 @@ OP = "get_mla_metadata"
 
 
 def num_sm_parts(num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
-    """How many parts the KV work is split into: about one CTA per SM.
+    """How many parts the dense decode's KV work is split into: about one CTA per SM.
 
     max(num_SMs // h_kv // ceil(s_q*h_q/h_kv / 64), 1), with the SM count of the target device
     (132 on an H200; 132 is also assumed where there is no GPU).
     """
     tiles = -(-num_q_tokens_per_head_k // QUERY_TILE_ROWS)
     return max(platform.target_device().num_sms // num_heads_k // tiles, 1)
+
+
+def sparse_num_sm_parts(s_q: int, h_q: int) -> int:
+    """How many parts the sparse decode's work is split into: about one CTA per SM, where each
+    query token and each tile of 64 heads has CTAs of its own (the tokens select different
+    keys): max(num_SMs // (s_q * ceil(h_q / 64)), 1)."""
+    tiles = s_q * -(-h_q // QUERY_TILE_ROWS)
+    return max(platform.target_device().num_sms // tiles, 1)
 
 
 def get_mla_metadata(
@@ -43,16 +51,21 @@ def get_mla_metadata(
         given (every request then attends `topk` keys per query).
       num_q_tokens_per_head_k: s_q * h_q // h_kv, the query rows that share one KV head.
       num_heads_k: h_kv, KV heads of the cache (1 for MLA).
-      num_heads_q: h_q, optional; checked to be a multiple of `num_heads_k` when given.
+      num_heads_q: h_q; checked to be a multiple of `num_heads_k` when given; required with
+        `topk`.
       is_fp8_kvcache: the cache is FP8 (accepted for FlashMLA compatibility; the schedule is
         the same).
-      topk: sparse decode: keys per query token (a positive multiple of 64).
+      topk: sparse decode: slots per query token (a positive multiple of 64): topk + extra_topk
+        when an extra cache is attended too. Every request is scheduled for that many; a request
+        whose topk_length makes it shorter finishes early (flash_mla_with_kvcache, when not given
+        a schedule, makes one from the lengths instead).
       implementation: None (the CUDA scheduler on a Hopper GPU, else the reference), "cuda" or
         "xla". Both compute the identical schedule.
 
     Returns:
       tile_scheduler_metadata: int32 [num_sm_parts, 8]; num_sm_parts =
-        max(num_SMs // h_kv // ceil(num_q_tokens_per_head_k / 64), 1). Row p is
+        max(num_SMs // h_kv // ceil(num_q_tokens_per_head_k / 64), 1), or with `topk`
+        max(num_SMs // (s_q * ceil(h_q / 64)), 1), s_q = num_q_tokens_per_head_k // h_q. Row p is
         [begin_req, end_req (inclusive), begin_block, end_block (exclusive), begin_split_idx,
         begin_req is split, end_req is split, 0] (columns named by
         `jax_flashmla._src.geometry.MetadataField`), blocks being 64-token KV tiles; an empty
@@ -66,7 +79,8 @@ def get_mla_metadata(
     Raises:
       TypeError: cache_seqlens is not an int32 array; a count is not a Python int.
       ValueError: cache_seqlens is not rank 1; a count is < 1;
-        num_heads_q is not a multiple of num_heads_k; topk is not a positive multiple of 64;
+        num_heads_q is not a multiple of num_heads_k; topk is not a positive multiple of 64,
+        comes without num_heads_q, or num_q_tokens_per_head_k is not a multiple of it;
         b + num_sm_parts > 2**31 - 1 (num_splits would not fit int32);
         implementation is unknown, or "cuda" where the kernel cannot run.
     """
@@ -75,6 +89,7 @@ def get_mla_metadata(
     )
     rows = checks.check_int(OP, "num_q_tokens_per_head_k", num_q_tokens_per_head_k, minimum=1)
     h_kv = checks.check_int(OP, "num_heads_k", num_heads_k, minimum=1)
+    h_q = None
     if num_heads_q is not None:
         h_q = checks.check_int(OP, "num_heads_q", num_heads_q, minimum=1)
         if h_q % h_kv:
@@ -83,13 +98,20 @@ def get_mla_metadata(
             )
     checks.check_bool(OP, "is_fp8_kvcache", is_fp8_kvcache)
     fixed_length = -1
+    num_parts = num_sm_parts(rows, h_kv)
     if topk is not None:
         fixed_length = checks.check_int(OP, "topk", topk, minimum=1)
         if fixed_length % SCHEDULER_BLOCK_TOKENS or fixed_length > INT32_MAX:
             raise ValueError(
                 f"{OP}: topk must be a multiple of 64 and <= 2**31 - 1; got {fixed_length}"
             )
-    num_parts = num_sm_parts(rows, h_kv)
+        if h_q is None or rows % h_q:
+            raise ValueError(
+                f"{OP}: with topk (sparse decode), num_heads_q must be given and divide "
+                f"num_q_tokens_per_head_k = s_q * h_q; got num_heads_q={num_heads_q} and "
+                f"num_q_tokens_per_head_k={rows}"
+            )
+        num_parts = sparse_num_sm_parts(rows // h_q, h_q)
     b = cache_seqlens.shape[0]
     if b + num_parts > INT32_MAX:
         raise ValueError(

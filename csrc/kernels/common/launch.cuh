@@ -13,6 +13,8 @@
 
 #include <cuda_runtime.h>  // cudaLaunchKernelEx (C++ overload)
 
+#include <atomic>
+
 namespace jfm {
 
 __device__ __forceinline__ void pdl_wait() {
@@ -60,6 +62,33 @@ cudaError_t launch_kernel(void (*kernel)(KernelParams...), const LaunchShape& sh
   config.attrs = attributes;
   config.numAttrs = count;
   return cudaLaunchKernelEx(&config, kernel, static_cast<KernelParams>(args)...);
+}
+
+// What `query(device)` returns for the current device, computed on the device's first call
+// and cached from then on, once `usable(result)` holds (an unusable result, e.g. a failed
+// query, is returned and asked for again next time). For one-time launch setup (shared-memory
+// limits, occupancy): the cache makes later launches free of runtime calls, as stream capture
+// wants. Each call site (lambda type) has its own cache.
+template <typename Query, typename Usable>
+auto per_device_once(Query query, Usable usable) -> decltype(query(0)) {
+  using Result = decltype(query(0));
+  constexpr int kMaxDevices = 64;
+  enum : int { kEmpty, kWriting, kReady };
+  static std::atomic<int> state[kMaxDevices] = {};
+  static Result cache[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    return query(device);
+  }
+  if (state[device].load(std::memory_order_acquire) == kReady) return cache[device];
+  const Result result = query(device);
+  int expected = kEmpty;
+  if (usable(result) &&
+      state[device].compare_exchange_strong(expected, kWriting, std::memory_order_acq_rel)) {
+    cache[device] = result;
+    state[device].store(kReady, std::memory_order_release);
+  }
+  return result;
 }
 
 }  // namespace jfm

@@ -11,49 +11,16 @@
 
 #include "kernels/common/combine.cuh"
 #include "kernels/sm90/decode_dense/decode_dense_args.cuh"
+#include "kernels/sm90/tensor_map.h"
 
 namespace jfm {
 namespace {
 
 using sm90::decode_dense::KernelArgs;
 using sm90::decode_dense::TileShape;
+using sm90::encode_map_16bit;
 
 constexpr int64_t kMaxGridYZ = 65535;
-
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// The driver's tensor-map encoder, looked up once through the runtime (no -lcuda needed).
-EncodeTiledFn encode_tiled() {
-  static EncodeTiledFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
-                                         &status) != cudaSuccess ||
-        status != cudaDriverEntryPointSuccess) {
-      return static_cast<EncodeTiledFn>(nullptr);
-    }
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
-
-// A 16-bit tensor map with 128-byte swizzle; dims and box innermost first, strides in bytes
-// for dims 1.. (rank - 1).
-template <int kRank>
-bool encode_map(CUtensorMap* map, const void* base, const cuuint64_t (&dims)[kRank],
-                const cuuint64_t (&strides)[kRank - 1], const cuuint32_t (&box)[kRank]) {
-  const EncodeTiledFn encode = encode_tiled();
-  if (encode == nullptr) return false;
-  cuuint32_t element_strides[kRank];
-  for (int i = 0; i < kRank; ++i) element_strides[i] = 1;
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, kRank, const_cast<void*>(base), dims,
-                strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
 
 }  // namespace
 
@@ -95,7 +62,7 @@ cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream)
   const TileShape& tile = args.tile;
   const cuuint64_t row_bytes = kHeadDimQK * 2;
   // q [batch * s_q, h_kv, group, 576]: one box is a tile of query rows for one 64-dim chunk.
-  const bool q_ok = encode_map<4>(
+  const bool q_ok = encode_map_16bit<4>(
       &args.q_map, p.q,
       {kHeadDimQK, static_cast<cuuint64_t>(tile.group), static_cast<cuuint64_t>(p.h_kv),
        static_cast<cuuint64_t>(p.batch * p.s_q)},
@@ -105,7 +72,7 @@ cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream)
   // k_cache [num_blocks * 64, h_kv, 576]: one box is 64 tokens x 64 dims of one KV head.
   const bool kv_ok =
       p.num_blocks == 0 ||
-      encode_map<3>(&args.kv_map, p.k_cache,
+      encode_map_16bit<3>(&args.kv_map, p.k_cache,
                     {kHeadDimQK, static_cast<cuuint64_t>(p.h_kv),
                      static_cast<cuuint64_t>(p.num_blocks * kKernelPageSize)},
                     {row_bytes, row_bytes * p.h_kv}, {64, 1, kKernelPageSize});

@@ -21,41 +21,23 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <utility>
-
-#include <cute/arch/mma_sm90_gmma.hpp>
 
 #include "kernels/common/combine.cuh"
 #include "kernels/common/launch.cuh"
 #include "kernels/common/span.cuh"
 #include "kernels/sm90/decode_dense/decode_dense_args.cuh"
 #include "kernels/sm90/hopper.cuh"
+#include "kernels/sm90/mla_tile.cuh"
 
 namespace jfm::sm90::decode_dense {
 
-namespace GMMA = cute::SM90::GMMA;
-
-constexpr int kChunkElems = 64;                       // elements in one 128-byte swizzled row
-constexpr int kChunkBytes = 64 * 128;                 // one 64-row x 64-element chunk
 constexpr int kQKChunks = kHeadDimQK / kChunkElems;   // 9
 constexpr int kTileBytes = kQKChunks * kChunkBytes;   // a 64 x 576 tile
 constexpr int kRopeChunk = kQKChunks - 1;             // holds P once S is computed
 constexpr int kStages = 2;
 constexpr int kThreads = 384;
-constexpr int kHalfV = kHeadDimV / 2;                 // 256 output columns per math warpgroup
-constexpr int kAccumulators = kHalfV / 2;             // fp32 accumulators per math thread
-constexpr int kConsumerThreads = 256;
-constexpr float kLn2 = 0.6931471805599453f;
-// How far (log2 units) a row's scores may exceed its reference max before the reference is
-// raised and O rescaled: P stays <= 2^8, far from overflowing fp32 sums or bf16.
-constexpr float kRescaleSlack = 8.f;
 static_assert(kKernelPageSize == kChunkElems, "a KV block is one 64-row chunk high");
-
-// Named barriers (0 is __syncthreads).
-constexpr uint32_t kBarPReady = 1;  // + stage: WG1 published P and the row factors
-constexpr uint32_t kBarRowSum = 3;  // WG1 published the final row sums of a request
 
 struct alignas(1024) SharedStorage {
   uint8_t q[kTileBytes];
@@ -68,56 +50,6 @@ struct alignas(1024) SharedStorage {
   uint64_t q_empty;
   int32_t kv_present[kStages];  // 0: the stage's block id was out of range, nothing loaded
 };
-
-template <typename Element>
-struct ElementTraits;
-
-template <>
-struct ElementTraits<__nv_bfloat16> {
-  using ScoreMma = GMMA::MMA_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;
-  using ValueMmaRS = GMMA::MMA_64x256x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::MN>;
-  __device__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-
-template <>
-struct ElementTraits<__half> {
-  using ScoreMma = GMMA::MMA_64x64x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>;
-  using ValueMmaRS = GMMA::MMA_64x256x16_F32F16F16_RS<GMMA::Major::K, GMMA::Major::MN>;
-  __device__ static uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-
-// Calls a CuTe wgmma wrapper with an accumulator array spread into its N register arguments.
-template <typename Mma, size_t... I>
-__device__ __forceinline__ void mma_ss(uint64_t a, uint64_t b, float* d, bool accumulate,
-                                       std::index_sequence<I...>) {
-  Mma::fma(a, b, d[I]..., accumulate ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero);
-}
-template <typename Mma, size_t... I>
-__device__ __forceinline__ void mma_rs(const uint32_t* a, uint64_t b, float* d,
-                                       std::index_sequence<I...>) {
-  Mma::fma(a[0], a[1], a[2], a[3], b, d[I]..., GMMA::ScaleOut::One);
-}
-
-// exp2 as one MUFU.EX2 (exp2f adds range handling around it). Inputs are <= 2^kRescaleSlack
-// here (scores minus their reference max), -inf gives +0; the relative error, ~2^-22, is far
-// below bf16's. Measured on the H200: 7% fewer cycles per KV block than exp2f.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// The value a row's P is taken relative to: its reference max, or 0 while every key so far is
-// masked (max -inf), so that exp2(-inf - 0) = 0.
-__device__ __forceinline__ float softmax_base(float row_max) {
-  return row_max == -INFINITY ? 0.f : row_max;
-}
 
 // ---- The schedule ---------------------------------------------------------------------------
 
@@ -201,27 +133,18 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
 
 // ---- Math warpgroups ------------------------------------------------------------------------
 
-// A math thread's place in the 64-row tile: its two accumulator rows (h = 0, 1) and the
-// query token and head of each.
-struct ThreadRows {
-  int lane;
-  int quad_col;     // first of the two key / output columns this thread holds per 8
-  int rows[2];      // rows within the tile
+// A math thread's place in the 64-row tile: its accumulator rows and the query token and head
+// of each.
+struct ThreadRows : AccumulatorRows {
   int token[2];     // query token of each row
   int head[2];      // query head of each row
   bool valid[2];    // the row is a real (token, head) of this tile
-  int p_row;        // row of this lane's stmatrix / ldmatrix address in the P tile
 };
 
 __device__ __forceinline__ ThreadRows thread_rows(const TileShape& tile, int64_t s_q, int kv_head,
                                                   int s0, int j0) {
-  const int tid = threadIdx.x % 128;
-  const int warp = tid / 32;
   ThreadRows t;
-  t.lane = tid % 32;
-  t.quad_col = (t.lane % 4) * 2;
-  t.rows[0] = warp * 16 + t.lane / 4;
-  t.rows[1] = t.rows[0] + 8;
+  static_cast<AccumulatorRows&>(t) = accumulator_rows();
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int s = s0 + t.rows[h] / tile.heads_per_tile;
@@ -230,34 +153,7 @@ __device__ __forceinline__ ThreadRows thread_rows(const TileShape& tile, int64_t
     t.token[h] = s;
     t.head[h] = kv_head * tile.group + j;
   }
-  t.p_row = warp * 16 + (t.lane / 8) % 2 * 8 + t.lane % 8;
   return t;
-}
-
-// P goes from WG1 to WG2 through shared memory (64 x 64, 128-byte swizzled rows), one
-// stmatrix / ldmatrix x4 per 16 keys k16: this lane's address in it is row p_row, 16-byte unit
-// 2 k16 + lane / 16.
-__device__ __forceinline__ int p_offset(const ThreadRows& t, int k16) {
-  return t.p_row * 128 + (((2 * k16 + t.lane / 16) ^ (t.p_row & 7)) << 4);
-}
-
-// Issues S = Q K^T over the 576 dims: 9 chunks x 4 k-steps of 16, both operands in shared
-// memory. Asynchronous: S is there after wgmma_wait<0>().
-template <typename Element>
-__device__ __forceinline__ void issue_scores(const uint8_t* q, const uint8_t* kv,
-                                             float (&s)[32]) {
-  wgmma_fence();
-#pragma unroll
-  for (int c = 0; c < kQKChunks; ++c) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint64_t a = smem_desc_sw128(smem_address(q + c * kChunkBytes) + k * 32, 0, 1024);
-      const uint64_t b = smem_desc_sw128(smem_address(kv + c * kChunkBytes) + k * 32, 0, 1024);
-      mma_ss<typename ElementTraits<Element>::ScoreMma>(a, b, s, c > 0 || k > 0,
-                                                        std::make_index_sequence<32>{});
-    }
-  }
-  wgmma_commit();
 }
 
 // Rows past the sequence end in its last block may hold anything (NaN): zero their V part so
@@ -274,121 +170,6 @@ __device__ __forceinline__ void zero_value_tail(uint8_t* kv, int valid_rows) {
   fence_proxy_async_smem();  // the zeros before the wgmma reads of V
 }
 
-// Per-row state of the online softmax: the reference max (log2 domain, -inf until a key is
-// seen) that P, O and the row sum are relative to, and this thread's share of the row sum.
-struct SoftmaxRows {
-  float max[2];
-  float sum[2];
-};
-
-__device__ __forceinline__ void scale_rows(float (&o)[kAccumulators], const float (&factor)[2]) {
-#pragma unroll
-  for (int i = 0; i < kAccumulators; ++i) o[i] *= factor[(i / 2) % 2];
-}
-
-// Masks and exponentiates one block's scores into P (packed in the register layout of a wgmma
-// A operand), against a reference max that is raised lazily: only when a row's max exceeds it
-// by more than kRescaleSlack. So P <= 2^kRescaleSlack, and most blocks neither rescale O nor
-// wait for the row max before exponentiating. Keys t >= key_limit[h] are masked for row h.
-// Writes each row's factor (1 unless its reference was raised; O is rescaled here then).
-template <typename Element>
-__device__ __forceinline__ void online_softmax(float (&s)[32], int blk, const int (&key_limit)[2],
-                                               float scale_log2, const ThreadRows& t,
-                                               SoftmaxRows& rows, float (&o)[kAccumulators],
-                                               uint32_t (&packed)[16], float (&factor)[2]) {
-  float block_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = blk * kKernelPageSize + i * 8 + t.quad_col + e;
-        float& x = s[i * 4 + h * 2 + e];
-        x = key < key_limit[h] ? x * scale_log2 : -INFINITY;
-        block_max[h] = fmaxf(block_max[h], x);
-      }
-    }
-  }
-  float block_sum[2];
-  const auto exponentiate = [&] {
-    const float base[2] = {softmax_base(rows.max[0]), softmax_base(rows.max[1])};
-    block_sum[0] = block_sum[1] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const float p0 = fast_exp2(s[2 * i] - base[i % 2]);
-      const float p1 = fast_exp2(s[2 * i + 1] - base[i % 2]);
-      block_sum[i % 2] += p0 + p1;
-      packed[i] = ElementTraits<Element>::pack(p0, p1);
-    }
-  };
-  exponentiate();  // against the current reference, while the row max is reduced
-  bool raise = false;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    block_max[h] = fmaxf(block_max[h], __shfl_xor_sync(0xffffffff, block_max[h], 1));
-    block_max[h] = fmaxf(block_max[h], __shfl_xor_sync(0xffffffff, block_max[h], 2));
-    raise |= block_max[h] > rows.max[h] + kRescaleSlack;
-  }
-  factor[0] = factor[1] = 1.f;
-  if (__any_sync(0xffffffff, raise)) {  // per warp: its 16 rows
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float new_max = fmaxf(rows.max[h], block_max[h]);
-      factor[h] = fast_exp2(rows.max[h] - softmax_base(new_max));
-      rows.max[h] = new_max;
-    }
-    exponentiate();
-    scale_rows(o, factor);
-  }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) rows.sum[h] = rows.sum[h] * factor[h] + block_sum[h];
-}
-
-// WG1 hands P and the row factors to WG2: P with stmatrix into the stage's RoPE chunk (WG2
-// reads it back with ldmatrix, a generic-proxy read: no proxy fence on this path).
-__device__ __forceinline__ void publish_p(uint8_t* p_tile, const uint32_t (&packed)[16],
-                                          const float (&factor)[2], float* row_factor,
-                                          const ThreadRows& t, int stage) {
-#pragma unroll
-  for (int k16 = 0; k16 < 4; ++k16) {
-    stmatrix_x4(p_tile + p_offset(t, k16), packed[4 * k16], packed[4 * k16 + 1],
-                packed[4 * k16 + 2], packed[4 * k16 + 3]);
-  }
-  if (t.lane % 4 == 0) {
-    row_factor[t.rows[0]] = factor[0];
-    row_factor[t.rows[1]] = factor[1];
-  }
-  named_barrier_arrive(kBarPReady + stage, kConsumerThreads);
-}
-
-// WG2 takes P and the row factors from WG1, rescaling its half of O first where needed.
-__device__ __forceinline__ void receive_p(const uint8_t* p_tile, const float* row_factor,
-                                          const ThreadRows& t, int stage,
-                                          float (&o)[kAccumulators], uint32_t (&packed)[16]) {
-  named_barrier_sync(kBarPReady + stage, kConsumerThreads);
-  const float factor[2] = {row_factor[t.rows[0]], row_factor[t.rows[1]]};
-  if (__any_sync(0xffffffff, factor[0] != 1.f || factor[1] != 1.f)) scale_rows(o, factor);
-#pragma unroll
-  for (int k16 = 0; k16 < 4; ++k16) ldmatrix_x4(p_tile + p_offset(t, k16), packed + 4 * k16);
-}
-
-// O[:, half] += P V[:, half]: P from registers, V (256 columns starting at `v`) from shared
-// memory.
-template <typename Element>
-__device__ __forceinline__ void accumulate_pv(const uint32_t (&packed)[16], const uint8_t* v,
-                                              float (&o)[kAccumulators]) {
-  wgmma_fence();
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const uint64_t b = smem_desc_sw128(smem_address(v) + k * 2048, kChunkBytes, 1024);
-    mma_rs<typename ElementTraits<Element>::ValueMmaRS>(packed + 4 * k, b, o,
-                                                        std::make_index_sequence<kAccumulators>{});
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-}
-
 // Epilogue of one request: WG1 shares the final row sums, both warpgroups normalise their half
 // of O and store it: the output and lse of an unsplit request, else its fp32 partial row.
 template <typename Element>
@@ -397,20 +178,7 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
                                                const ThreadRows& t, int& request_parity,
                                                SoftmaxRows& rows, const float (&o)[kAccumulators]) {
   const DenseDecodeParams& p = args.params;
-  float* shared_sum = smem.row_sum[request_parity];
-  if (score_wg) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      rows.sum[h] += __shfl_xor_sync(0xffffffff, rows.sum[h], 1);
-      rows.sum[h] += __shfl_xor_sync(0xffffffff, rows.sum[h], 2);
-      if (t.lane % 4 == 0) shared_sum[t.rows[h]] = rows.sum[h];
-    }
-  }
-  named_barrier_sync(kBarRowSum, kConsumerThreads);
-  if (!score_wg) {
-    rows.sum[0] = shared_sum[t.rows[0]];
-    rows.sum[1] = shared_sum[t.rows[1]];
-  }
+  share_row_sums(score_wg, t, smem.row_sum[request_parity], rows);
   request_parity ^= 1;
   const int col0 = score_wg ? 0 : kHalfV;
 #pragma unroll
@@ -421,19 +189,10 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
         (static_cast<int64_t>(w.split ? w.split_row : req) * p.s_q + t.token[h]) * p.h_q +
         t.head[h];
     if (w.split) {
-      float* dst = p.partial_o + row_index * kHeadDimV + col0 + t.quad_col;
-#pragma unroll
-      for (int i = 0; i < kHalfV / 8; ++i) {
-        *reinterpret_cast<float2*>(dst + i * 8) =
-            make_float2(o[i * 4 + h * 2] * inv, o[i * 4 + h * 2 + 1] * inv);
-      }
+      store_partial_row(p.partial_o + row_index * kHeadDimV + col0 + t.quad_col, o, h, inv);
     } else {
-      Element* dst = static_cast<Element*>(p.out) + row_index * kHeadDimV + col0 + t.quad_col;
-#pragma unroll
-      for (int i = 0; i < kHalfV / 8; ++i) {
-        *reinterpret_cast<uint32_t*>(dst + i * 8) =
-            ElementTraits<Element>::pack(o[i * 4 + h * 2] * inv, o[i * 4 + h * 2 + 1] * inv);
-      }
+      store_output_row(static_cast<Element*>(p.out) + row_index * kHeadDimV + col0 + t.quad_col,
+                       o, h, inv);
     }
     if (score_wg && t.lane % 4 == 0) {
       const bool lonely = rows.sum[h] == 0.f;
@@ -485,14 +244,17 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
       if (score_wg) {
         if (present) {
           float s[32];
-          issue_scores<Element>(smem.q, kv, s);
+          issue_scores<Element, kQKChunks>(smem.q, kv, s);
           wgmma_wait<0>();
           if (blk == w.hi - 1) mbarrier_arrive(&smem.q_empty);  // Q is free for the next request
           const int valid_rows = w.length - blk * kKernelPageSize;
           if (valid_rows < kKernelPageSize) zero_value_tail(kv, valid_rows);
           uint32_t packed[16];
           float factor[2];
-          online_softmax<Element>(s, blk, key_limit, args.scale_log2, t, rows, o, packed, factor);
+          const auto attends = [&](int i, int h, int e) {
+            return blk * kKernelPageSize + i * 8 + t.quad_col + e < key_limit[h];
+          };
+          online_softmax<Element>(s, attends, args.scale_log2, rows, o, packed, factor);
           publish_p(p_tile, packed, factor, smem.row_factor[stage], t, stage);
           accumulate_pv<Element>(packed, kv, o);
           // P's generic-proxy writes before the TMA (async proxy) refills this stage.
@@ -613,23 +375,10 @@ DeviceSetup query_device_setup(int device) {
 
 template <typename Element>
 DeviceSetup device_setup() {
-  constexpr int kMaxDevices = 64;
-  enum : int { kEmpty, kWriting, kReady };
-  static std::atomic<int> state[kMaxDevices] = {};
-  static DeviceSetup cache[kMaxDevices];
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
-    return query_device_setup<Element>(device);
-  }
-  if (state[device].load(std::memory_order_acquire) == kReady) return cache[device];
-  const DeviceSetup setup = query_device_setup<Element>(device);
-  int expected = kEmpty;
-  if (setup.status == cudaSuccess && setup.plain_ctas > 0 &&
-      state[device].compare_exchange_strong(expected, kWriting, std::memory_order_acq_rel)) {
-    cache[device] = setup;
-    state[device].store(kReady, std::memory_order_release);
-  }
-  return setup;
+  return per_device_once([](int device) { return query_device_setup<Element>(device); },
+                         [](const DeviceSetup& setup) {
+                           return setup.status == cudaSuccess && setup.plain_ctas > 0;
+                         });
 }
 
 // Launches the kernel for one element type (instantiated in decode_dense_<type>.cu): in

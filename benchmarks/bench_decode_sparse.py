@@ -1,0 +1,671 @@
+"""Sparse FP8 MLA decode benchmark: jax_flashmla's kernel side by side with FlashMLA.
+
+Times `flash_mla_with_kvcache` in sparse mode (DeepSeek Sparse Attention decode: each query
+token attends the `topk` cache tokens an indexer selected) over an FP8 cache of page 64, bf16
+q, s_q = 2, each request's indices drawn from its own context of s_k = 32768 tokens, in both
+cache layouts ("V32": d_qk 576, 656 bytes per token; "MODEL1": d_qk 512, 584 bytes per token):
+  production  h_q = 128, topk = 2048, b in {64, 128}
+  peak        b = 148, topk = 16384, h_q in {64, 128}
+  heads       b = 128, topk = 2048, h_q in {16, 32}
+or the configurations given with --only LAYOUT,B,H_Q,TOPK (repeatable; s_q 2, s_k 32768).
+
+Inputs: b * s_k / 64 cache blocks, a random permutation of them as the requests' block tables
+(as bench_decode.py); values N(0, 1) / 10 quantised into the layout by quantize_k_cache. For
+each request and query token, `topk` distinct positions of the request's context, in random
+order (an indexer's order, not the cache's), mapped through its block table to
+block * 64 + row. q ~ N(0, 1) / 10, one per call.
+
+Counting (docs/ops.md), every slot selecting a token:
+  FLOPs = b * s_q * h_q * topk * 2 * (d_qk + 512)
+  bytes = b * s_q * topk * bytes_per_token + b * s_q * h_q * (d_qk + 512) * 2
+(the selected tokens' cache bytes, 656 V32 / 584 MODEL1, once per query token; q read and out
+written in bf16).
+
+Timing: the whole user-visible call (main kernel + combine), exactly as bench_decode.py: the
+schedule (get_mla_metadata with topk and num_heads_q) computed once outside and passed in; one
+jitted function of n calls, each on its own q, all on the same cache and indices, returning
+every output; the median over --runs timed runs for n = R and n = R / 4, and the time of one
+call is their difference divided by the difference in n.
+
+Peer (--peers; on by default where `flash_mla` can be imported, after `source
+../shared/peers/setup_peers.sh` on the GPU machine): right after our op, FlashMLA's sparse
+decode runs in this process on the very same arrays (torch.from_dlpack of q, the cache bytes
+and the indices), timed the same way (the n calls captured in one CUDA graph after one eager
+call, in which FlashMLA builds its schedule; replay + synchronize timed for n = R and R / 4).
+ratio = FlashMLA's time / ours (> 1: we are faster). FlashMLA takes h_q 64 or 128 only: fewer
+heads run with q zero-padded to 64 heads, as its users must (the padded q are made before
+timing, so the padding copy is not in FlashMLA's time), and only the real heads are compared.
+For MODEL1, FlashMLA wants each block padded to a multiple of 576 bytes: it gets a padded copy
+of the same bytes, made before timing. FlashMLA's output for the first q is checked against
+ours; a disagreement makes the script exit with status 1 (after writing the JSON).
+
+Examples:
+  source ../shared/peers/setup_peers.sh &&
+    python3 -P benchmarks/bench_decode_sparse.py --json benchmarks/results/h200/decode_sparse.json
+  python3 -P benchmarks/bench_decode_sparse.py --only V32,128,128,2048 --only MODEL1,148,64,16384
+  python3 -P benchmarks/bench_decode_sparse.py --scale 64 --implementation xla   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from jax_flashmla._src.geometry import HEAD_DIM_V, KERNEL_PAGE_SIZE
+from jax_flashmla.ops.decode import TOPK_MULTIPLE
+from jax_flashmla.ops.quant import FP8_LAYOUTS
+
+
+def _sibling(name: str):
+    """The module `name`.py of this folder (which `python -P` leaves off sys.path)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+#: The dense benchmark: its timing method, peer result and output comparison are shared.
+dense = _sibling("bench_decode")
+PeerResult = dense.PeerResult
+
+BYTES_PER_VALUE = 2  # bf16 q and out
+S_Q = 2
+S_K = 32768
+LAYOUTS = ("V32", "MODEL1")
+#: Query head counts FlashMLA's sparse decode takes; fewer heads run zero-padded to the next.
+FLASHMLA_HEADS = (64, 128)
+#: FlashMLA wants each MODEL1 block's bytes padded to a multiple of this (docs/ops.md).
+FLASHMLA_BLOCK_ALIGN = 576
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    group: str  # "production", "peak", "heads" or "only"
+    layout: str  # a key of FP8_LAYOUTS
+    b: int
+    h_q: int
+    topk: int
+    s_q: int = S_Q
+    s_k: int = S_K  # context of each request, the indices' range
+
+    @property
+    def d_qk(self) -> int:
+        return FP8_LAYOUTS[self.layout].d_qk
+
+    @property
+    def label(self) -> str:
+        return f"{self.layout} b{self.b} s_q{self.s_q} h{self.h_q} topk{self.topk} s_k{self.s_k}"
+
+    def scaled(self, scale: int) -> Config:
+        """Smaller b, s_k and topk (for smoke tests off the GPU): topk stays a positive
+        multiple of 64, s_k at least topk."""
+        if scale == 1:
+            return self
+        topk = max(TOPK_MULTIPLE, self.topk // scale // TOPK_MULTIPLE * TOPK_MULTIPLE)
+        return dataclasses.replace(
+            self, b=max(1, self.b // scale), topk=topk, s_k=max(topk, self.s_k // scale)
+        )
+
+
+SHAPES = (
+    [("production", b, 128, 2048) for b in (64, 128)]
+    + [("peak", 148, h_q, 16384) for h_q in (64, 128)]
+    + [("heads", 128, h_q, 2048) for h_q in (16, 32)]
+)
+CONFIGS = [Config(group, layout, *shape) for group, *shape in SHAPES for layout in LAYOUTS]
+GROUPS = ("production", "peak", "heads")
+
+
+@dataclasses.dataclass
+class Inputs:
+    """One configuration's arrays on the device."""
+
+    qs: list  # `repeats` bfloat16 [b, s_q, h_q, d_qk], one per call
+    cache: object  # float8_e4m3fn [num_blocks, 64, 1, bytes_per_token]
+    indices: object  # int32 [b, s_q, topk], block * 64 + row
+
+
+#: (config, inputs, our output for the first q) -> FlashMLA's result on the same inputs.
+PeerMeasure = Callable[[Config, Inputs, object], PeerResult]
+
+
+def flops(cfg: Config) -> float:
+    return cfg.b * cfg.s_q * cfg.h_q * cfg.topk * 2 * (cfg.d_qk + HEAD_DIM_V)
+
+
+def bytes_moved(cfg: Config) -> float:
+    cache = cfg.b * cfg.s_q * cfg.topk * FP8_LAYOUTS[cfg.layout].bytes_per_token
+    q_and_out = cfg.b * cfg.s_q * cfg.h_q * (cfg.d_qk + HEAD_DIM_V) * BYTES_PER_VALUE
+    return cache + q_and_out
+
+
+def flashmla_heads(h_q: int) -> int | None:
+    """The head count FlashMLA runs `h_q` heads with (None: it cannot)."""
+    return next((heads for heads in FLASHMLA_HEADS if h_q <= heads), None)
+
+
+def draw_indices(cfg: Config, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices int32 [b, s_q, topk], block_table [b, blocks per request]): for each request
+    and query token, `topk` distinct positions of [0, s_k) in random order, as cache indices
+    block_table[i, t // 64] * 64 + t % 64."""
+    page = KERNEL_PAGE_SIZE
+    blocks_per_request = -(-cfg.s_k // page)
+    rng = np.random.default_rng(seed)
+    block_table = rng.permutation(cfg.b * blocks_per_request).reshape(cfg.b, blocks_per_request)
+    rows = cfg.b * cfg.s_q
+    context = np.broadcast_to(np.arange(cfg.s_k, dtype=np.int64), (rows, cfg.s_k))
+    positions = rng.permuted(context, axis=1)[:, : cfg.topk]
+    requests = np.repeat(np.arange(cfg.b), cfg.s_q)[:, None]
+    indices = block_table[requests, positions // page] * page + positions % page
+    return indices.reshape(cfg.b, cfg.s_q, cfg.topk).astype(np.int32), block_table
+
+
+def make_inputs(cfg: Config, seed: int, repeats: int) -> Inputs:
+    import jax
+    import jax.numpy as jnp
+
+    import jax_flashmla as fm
+
+    page = KERNEL_PAGE_SIZE
+    indices, block_table = draw_indices(cfg, seed)
+    num_blocks = block_table.size
+    key_q, key_k = jax.random.split(jax.random.key(seed))
+
+    @jax.jit
+    def cache_fn(key):
+        # Block by block, so that a 3 GB cache needs no 11 GB of float32 intermediates.
+        def one_block(index):
+            shape = (1, page, 1, cfg.d_qk)
+            values = jax.random.normal(jax.random.fold_in(key, index), shape) / 10
+            return fm.quantize_k_cache(values.astype(jnp.bfloat16), layout=cfg.layout)[0]
+
+        step = max(1, min(num_blocks, (1 << 24) // (page * cfg.d_qk)))
+        return jax.lax.map(one_block, jnp.arange(num_blocks), batch_size=step)
+
+    shape = (cfg.b, cfg.s_q, cfg.h_q, cfg.d_qk)
+    q_fn = jax.jit(lambda key: (jax.random.normal(key, shape) / 10).astype(jnp.bfloat16))
+    inputs = Inputs(
+        qs=[q_fn(jax.random.fold_in(key_q, i)) for i in range(repeats)],
+        cache=cache_fn(key_k),
+        indices=jnp.asarray(indices),
+    )
+    jax.block_until_ready((inputs.qs, inputs.cache, inputs.indices))
+    return inputs
+
+
+def schedule(cfg: Config):
+    """The sparse schedule of docs/ops.md, computed once per configuration."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_flashmla as fm
+
+    seqlens = jnp.full((cfg.b,), cfg.s_k, jnp.int32)  # ignored in sparse mode
+
+    @jax.jit
+    def metadata_fn(seqlens):
+        return fm.get_mla_metadata(
+            seqlens, cfg.s_q * cfg.h_q, 1, num_heads_q=cfg.h_q, is_fp8_kvcache=True, topk=cfg.topk
+        )
+
+    return jax.block_until_ready(metadata_fn(seqlens))
+
+
+def op_call(implementation: str):
+    """One sparse decode call of our op: (q, cache, indices, *metadata) -> (out, lse)."""
+    import jax_flashmla as fm
+
+    def call(q, cache, indices, *metadata):
+        return fm.flash_mla_with_kvcache(
+            q,
+            cache,
+            None,
+            None,
+            HEAD_DIM_V,
+            *metadata,
+            is_fp8_kvcache=True,
+            indices=indices,
+            implementation=implementation,
+        )
+
+    return call
+
+
+def kernel_unavailable(cfg: Config, implementation: str) -> str:
+    """Why the op cannot take this config with `implementation` ("" when it can)."""
+    import jax
+    import jax.numpy as jnp
+
+    layout = FP8_LAYOUTS[cfg.layout]
+    structs = (
+        jax.ShapeDtypeStruct((cfg.b, cfg.s_q, cfg.h_q, cfg.d_qk), jnp.bfloat16),
+        jax.ShapeDtypeStruct(
+            (cfg.b, KERNEL_PAGE_SIZE, 1, layout.bytes_per_token), jnp.float8_e4m3fn
+        ),
+        jax.ShapeDtypeStruct((cfg.b, cfg.s_q, cfg.topk), jnp.int32),
+    )
+    try:
+        jax.eval_shape(op_call(implementation), *structs)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def jitted_calls(implementation: str):
+    """The timed function: one jitted program making one op call per q of a list, all on the
+    same cache, indices and metadata, returning every output."""
+    import jax
+
+    call = op_call(implementation)
+
+    @jax.jit
+    def many_calls(qs, cache, indices, tile_metadata, num_splits):
+        return [call(q, cache, indices, tile_metadata, num_splits) for q in qs]
+
+    return many_calls
+
+
+def time_op(many_calls, inputs: Inputs, metadata, *, repeats: int, runs: int, warmup: int) -> float:
+    """Median time of one call of our op in microseconds (bench_decode.py's method)."""
+    import jax
+
+    def median_time(n: int) -> float:
+        args = (inputs.qs[:n], inputs.cache, inputs.indices, *metadata)
+        for _ in range(warmup):
+            jax.block_until_ready(many_calls(*args))
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            outs = many_calls(*args)
+            jax.block_until_ready(outs)
+            times.append(time.perf_counter() - start)
+            del outs
+        return statistics.median(times)
+
+    return dense.differential_us(median_time, repeats)
+
+
+def padded_heads(q, heads: int):
+    """q [b, s_q, h_q, d] with zero heads appended up to `heads` (FlashMLA's head counts)."""
+    import jax.numpy as jnp
+
+    return jnp.pad(q, ((0, 0), (0, 0), (0, heads - q.shape[2]), (0, 0)))
+
+
+def padded_blocks(cache, align: int = FLASHMLA_BLOCK_ALIGN):
+    """uint8 [num_blocks, stride]: each block's bytes, zero-padded to a multiple of `align`
+    (FlashMLA's MODEL1 cache)."""
+    import jax
+    import jax.numpy as jnp
+
+    raw = jax.lax.bitcast_convert_type(cache, jnp.uint8).reshape(cache.shape[0], -1)
+    stride = -(-raw.shape[1] // align) * align
+    return jnp.pad(raw, ((0, 0), (0, stride - raw.shape[1])))
+
+
+def graph_median_time(calls: list, n: int, *, runs: int, warmup: int) -> float:
+    """Median seconds of one replay (+ synchronize) of a CUDA graph of calls[:n]."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: JAX's own threads may touch CUDA while this thread captures.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        outs = [call() for call in calls[:n]]
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del graph, outs
+    return statistics.median(times)
+
+
+class FlashMLAPeer:
+    """Times FlashMLA's sparse decode (commit 9241ae3) on our arrays, shared with torch through
+    DLPack, the way time_op times our op. A config it fails on is reported and gives a
+    PeerResult without a time."""
+
+    def __init__(self, module, *, repeats: int, runs: int, warmup: int):
+        self.flash_mla = module
+        self.repeats, self.runs, self.warmup = repeats, runs, warmup
+        self.reported = False
+        self.noted_copy = False
+
+    def __call__(self, cfg: Config, inputs: Inputs, our_out) -> PeerResult:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                return self.measure(cfg, inputs, np.asarray(our_out, np.float32))
+        except Exception as error:
+            self.report(cfg, error)
+            return PeerResult()
+        finally:
+            torch.cuda.empty_cache()
+
+    def cache_bytes(self, cache):
+        """torch uint8 view of the FP8 cache's bytes: the same buffer, or, where this torch
+        cannot import float8 through DLPack, a uint8 copy of the same bytes."""
+        import jax
+        import jax.numpy as jnp
+        import torch
+
+        try:
+            return torch.from_dlpack(cache).view(torch.uint8)
+        except Exception as error:
+            if not self.noted_copy:
+                self.noted_copy = True
+                print(f"# FlashMLA gets a uint8 copy of the cache: {error!r}", file=sys.stderr)
+            return torch.from_dlpack(
+                jax.block_until_ready(jax.lax.bitcast_convert_type(cache, jnp.uint8))
+            )
+
+    def flashmla_cache(self, cfg: Config, cache):
+        """FlashMLA's float8_e4m3fn [num_blocks, 64, 1, bytes_per_token] view of our cache."""
+        import jax
+        import torch
+
+        if cfg.layout != "MODEL1":
+            return self.cache_bytes(cache).view(torch.float8_e4m3fn)
+        num_blocks, page, _, token_bytes = cache.shape
+        blocks = torch.from_dlpack(jax.block_until_ready(padded_blocks(cache)))
+        # The first page * token_bytes bytes of each padded block; the stride stays padded.
+        blocks = blocks[:, : page * token_bytes]
+        return blocks.view(num_blocks, page, 1, token_bytes).view(torch.float8_e4m3fn)
+
+    def measure(self, cfg: Config, inputs: Inputs, ours: np.ndarray) -> PeerResult:
+        import jax
+        import torch
+
+        heads = flashmla_heads(cfg.h_q)
+        if heads is None:
+            raise ValueError(f"FlashMLA's sparse decode takes h_q {FLASHMLA_HEADS}; got {cfg.h_q}")
+        qs = inputs.qs[: self.repeats]
+        if heads != cfg.h_q:
+            qs = jax.block_until_ready([padded_heads(q, heads) for q in qs])
+        cache = self.flashmla_cache(cfg, inputs.cache)
+        indices = torch.from_dlpack(inputs.indices)
+        # At 9241ae3 get_mla_metadata takes no arguments; the schedule is built on the first call.
+        sched_meta, _ = self.flash_mla.get_mla_metadata()
+
+        def call_on(q):
+            def call():
+                out, _ = self.flash_mla.flash_mla_with_kvcache(
+                    q,
+                    cache,
+                    None,
+                    None,
+                    HEAD_DIM_V,
+                    sched_meta,
+                    None,
+                    is_fp8_kvcache=True,
+                    indices=indices,
+                )
+                return out
+
+            return call
+
+        calls = [call_on(torch.from_dlpack(q)) for q in qs]
+        first = calls[0]()  # eager: FlashMLA builds its schedule here
+        torch.cuda.synchronize()
+        theirs = first[:, :, : cfg.h_q].float().cpu().numpy()
+        max_abs_diff, rel_err = dense.agreement(theirs, ours)
+        del first
+
+        def median_time(n: int) -> float:
+            return graph_median_time(calls, n, runs=self.runs, warmup=self.warmup)
+
+        return PeerResult(dense.differential_us(median_time, self.repeats), max_abs_diff, rel_err)
+
+    def report(self, cfg: Config, error: Exception) -> None:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(
+            f"# peer flashmla failed on {cfg.label}: {type(error).__name__}: {first_line}",
+            file=sys.stderr,
+        )
+        if not self.reported:  # the whole story once
+            self.reported = True
+            traceback.print_exception(error, file=sys.stderr)
+
+
+def record(kernel: str, cfg: Config, us: float, peer: PeerResult, card: str, date: str) -> dict:
+    work = flops(cfg)
+    ran = peer.us is not None
+
+    def significant(value: float | None) -> float | None:
+        return None if value is None else float(f"{value:.3g}")
+
+    return {
+        "kernel": kernel,
+        "layout": cfg.layout,
+        "b": cfg.b,
+        "s_q": cfg.s_q,
+        "h_q": cfg.h_q,
+        "h_kv": 1,
+        "s_k": cfg.s_k,
+        "topk": cfg.topk,
+        "d_qk": cfg.d_qk,
+        "page": KERNEL_PAGE_SIZE,
+        "dtype": "bfloat16",
+        "us": round(us, 2),
+        "tflops": round(work / (us * 1e6), 2),
+        "gbps": round(bytes_moved(cfg) / (us * 1e3), 1),
+        "flashmla_us": round(peer.us, 2) if ran else None,
+        "flashmla_tflops": round(work / (peer.us * 1e6), 2) if ran else None,
+        "flashmla_h_q": flashmla_heads(cfg.h_q) if ran else None,
+        "ratio": round(peer.us / us, 3) if ran else None,
+        "peer_max_abs_diff": significant(peer.max_abs_diff),
+        "peer_rel_err": significant(peer.rel_err),
+        "side_by_side": ran,
+        "card": card,
+        "date": date,
+    }
+
+
+HEADER = (
+    f"{'config':<44} {'us':>9} {'TFLOPS':>7} {'GB/s':>8} {'FlashMLA':>9} {'TFLOPS':>7} "
+    f"{'ratio':>6} {'FM err':>8}"
+)
+
+
+def print_row(cfg: Config, rec: dict) -> None:
+    fmt = dense.fmt
+    print(
+        f"{cfg.label:<44} {rec['us']:>9.1f} {rec['tflops']:>7.1f} {rec['gbps']:>8.1f} "
+        f"{fmt(rec['flashmla_us'], '>9.1f')} {fmt(rec['flashmla_tflops'], '>7.1f')} "
+        f"{fmt(rec['ratio'], '>6.3f')} {fmt(rec['peer_rel_err'], '>8.1e')}",
+        flush=True,
+    )
+
+
+def select_configs(groups: str, layouts: str) -> list[Config]:
+    group_names = {name.strip() for name in groups.split(",") if name.strip()}
+    unknown = group_names - {"all", *GROUPS}
+    if unknown:
+        raise SystemExit(f"unknown --configs {sorted(unknown)}; use all or {', '.join(GROUPS)}")
+    layout_names = {name.strip() for name in layouts.split(",") if name.strip()}
+    unknown = layout_names - set(LAYOUTS)
+    if unknown:
+        raise SystemExit(f"unknown --layouts {sorted(unknown)}; use {', '.join(LAYOUTS)}")
+    return [
+        c
+        for c in CONFIGS
+        if ("all" in group_names or c.group in group_names) and c.layout in layout_names
+    ]
+
+
+def parse_only(spec: str) -> Config:
+    """--only LAYOUT,B,H_Q,TOPK (s_q 2, s_k 32768), e.g. V32,128,128,2048."""
+    fields = spec.split(",")
+    try:
+        layout = fields[0].strip()
+        b, h_q, topk = (int(field) for field in fields[1:])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--only wants LAYOUT,B,H_Q,TOPK (a layout and three integers), got {spec!r}"
+        ) from None
+    if layout not in LAYOUTS:
+        raise argparse.ArgumentTypeError(
+            f"--only wants a layout of {', '.join(LAYOUTS)} first, got {spec!r}"
+        )
+    if min(b, h_q) < 1 or topk < 1 or topk % TOPK_MULTIPLE or topk > S_K:
+        raise argparse.ArgumentTypeError(
+            f"--only wants B, H_Q >= 1 and TOPK a positive multiple of {TOPK_MULTIPLE} up to "
+            f"{S_K}, got {spec!r}"
+        )
+    return Config("only", layout, b, h_q, topk)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--configs", default="all", help="all, or a comma list of " + ", ".join(GROUPS)
+    )
+    parser.add_argument(
+        "--layouts", default=",".join(LAYOUTS), help="a comma list of " + ", ".join(LAYOUTS)
+    )
+    parser.add_argument(
+        "--only",
+        type=parse_only,
+        action="append",
+        metavar="LAYOUT,B,H_Q,TOPK",
+        help="run this configuration (s_q 2, s_k 32768) instead of --configs; repeatable",
+    )
+    parser.add_argument("--implementation", choices=("cuda", "xla"), default="cuda")
+    parser.add_argument("--repeats", type=int, default=20, help="op calls per jitted function (R)")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time FlashMLA side by side (default: when importable)",
+    )
+    parser.add_argument("--scale", type=int, default=1, help="divide b, s_k and topk (smoke tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.runs < 1 or args.warmup < 0:
+        parser.error("--repeats and --runs must be >= 1, --warmup >= 0")
+    if args.scale < 1:
+        parser.error("--scale must be >= 1")
+    return args
+
+
+def main(argv=None, measure_peer: PeerMeasure | None = None) -> int:
+    """Run the benchmark; `measure_peer` replaces FlashMLA (tests)."""
+    args = parse_args(argv)
+    want_peer = measure_peer is not None or (
+        args.peers if args.peers is not None else importlib.util.find_spec("flash_mla") is not None
+    )
+    if want_peer and measure_peer is None:
+        # Read when JAX creates its GPU client: leave the memory JAX does not use to torch.
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    import jax
+
+    configs = args.only or select_configs(args.configs, args.layouts)
+    configs = [c.scaled(args.scale) for c in configs]
+    main_kernel = "jax_flashmla" if args.implementation == "cuda" else "xla_reference"
+
+    reason = kernel_unavailable(configs[0], args.implementation) if configs else ""
+    if reason:
+        print(f"cannot benchmark implementation={args.implementation!r}: {reason}", file=sys.stderr)
+        return 1
+
+    device = jax.devices()[0]
+    card = device.device_kind
+    date = datetime.date.today().isoformat()
+    peer_note = "on"
+    if want_peer and measure_peer is None:
+        if device.platform != "gpu":
+            want_peer, peer_note = False, f"off (JAX runs on {device.platform}, not a GPU)"
+        else:
+            try:
+                module = importlib.import_module("flash_mla")
+            except Exception as error:  # a missing build, torch or CUDA library
+                want_peer, peer_note = False, f"off (cannot import flash_mla: {error!r})"
+            else:
+                measure_peer = FlashMLAPeer(
+                    module, repeats=args.repeats, runs=args.runs, warmup=args.warmup
+                )
+    elif not want_peer:
+        peer_note = (
+            "off (--no-peers)"
+            if args.peers is False
+            else "off (flash_mla not importable: source ../shared/peers/setup_peers.sh)"
+        )
+    print(
+        f"# jax {jax.__version__}, {card} ({device.platform}), {date}, bf16 q, FP8 cache page "
+        f"{KERNEL_PAGE_SIZE}, main = {main_kernel}, R = {args.repeats} (time of R calls - time "
+        f"of R/4, per call), median of {args.runs} runs"
+        + ("" if args.scale == 1 else f", scale 1/{args.scale}")
+    )
+    print(
+        f"# FlashMLA side by side (same process, same arrays; ratio = FlashMLA us / our us; "
+        f"q padded to 64 or 128 heads for it): {peer_note}; err = largest relative error of an "
+        "output row against ours"
+    )
+    print(HEADER)
+    records = []
+    disagreements = []
+    many_calls = jitted_calls(args.implementation)
+    for cfg in configs:
+        inputs = make_inputs(cfg, args.seed + cfg.b, args.repeats)
+        metadata = schedule(cfg)
+        us = time_op(
+            many_calls, inputs, metadata, repeats=args.repeats, runs=args.runs, warmup=args.warmup
+        )
+        peer = PeerResult()
+        if want_peer:
+            our_out = many_calls(inputs.qs[:1], inputs.cache, inputs.indices, *metadata)[0][0]
+            peer = measure_peer(cfg, inputs, jax.block_until_ready(our_out))
+            del our_out
+            if peer.disagrees:
+                disagreements.append(f"{cfg.label}: rel_err {peer.rel_err:.3g}")
+                print(
+                    f"# peer flashmla DISAGREES with ours on {cfg.label}: largest row error "
+                    f"{peer.rel_err:.3g} (limit {dense.AGREEMENT}), max abs diff "
+                    f"{peer.max_abs_diff:.3g}",
+                    file=sys.stderr,
+                )
+        rec = record(main_kernel, cfg, us, peer, card, date)
+        records.append(rec)
+        print_row(cfg, rec)
+        del inputs, metadata
+        if args.json:  # after every config: a crash later keeps what was measured
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+                f.write("\n")
+
+    if args.json:
+        print(f"# wrote {len(records)} records to {args.json}")
+    if disagreements:
+        print(
+            f"# {len(disagreements)} FlashMLA outputs disagree with ours; their ratios compare "
+            "different work: " + "; ".join(disagreements),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

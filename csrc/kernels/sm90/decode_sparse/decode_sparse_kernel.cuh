@@ -1,0 +1,538 @@
+// The sparse FP8 MLA decode kernel for sm_90a. Included by one translation unit per layout.
+//
+// Roles (384 threads, three warpgroups), one device function each:
+//   load_role (WG0, all 128 threads): the query tile by TMA (one thread), and every block of 64
+//     selected tokens: each token is gathered by 8 threads with 16-byte loads straight into
+//     registers (32 tokens of a block in flight at once), dequantised (FP8 x scale to
+//     bfloat16, exactly) and stored into the stage's 128-byte-swizzled K chunks, zeros for a
+//     slot that selects nothing; the stage's 64-bit mask of attending slots goes beside it. A
+//     2-stage ring, completed on mbarriers by all 128 threads.
+//   WG1 and WG2, the math warpgroups, as in the dense decode (mla_tile.cuh): WG1 computes S,
+//     the online softmax under the stage's mask, hands P to WG2 through the stage's chunk 8
+//     (V32's RoPE chunk, which nothing reads once S is done; unused by MODEL1) and accumulates
+//     O[:, 0:256]; WG2 accumulates O[:, 256:512]. A block with no attending slot is skipped.
+//   finish_request, the epilogue: the output (with the attention sink applied) and lse of an
+//     unsplit request, else its fp32 partial row for the combine kernel.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "kernels/common/launch.cuh"
+#include "kernels/sm90/decode_sparse/decode_sparse_args.cuh"
+#include "kernels/sm90/hopper.cuh"
+#include "kernels/sm90/mla_tile.cuh"
+
+namespace jfm::sm90::decode_sparse {
+
+using Element = __nv_bfloat16;
+
+constexpr int kBlockSlots = 64;   // selected tokens per KV block (one 64-row chunk high)
+constexpr int kStageChunks = 9;   // the K chunks of the widest layout
+constexpr int kPChunk = 8;        // where P goes once S is computed
+constexpr int kStageBytes = kStageChunks * kChunkBytes;
+constexpr int kStages = 2;
+constexpr int kThreads = 384;
+constexpr int kLoaderThreads = 128;
+constexpr int kTokenThreads = 8;  // loader threads per token: 8 x 16 bytes = one 128-byte row
+constexpr int kPasses = kBlockSlots * kTokenThreads / kLoaderThreads;  // tokens per thread: 4
+constexpr int kWarpSlots = kBlockSlots / 4;                            // slots per loader warp
+constexpr int kPassesInFlight = 2;
+// Registers per thread after the split: the CTA keeps what it was launched with, 168 per
+// thread (384 threads, one CTA per SM), so the loaders must give up as many as the math
+// warpgroups take, or setmaxnreg.inc waits forever. The math warpgroups hold O (128), S (32)
+// and P (16); the loaders the loads in flight.
+constexpr uint32_t kLaunchRegisters = 168;
+constexpr uint32_t kMathRegisters = 200;
+constexpr uint32_t kLoaderRegisters = 104;
+static_assert(2 * 128 * kMathRegisters + 128 * kLoaderRegisters <= kThreads * kLaunchRegisters,
+              "the math warpgroups take no more registers than the loaders give up");
+
+// Where a layout keeps a token's parts (docs/ops.md, FP8 cache layouts).
+template <Fp8Layout kLayout>
+struct LayoutTraits;
+
+template <>
+struct LayoutTraits<Fp8Layout::kV32> {
+  static constexpr int kQKChunks = 9;        // 512 NoPE + 64 RoPE dims
+  static constexpr int kNopePieces = 32;     // 16-byte pieces of e4m3 NoPE values
+  static constexpr int kPiecesPerScale = 8;  // one float32 scale per 128 values
+  static constexpr int kRopeChunk = 8;
+  static constexpr int kRopeOffset = 528;    // after 512 e4m3 values and 4 float32 scales
+};
+
+template <>
+struct LayoutTraits<Fp8Layout::kModel1> {
+  static constexpr int kQKChunks = 8;        // 448 NoPE + 64 RoPE dims
+  static constexpr int kNopePieces = 28;
+  static constexpr int kPiecesPerScale = 4;  // one e8m0 exponent per 64 values
+  static constexpr int kRopeChunk = 7;
+  static constexpr int kRopeOffset = 448;
+  static constexpr int kTokenDataBytes = 576;  // per token, then page * 8 bytes of scales
+  static constexpr int kScaleRecordBytes = 8;
+};
+
+struct alignas(1024) SharedStorage {
+  uint8_t q[kStageChunks * kChunkBytes];
+  uint8_t kv[kStages][kStageBytes];
+  float row_factor[kStages][kQueryTileRows];  // exp2(m_old - m_new) per row and block
+  float row_sum[2][kQueryTileRows];           // final softmax denominators, per request parity
+  uint64_t kv_full[kStages];
+  uint64_t kv_empty[kStages];
+  uint64_t q_full;
+  uint64_t q_empty;
+  uint16_t attending[kStages][4];  // per loader warp: bit t = its slot t selects a token
+};
+
+// ---- FP8 to bfloat16 ------------------------------------------------------------------------
+
+// Two e4m3 values, in bytes 0 and 2 of `x` (bytes 1 and 3 zero), as bfloat16 bit patterns of
+// 2^-120 times their values: sign, exponent and mantissa moved into bfloat16's fields, whose
+// exponent bias is 120 more than e4m3's. Exact for every finite value, zero and subnormals
+// included (the bfloat16 products below keep subnormals).
+__device__ __forceinline__ uint32_t e4m3_pair_bits(uint32_t x) {
+  return ((x << 4) & 0x07F007F0u) | ((x << 8) & 0x80008000u);
+}
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, __nv_bfloat162 b) {
+  const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), b);
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// 16 e4m3 values (one 16-byte piece) times `scale`, as 16 bfloat16 values in two 16-byte units.
+// The factor 2^120 goes in first, on its own, so that no scale can overflow it.
+__device__ __forceinline__ void dequantize_piece(const uint4& piece, __nv_bfloat162 scale,
+                                                 uint4& lo, uint4& hi) {
+  const __nv_bfloat162 two_pow_120 = __bfloat162bfloat162(__ushort_as_bfloat16(0x7B80));
+  const uint32_t words[4] = {piece.x, piece.y, piece.z, piece.w};
+  uint32_t out[8];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // values 4k + {0, 1}, then 4k + {2, 3}
+      const uint32_t bits = e4m3_pair_bits(__byte_perm(words[k], 0, half ? 0x4342 : 0x4140));
+      out[2 * k + half] = bf16x2_mul(bf16x2_mul(bits, two_pow_120), scale);
+    }
+  }
+  lo = make_uint4(out[0], out[1], out[2], out[3]);
+  hi = make_uint4(out[4], out[5], out[6], out[7]);
+}
+
+// An e8m0 exponent byte as bfloat16 2^(e - 127); 0 is the subnormal 2^-127, 255 is NaN.
+__device__ __forceinline__ __nv_bfloat16 e8m0_to_bf16(uint32_t e) {
+  const unsigned short bits =
+      e == 0 ? 0x0040 : (e == 255 ? 0x7FC0 : static_cast<unsigned short>(e << 7));
+  return __ushort_as_bfloat16(bits);
+}
+
+// ---- Global loads ---------------------------------------------------------------------------
+
+// The caches are read-only for the kernel's lifetime: non-coherent loads, not kept in L1.
+__device__ __forceinline__ uint4 load_16(const uint8_t* address) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(address));
+  return v;
+}
+__device__ __forceinline__ uint2 load_8(const uint8_t* address) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
+               : "=r"(v.x), "=r"(v.y)
+               : "l"(address));
+  return v;
+}
+// 16 bytes at an address that is 8-byte aligned (MODEL1 tokens of blocks with an odd page).
+__device__ __forceinline__ uint4 load_16_of_8_aligned(const uint8_t* address) {
+  if ((reinterpret_cast<uintptr_t>(address) & 15) == 0) return load_16(address);
+  const uint2 a = load_8(address), b = load_8(address + 8);
+  return make_uint4(a.x, a.y, b.x, b.y);
+}
+
+// ---- The schedule ---------------------------------------------------------------------------
+
+// The part's metadata row with its request range clamped to the batch.
+__device__ __forceinline__ MetadataRow load_part(const KernelArgs& args, int part) {
+  MetadataRow row = args.params.tile_metadata[part];
+  row.begin_req = max(row.begin_req, 0);
+  row.end_req = min(row.end_req, static_cast<int32_t>(args.params.batch) - 1);
+  return row;
+}
+
+// Slots of request `req` that count in `source`: clamp(topk_length[req], 0, topk), or topk.
+__device__ __forceinline__ int counted_slots(const SparseKeySource& source, int req) {
+  if (source.cache == nullptr) return 0;
+  const int topk = static_cast<int>(source.topk);
+  return source.topk_length == nullptr ? topk : min(max(source.topk_length[req], 0), topk);
+}
+
+// What a part does for request `req`: the block range [lo, hi) of the request's main blocks
+// followed by its extra blocks, and where its result goes.
+struct RequestWork {
+  int main_slots, extra_slots;  // counted slots of each source
+  int main_blocks;              // blocks [0, main_blocks) are main, the rest extra
+  int lo, hi;
+  int split_row;                // row of partial_o / partial_lse when split
+  bool split;                   // the request is split across parts: write partials
+};
+
+__device__ __forceinline__ RequestWork request_work(const KernelArgs& args,
+                                                    const MetadataRow& part, int req) {
+  const SparseDecodeParams& p = args.params;
+  RequestWork w;
+  w.main_slots = counted_slots(p.main, req);
+  w.extra_slots = counted_slots(p.extra, req);
+  w.main_blocks = (w.main_slots + kBlockSlots - 1) / kBlockSlots;
+  const int blocks = w.main_blocks + (w.extra_slots + kBlockSlots - 1) / kBlockSlots;
+  const bool first = req == part.begin_req, last = req == part.end_req;
+  w.lo = first ? max(part.begin_block, 0) : 0;
+  w.hi = last ? min(part.end_block, blocks) : blocks;
+  const int64_t split_row = int64_t{p.num_splits[req]} + (first ? part.begin_split_idx : 0);
+  w.split_row = static_cast<int>(min(max(split_row, int64_t{0}), int64_t{args.partial_rows} - 1));
+  w.split = p.num_splits[req + 1] - p.num_splits[req] > 1;
+  return w;
+}
+
+// ---- Load role ------------------------------------------------------------------------------
+
+// One selected token as a loader thread holds it: its share of the NoPE bytes (pieces
+// j, j + 8, j + 16, j + 24 for thread j of the token's 8), RoPE piece j and the scales.
+struct TokenShare {
+  uint4 nope[4];
+  uint4 rope;
+  uint4 scales;  // V32: 4 x float32; MODEL1: 8 e8m0 bytes in .x and .y
+  bool selects;  // the slot counts and its index is inside the cache
+};
+
+// Issues the loads of this thread's share of the token selected by `index` (nothing when the
+// index is outside [0, num_tokens)).
+template <Fp8Layout kLayout>
+__device__ __forceinline__ TokenShare gather_token(const uint8_t* cache, int64_t num_tokens,
+                                                   int64_t page, int64_t index, bool counted,
+                                                   int j) {
+  using L = LayoutTraits<kLayout>;
+  TokenShare share;
+  share.selects = counted && index >= 0 && index < num_tokens;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) share.nope[i] = zero;
+  share.rope = share.scales = zero;
+  if (!share.selects) return share;
+  if constexpr (kLayout == Fp8Layout::kV32) {
+    const uint8_t* token = cache + index * fp8_bytes_per_token(kLayout);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) share.nope[i] = load_16(token + (j + 8 * i) * 16);
+    share.rope = load_16(token + L::kRopeOffset + j * 16);
+    share.scales = load_16(token + kHeadDimLatent);
+  } else {
+    const int64_t block = index / page, row = index % page;
+    const uint8_t* block_base = cache + block * page * fp8_bytes_per_token(kLayout);
+    const uint8_t* token = block_base + row * L::kTokenDataBytes;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (j + 8 * i < L::kNopePieces) share.nope[i] = load_16_of_8_aligned(token + (j + 8 * i) * 16);
+    }
+    share.rope = load_16_of_8_aligned(token + L::kRopeOffset + j * 16);
+    const uint2 record =
+        load_8(block_base + page * L::kTokenDataBytes + row * L::kScaleRecordBytes);
+    share.scales = make_uint4(record.x, record.y, 0, 0);
+  }
+  return share;
+}
+
+// The scale of NoPE piece `piece`, as bfloat16 (both halves).
+template <Fp8Layout kLayout>
+__device__ __forceinline__ __nv_bfloat162 piece_scale(const uint4& scales, int piece) {
+  const int tile = piece / LayoutTraits<kLayout>::kPiecesPerScale;
+  const uint32_t words[4] = {scales.x, scales.y, scales.z, scales.w};
+  if constexpr (kLayout == Fp8Layout::kV32) {
+    return __float2bfloat162_rn(__uint_as_float(words[tile]));
+  } else {
+    return __bfloat162bfloat162(e8m0_to_bf16((words[tile / 4] >> (8 * (tile % 4))) & 0xFF));
+  }
+}
+
+// Stores this thread's share of a token, dequantised, into row `row` of the stage's chunks
+// (16-byte unit u of a row sits at unit u ^ (row % 8)). Thread j's pieces j + 8 i all fill
+// units 2 (j % 4) and 2 (j % 4) + 1 of their chunks, so two swizzled offsets serve them all;
+// threads 4-7 of a token write the second unit first, so that the 8 threads of a store hit 8
+// distinct bank groups.
+template <Fp8Layout kLayout>
+__device__ __forceinline__ void store_token(uint8_t* stage, const TokenShare& share, int row,
+                                            int j) {
+  using L = LayoutTraits<kLayout>;
+  const int swizzle = row % 8, unit = 2 * (j % 4);
+  uint8_t* lo_unit = stage + row * 128 + ((unit ^ swizzle) << 4);
+  uint8_t* hi_unit = stage + row * 128 + (((unit + 1) ^ swizzle) << 4);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int piece = j + 8 * i;
+    if (piece >= L::kNopePieces) continue;
+    uint4 lo, hi;
+    dequantize_piece(share.nope[i], piece_scale<kLayout>(share.scales, piece), lo, hi);
+    const int chunk_offset = (piece / 4) * kChunkBytes;
+    if (j < 4) {
+      *reinterpret_cast<uint4*>(lo_unit + chunk_offset) = lo;
+      *reinterpret_cast<uint4*>(hi_unit + chunk_offset) = hi;
+    } else {
+      *reinterpret_cast<uint4*>(hi_unit + chunk_offset) = hi;
+      *reinterpret_cast<uint4*>(lo_unit + chunk_offset) = lo;
+    }
+  }
+  *reinterpret_cast<uint4*>(stage + L::kRopeChunk * kChunkBytes + row * 128 +
+                            ((j ^ swizzle) << 4)) = share.rope;
+}
+
+// WG0: for each request with work, the query tile (thread 0, TMA), then its blocks of 64 slots
+// through the stage ring, all 128 threads gathering and dequantising.
+template <Fp8Layout kLayout>
+__device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage& smem,
+                                          const MetadataRow& part, int token, int head_tile) {
+  using L = LayoutTraits<kLayout>;
+  const SparseDecodeParams& p = args.params;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int j = lane % kTokenThreads;
+  if (tid == 0) prefetch_tensor_map(&args.q_map);
+  const uint32_t q_bytes = L::kQKChunks * 128 * args.q_box_rows;
+  uint32_t blocks_done = 0;  // stage = blocks_done % 2, its phase = blocks_done / 2 % 2
+  uint32_t q_phase = 0;
+  for (int req = part.begin_req; req <= part.end_req; ++req) {
+    const RequestWork w = request_work(args, part, req);
+    if (w.lo >= w.hi) continue;
+    if (tid == 0) {
+      mbarrier_wait(&smem.q_empty, q_phase ^ 1);
+      mbarrier_arrive_expect_tx(&smem.q_full, q_bytes);
+      for (int c = 0; c < L::kQKChunks; ++c) {
+        tma_load_3d(smem.q + c * kChunkBytes, &args.q_map, &smem.q_full, c * kChunkElems,
+                    head_tile * kQueryTileRows, static_cast<int>(req * p.s_q + token),
+                    kCacheEvictNormal);
+      }
+    }
+    q_phase ^= 1;
+    for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
+      const int stage = blocks_done % kStages;
+      const uint32_t kv_phase = blocks_done / kStages % 2;
+      const bool extra = blk >= w.main_blocks;
+      const SparseKeySource& source = extra ? p.extra : p.main;
+      const int first_slot = (extra ? blk - w.main_blocks : blk) * kBlockSlots;
+      const int counted = (extra ? w.extra_slots : w.main_slots) - first_slot;
+      const int32_t* slot_index =
+          source.indices + (static_cast<int64_t>(req) * p.s_q + token) * source.topk + first_slot;
+      const uint8_t* cache = static_cast<const uint8_t*>(source.cache);
+      const int64_t num_tokens = source.num_blocks * source.page;
+      // Two passes (8 tokens per warp) in flight at a time: what the loaders' registers hold.
+      uint32_t attending = 0;
+#pragma unroll 1
+      for (int group = 0; group < kPasses / kPassesInFlight; ++group) {
+        TokenShare shares[kPassesInFlight];
+#pragma unroll
+        for (int k = 0; k < kPassesInFlight; ++k) {
+          const int slot = warp * kWarpSlots + (group * kPassesInFlight + k) * 4 + lane / 8;
+          const bool is_counted = slot < counted;
+          const int64_t index = is_counted ? slot_index[slot] : -1;
+          shares[k] = gather_token<kLayout>(cache, num_tokens, source.page, index, is_counted, j);
+        }
+        if (group == 0) mbarrier_wait(&smem.kv_empty[stage], kv_phase ^ 1);
+#pragma unroll
+        for (int k = 0; k < kPassesInFlight; ++k) {
+          const int pass = group * kPassesInFlight + k;
+          store_token<kLayout>(smem.kv[stage], shares[k], warp * kWarpSlots + pass * 4 + lane / 8,
+                               j);
+          // Lanes 0, 8, 16, 24 speak for the 4 tokens of this pass.
+          const uint32_t ballot = __ballot_sync(0xffffffffu, shares[k].selects);
+          const uint32_t four = (ballot & 1u) | ((ballot >> 7) & 2u) | ((ballot >> 14) & 4u) |
+                                ((ballot >> 21) & 8u);
+          attending |= four << (4 * pass);
+        }
+      }
+      if (lane == 0) smem.attending[stage][warp] = static_cast<uint16_t>(attending);
+      fence_proxy_async_smem();  // the stores before the wgmma reads of this stage
+      mbarrier_arrive(&smem.kv_full[stage]);
+    }
+  }
+}
+
+// ---- Math warpgroups ------------------------------------------------------------------------
+
+// A math thread's place in the 64-row tile: its accumulator rows and the head of each.
+struct ThreadRows : AccumulatorRows {
+  int head[2];
+  bool valid[2];  // the row is a real head
+};
+
+__device__ __forceinline__ ThreadRows thread_rows(int64_t h_q, int head_tile) {
+  ThreadRows t;
+  static_cast<AccumulatorRows&>(t) = accumulator_rows();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    t.head[h] = head_tile * kQueryTileRows + t.rows[h];
+    t.valid[h] = t.head[h] < h_q;
+  }
+  return t;
+}
+
+// Epilogue of one request: WG1 shares the final row sums, both warpgroups normalise their half
+// of O and store it: the output (times the sink factor) and lse of an unsplit request, else its
+// fp32 partial row (the combine kernel applies the sink).
+__device__ __forceinline__ void finish_request(const KernelArgs& args, SharedStorage& smem,
+                                               const RequestWork& w, int req, int token,
+                                               bool score_wg, const ThreadRows& t,
+                                               int& request_parity, SoftmaxRows& rows,
+                                               const float (&o)[kAccumulators]) {
+  const SparseDecodeParams& p = args.params;
+  share_row_sums(score_wg, t, smem.row_sum[request_parity], rows);
+  request_parity ^= 1;
+  const int col0 = score_wg ? 0 : kHalfV;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (!t.valid[h]) continue;
+    const bool lonely = rows.sum[h] == 0.f;
+    const float lse = (rows.max[h] + log2f(rows.sum[h])) * kLn2;
+    float factor = lonely ? 0.f : 1.f / rows.sum[h];
+    if (!w.split && p.attn_sink != nullptr && !lonely) {
+      factor *= 1.f / (1.f + expf(p.attn_sink[t.head[h]] - lse));
+    }
+    const int64_t row_index =
+        (static_cast<int64_t>(w.split ? w.split_row : req) * p.s_q + token) * p.h_q + t.head[h];
+    if (w.split) {
+      store_partial_row(p.partial_o + row_index * kHeadDimV + col0 + t.quad_col, o, h, factor);
+    } else {
+      store_output_row(static_cast<Element*>(p.out) + row_index * kHeadDimV + col0 + t.quad_col,
+                       o, h, factor);
+    }
+    if (score_wg && t.lane % 4 == 0) {
+      if (w.split) {
+        p.partial_lse[row_index] = lonely ? -INFINITY : lse;
+      } else {
+        p.lse[(static_cast<int64_t>(req) * p.h_q + t.head[h]) * p.s_q + token] =
+            lonely ? INFINITY : lse;
+      }
+    }
+  }
+}
+
+// WG1 and WG2: every request of the part, block by block, then its epilogue.
+template <Fp8Layout kLayout>
+__device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage& smem,
+                                          const MetadataRow& part, int token, int head_tile) {
+  using L = LayoutTraits<kLayout>;
+  const bool score_wg = threadIdx.x / 128 == 1;
+  const ThreadRows t = thread_rows(args.params.h_q, head_tile);
+  uint32_t blocks_done = 0;  // stage = blocks_done % 2, its phase = blocks_done / 2 % 2
+  uint32_t q_phase = 0;
+  int request_parity = 0;
+  for (int req = part.begin_req; req <= part.end_req; ++req) {
+    const RequestWork w = request_work(args, part, req);
+    float o[kAccumulators];  // 64 x 256 accumulator slice
+#pragma unroll
+    for (int i = 0; i < kAccumulators; ++i) o[i] = 0.f;
+    SoftmaxRows rows = {{-INFINITY, -INFINITY}, {0.f, 0.f}};
+    if (score_wg && w.lo < w.hi) {
+      mbarrier_wait(&smem.q_full, q_phase);
+      q_phase ^= 1;
+    }
+    for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
+      const int stage = blocks_done % kStages;
+      mbarrier_wait(&smem.kv_full[stage], blocks_done / kStages % 2);
+      uint8_t* kv = smem.kv[stage];
+      uint8_t* p_tile = kv + kPChunk * kChunkBytes;
+      const uint64_t attending = *reinterpret_cast<const uint64_t*>(smem.attending[stage]);
+      if (score_wg) {
+        if (attending != 0) {
+          float s[32];
+          issue_scores<Element, L::kQKChunks>(smem.q, kv, s);
+          wgmma_wait<0>();
+          if (blk == w.hi - 1) mbarrier_arrive(&smem.q_empty);  // Q is free for the next request
+          const uint64_t mine = attending >> t.quad_col;
+          const auto attends = [&](int i, int, int e) { return (mine >> (i * 8 + e)) & 1; };
+          uint32_t packed[16];
+          float factor[2];
+          online_softmax<Element>(s, attends, args.scale_log2, rows, o, packed, factor);
+          publish_p(p_tile, packed, factor, smem.row_factor[stage], t, stage);
+          accumulate_pv<Element>(packed, kv, o);
+        } else if (blk == w.hi - 1) {
+          mbarrier_arrive(&smem.q_empty);
+        }
+      } else if (attending != 0) {
+        uint32_t packed[16];
+        receive_p(p_tile, smem.row_factor[stage], t, stage, o, packed);
+        accumulate_pv<Element>(packed, kv + 4 * kChunkBytes, o);
+      }
+      mbarrier_arrive(&smem.kv_empty[stage]);
+    }
+    finish_request(args, smem, w, req, token, score_wg, t, request_parity, rows, o);
+  }
+}
+
+// Query rows past h_q in a tile narrower than 64 heads are never loaded: zero them once, so
+// that S of those rows is 0, not whatever shared memory held.
+__device__ __forceinline__ void zero_unloaded_query_rows(SharedStorage& smem, int loaded_rows) {
+  const int units_per_chunk = (kQueryTileRows - loaded_rows) * 8;
+  for (int u = threadIdx.x; u < kStageChunks * units_per_chunk; u += kThreads) {
+    const int chunk = u / units_per_chunk, rest = u % units_per_chunk;
+    *reinterpret_cast<uint4*>(smem.q + chunk * kChunkBytes + (loaded_rows + rest / 8) * 128 +
+                              (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async_smem();
+}
+
+template <Fp8Layout kLayout>
+__global__ void __launch_bounds__(kThreads, 1)
+    sparse_decode_kernel(const __grid_constant__ KernelArgs args) {
+  extern __shared__ uint8_t smem_raw[];
+  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int part_index = blockIdx.x, token = blockIdx.y, head_tile = blockIdx.z;
+
+  // Launched with programmatic dependent launch: wait for the previous kernel on the stream
+  // (which may produce q, the indices or the metadata), then let the combine kernel launch.
+  pdl_wait();
+  pdl_launch_dependents();
+  const MetadataRow part = load_part(args, part_index);
+  if (part.begin_req > part.end_req) return;  // an empty part
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&smem.kv_full[s], kLoaderThreads);
+      mbarrier_init(&smem.kv_empty[s], kConsumerThreads);
+    }
+    mbarrier_init(&smem.q_full, 1);
+    mbarrier_init(&smem.q_empty, 128);
+    fence_barrier_init();
+  }
+  if (args.q_box_rows < kQueryTileRows) zero_unloaded_query_rows(smem, args.q_box_rows);
+  __syncthreads();
+
+  if (threadIdx.x < kLoaderThreads) {
+    registers_decrease<kLoaderRegisters>();
+    load_role<kLayout>(args, smem, part, token, head_tile);
+  } else {
+    registers_increase<kMathRegisters>();
+    math_role<kLayout>(args, smem, part, token, head_tile);
+  }
+}
+
+constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage)) + 1024;  // + alignment slack
+
+// Launches the kernel for one layout (instantiated in decode_sparse_<layout>.cu). The
+// shared-memory limit is set on a device's first launch, with a call that is legal while a
+// stream is captured, and remembered.
+template <Fp8Layout kLayout>
+cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
+  const auto kernel = sparse_decode_kernel<kLayout>;
+  const cudaError_t setup = per_device_once(
+      [&](int) {
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    kSmemBytes);
+      },
+      [](cudaError_t status) { return status == cudaSuccess; });
+  if (setup != cudaSuccess) return setup;
+  const dim3 grid(static_cast<unsigned>(args.params.num_parts),
+                  static_cast<unsigned>(args.params.s_q), static_cast<unsigned>(args.head_tiles));
+  const LaunchShape shape{grid, dim3(kThreads), kSmemBytes, dim3(1, 1, 1), /*pdl=*/true};
+  return launch_kernel(kernel, shape, stream, args);
+}
+
+}  // namespace jfm::sm90::decode_sparse
