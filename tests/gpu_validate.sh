@@ -4,7 +4,14 @@
 #
 #   bash tests/gpu_validate.sh kernel    # build; quick GPU tests (~300 s); the C++ tests of
 #                                        # tests/cpp, plain and under memcheck (~20-90 s)
-#   bash tests/gpu_validate.sh bench     # build; benchmarks/bench_decode.py and its plot (~230 s)
+#   bash tests/gpu_validate.sh bench         # build; benchmarks/bench_decode.py and its plot
+#                                            # (~230 s)
+#   bash tests/gpu_validate.sh bench-sparse  # build; benchmarks/bench_decode_sparse.py and its
+#                                            # plot (not yet timed)
+# The benchmarks time FlashMLA and FA3's MLA mode beside ours when their setup script is found:
+# ${JFM_PEERS:-../shared/peers}/setup_peers.sh. Only the repository travels to a GPU machine:
+# copy the peers folder into an ignored folder of the checkout (e.g. .peers), carry it and set
+# JFM_PEERS=.peers.
 #   bash tests/gpu_validate.sh matrix    # build; full matrix in parallel shards (~300 s)
 #   bash tests/gpu_validate.sh memcheck           # build; memcheck over the quick tests of
 #                                                 # test_gpu_decode_dense.py (~350 s)
@@ -31,8 +38,8 @@
 #
 # Logs and results go to ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}: quick_tests.log,
 # cpp_tests.log, {decode_check,decode_sparse_check,graph_capture}_memcheck.txt,
-# decode_dense.{json,txt,png}, the full matrix shard logs, memcheck_{decode,rules,schedule,
-# graphs,sparse}.log. Exit status non-zero if any step failed.
+# decode_dense.{json,txt,png}, decode_sparse.{json,txt,png}, the full matrix shard logs,
+# memcheck_{decode,rules,schedule,graphs,sparse}.log. Exit status non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}
@@ -69,10 +76,19 @@ build_cpp_tests() {  # cpp_tests BUILD_PID: waits for build_cpp_tests, runs ctes
   done
   return $rc
 }
-bench() {
-  "$py" -P benchmarks/bench_decode.py --json "$logs/decode_dense.json" > "$logs/decode_dense.txt" &&
-    "$py" -P benchmarks/plot_decode.py "$logs/decode_dense.json" &&
-    cat "$logs/decode_dense.txt"
+peers() {  # FlashMLA and FA3's MLA mode for the side-by-side figures, where they are
+  local dir=${JFM_PEERS:-../shared/peers}
+  if [ -f "$dir/setup_peers.sh" ]; then
+    # shellcheck disable=SC1091
+    source "$dir/setup_peers.sh" > "$logs/peers.log" 2>&1 || tail -3 "$logs/peers.log"
+  else
+    echo "no peers at $dir (set JFM_PEERS): the benchmarks run without FlashMLA"
+  fi
+}
+bench() {  # bench SCRIPT RESULT: benchmarks/bench_SCRIPT.py into RESULT.{json,txt}, plotted
+  "$py" -P "benchmarks/bench_$1.py" --json "$logs/$2.json" > "$logs/$2.txt" &&
+    "$py" -P "benchmarks/plot_$1.py" "$logs/$2.json" &&
+    cat "$logs/$2.txt"
 }
 memcheck() {  # memcheck NAME SELECTION FILES...: pytest -k SELECTION, log in $logs/memcheck_NAME.log
   local name=$1 selection=$2
@@ -91,7 +107,12 @@ case "${1:-}" in
     step "C++ tests + memcheck" cpp_tests "$cpp_build" ;;
   bench)
     step build build
-    step bench bench ;;
+    peers
+    step "bench, dense decode" bench decode decode_dense ;;
+  bench-sparse)
+    step build build
+    peers
+    step "bench, sparse decode" bench decode_sparse decode_sparse ;;
   matrix)
     step build build
     step "full matrix, small batches" env LOG_DIR="$logs/full_small" bash tests/gpu_full_matrix.sh small
@@ -115,7 +136,7 @@ case "${1:-}" in
     step build build
     step "memcheck, quick sparse decode tests" memcheck sparse quick \
       tests/test_gpu_decode_sparse.py ;;
-  *) echo "usage: $0 kernel|bench|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
+  *) echo "usage: $0 kernel|bench|bench-sparse|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
      exit 2 ;;
 esac
 exit $status

@@ -227,16 +227,18 @@ __device__ __forceinline__ TokenShare gather_token(const uint8_t* cache, int64_t
     share.rope = load_16(token + L::kRopeOffset + j * 16);
     share.scales = load_16(token + kHeadDimLatent);
   } else {
-    const int64_t block = index / page, row = index % page;
-    const uint8_t* block_base = cache + block * page * fp8_bytes_per_token(kLayout);
-    const uint8_t* token = block_base + row * L::kTokenDataBytes;
+    // 0 <= index < 2^31 and page < 2^31: a 32-bit division is exact.
+    const uint32_t block = static_cast<uint32_t>(index) / static_cast<uint32_t>(page);
+    const uint32_t row = static_cast<uint32_t>(index) - block * static_cast<uint32_t>(page);
+    const uint8_t* block_base = cache + int64_t{block} * page * fp8_bytes_per_token(kLayout);
+    const uint8_t* token = block_base + int64_t{row} * L::kTokenDataBytes;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       if (j + 8 * i < L::kNopePieces) share.nope[i] = load_16_of_8_aligned(token + (j + 8 * i) * 16);
     }
     share.rope = load_16_of_8_aligned(token + L::kRopeOffset + j * 16);
     const uint2 record =
-        load_8(block_base + page * L::kTokenDataBytes + row * L::kScaleRecordBytes);
+        load_8(block_base + page * L::kTokenDataBytes + int64_t{row} * L::kScaleRecordBytes);
     share.scales = make_uint4(record.x, record.y, 0, 0);
   }
   return share;
@@ -260,29 +262,29 @@ __device__ __forceinline__ __nv_bfloat162 piece_scale(const uint4& scales, int p
 // threads 4-7 of a token write the second unit first, so that the 8 threads of a store hit 8
 // distinct bank groups.
 template <Fp8Layout kLayout>
-__device__ __forceinline__ void store_token(uint8_t* stage, const TokenShare& share, int row,
+__device__ __forceinline__ void store_token(uint32_t stage, const TokenShare& share, int row,
                                             int j) {
   using L = LayoutTraits<kLayout>;
   const int swizzle = row % 8, unit = 2 * (j % 4);
-  uint8_t* lo_unit = stage + row * 128 + ((unit ^ swizzle) << 4);
-  uint8_t* hi_unit = stage + row * 128 + (((unit + 1) ^ swizzle) << 4);
+  const uint32_t lo_unit = stage + row * 128 + ((unit ^ swizzle) << 4);
+  const uint32_t hi_unit = stage + row * 128 + (((unit + 1) ^ swizzle) << 4);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int piece = j + 8 * i;
     if (piece >= L::kNopePieces) continue;
     uint4 lo, hi;
     dequantize_piece(share.nope[i], piece_scale<kLayout>(share.scales, piece), lo, hi);
-    const int chunk_offset = (piece / 4) * kChunkBytes;
+    const uint32_t chunk_offset = (piece / 4) * kChunkBytes;
     if (j < 4) {
-      *reinterpret_cast<uint4*>(lo_unit + chunk_offset) = lo;
-      *reinterpret_cast<uint4*>(hi_unit + chunk_offset) = hi;
+      store_shared_16(lo_unit + chunk_offset, lo);
+      store_shared_16(hi_unit + chunk_offset, hi);
     } else {
-      *reinterpret_cast<uint4*>(hi_unit + chunk_offset) = hi;
-      *reinterpret_cast<uint4*>(lo_unit + chunk_offset) = lo;
+      store_shared_16(hi_unit + chunk_offset, hi);
+      store_shared_16(lo_unit + chunk_offset, lo);
     }
   }
-  *reinterpret_cast<uint4*>(stage + L::kRopeChunk * kChunkBytes + row * 128 +
-                            ((j ^ swizzle) << 4)) = share.rope;
+  store_shared_16(stage + L::kRopeChunk * kChunkBytes + row * 128 + ((j ^ swizzle) << 4),
+                  share.rope);
 }
 
 // WG0: for each request with work, the query tile (thread 0, TMA), then its blocks of 64 slots
@@ -300,7 +302,8 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
   uint32_t q_phase = 0;
   for (int req = part.begin_req; req <= part.end_req; ++req) {
     const RequestWork w = request_work(args, part, req);
-    if (w.lo >= w.hi) continue;
+    // Q comes for every request, also one without blocks here, so that the Q barriers' phases
+    // follow the request count on both sides.
     if (tid == 0) {
       mbarrier_wait(&smem.q_empty, q_phase ^ 1);
       mbarrier_arrive_expect_tx(&smem.q_full, q_bytes);
@@ -338,8 +341,8 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
 #pragma unroll
         for (int k = 0; k < kPassesInFlight; ++k) {
           const int pass = group * kPassesInFlight + k;
-          store_token<kLayout>(smem.kv[stage], shares[k], warp * kWarpSlots + pass * 4 + lane / 8,
-                               j);
+          store_token<kLayout>(smem_address(smem.kv[stage]), shares[k],
+                               warp * kWarpSlots + pass * 4 + lane / 8, j);
           // Lanes 0, 8, 16, 24 speak for the 4 tokens of this pass.
           const uint32_t ballot = __ballot_sync(0xffffffffu, shares[k].selects);
           const uint32_t four = (ballot & 1u) | ((ballot >> 7) & 2u) | ((ballot >> 14) & 4u) |
@@ -356,30 +359,14 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
 
 // ---- Math warpgroups ------------------------------------------------------------------------
 
-// A math thread's place in the 64-row tile: its accumulator rows and the head of each.
-struct ThreadRows : AccumulatorRows {
-  int head[2];
-  bool valid[2];  // the row is a real head
-};
-
-__device__ __forceinline__ ThreadRows thread_rows(int64_t h_q, int head_tile) {
-  ThreadRows t;
-  static_cast<AccumulatorRows&>(t) = accumulator_rows();
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    t.head[h] = head_tile * kQueryTileRows + t.rows[h];
-    t.valid[h] = t.head[h] < h_q;
-  }
-  return t;
-}
-
 // Epilogue of one request: WG1 shares the final row sums, both warpgroups normalise their half
 // of O and store it: the output (times the sink factor) and lse of an unsplit request, else its
 // fp32 partial row (the combine kernel applies the sink).
 __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedStorage& smem,
                                                const RequestWork& w, int req, int token,
-                                               bool score_wg, const ThreadRows& t,
-                                               int& request_parity, SoftmaxRows& rows,
+                                               int head_tile, bool score_wg,
+                                               const AccumulatorRows& t, int& request_parity,
+                                               SoftmaxRows& rows,
                                                const float (&o)[kAccumulators]) {
   const SparseDecodeParams& p = args.params;
   share_row_sums(score_wg, t, smem.row_sum[request_parity], rows);
@@ -387,15 +374,16 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
   const int col0 = score_wg ? 0 : kHalfV;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    if (!t.valid[h]) continue;
+    const int head = head_tile * kQueryTileRows + t.rows[h];
+    if (head >= p.h_q) continue;  // a padding row of the last tile
     const bool lonely = rows.sum[h] == 0.f;
     const float lse = (rows.max[h] + log2f(rows.sum[h])) * kLn2;
     float factor = lonely ? 0.f : 1.f / rows.sum[h];
     if (!w.split && p.attn_sink != nullptr && !lonely) {
-      factor *= 1.f / (1.f + expf(p.attn_sink[t.head[h]] - lse));
+      factor *= 1.f / (1.f + expf(p.attn_sink[head] - lse));
     }
     const int64_t row_index =
-        (static_cast<int64_t>(w.split ? w.split_row : req) * p.s_q + token) * p.h_q + t.head[h];
+        (static_cast<int64_t>(w.split ? w.split_row : req) * p.s_q + token) * p.h_q + head;
     if (w.split) {
       store_partial_row(p.partial_o + row_index * kHeadDimV + col0 + t.quad_col, o, h, factor);
     } else {
@@ -406,7 +394,7 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
       if (w.split) {
         p.partial_lse[row_index] = lonely ? -INFINITY : lse;
       } else {
-        p.lse[(static_cast<int64_t>(req) * p.h_q + t.head[h]) * p.s_q + token] =
+        p.lse[(static_cast<int64_t>(req) * p.h_q + head) * p.s_q + token] =
             lonely ? INFINITY : lse;
       }
     }
@@ -419,19 +407,18 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
                                           const MetadataRow& part, int token, int head_tile) {
   using L = LayoutTraits<kLayout>;
   const bool score_wg = threadIdx.x / 128 == 1;
-  const ThreadRows t = thread_rows(args.params.h_q, head_tile);
+  const AccumulatorRows t = accumulator_rows();
   uint32_t blocks_done = 0;  // stage = blocks_done % 2, its phase = blocks_done / 2 % 2
-  uint32_t q_phase = 0;
-  int request_parity = 0;
+  int request_parity = 0;    // also the phase of the Q barriers (one Q per request)
   for (int req = part.begin_req; req <= part.end_req; ++req) {
     const RequestWork w = request_work(args, part, req);
     float o[kAccumulators];  // 64 x 256 accumulator slice
 #pragma unroll
     for (int i = 0; i < kAccumulators; ++i) o[i] = 0.f;
     SoftmaxRows rows = {{-INFINITY, -INFINITY}, {0.f, 0.f}};
-    if (score_wg && w.lo < w.hi) {
-      mbarrier_wait(&smem.q_full, q_phase);
-      q_phase ^= 1;
+    if (score_wg) {
+      mbarrier_wait(&smem.q_full, request_parity);
+      if (w.lo >= w.hi) mbarrier_arrive(&smem.q_empty);  // nothing to score
     }
     for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
       const int stage = blocks_done % kStages;
@@ -462,7 +449,7 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
       }
       mbarrier_arrive(&smem.kv_empty[stage]);
     }
-    finish_request(args, smem, w, req, token, score_wg, t, request_parity, rows, o);
+    finish_request(args, smem, w, req, token, head_tile, score_wg, t, request_parity, rows, o);
   }
 }
 
