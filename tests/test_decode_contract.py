@@ -226,3 +226,141 @@ def test_kernel_limits_let_the_largest_sizes_through():
                 "@jax_flashmla_decode_dense_sm90"
                 in traced.lower(lowering_platforms=("cuda",)).as_text()
             )
+
+
+# ------------------------------------------------------------------------------------------
+# Sparse decode: the kernel path's trace-time rules and schedule
+# ------------------------------------------------------------------------------------------
+
+
+def sparse_structs(*, b=2, s_q=1, h_q=64, topk=128, blocks=4, page=64):
+    return (
+        S((b, s_q, h_q, 576), jnp.bfloat16),
+        S((blocks, page, 1, 656), jnp.float8_e4m3fn),
+        S((b, s_q, topk), jnp.int32),
+    )
+
+
+def sparse_call(implementation, **kwargs):
+    def call(q, cache, indices, *rest):
+        return fm.flash_mla_with_kvcache(
+            q,
+            cache,
+            None,
+            None,
+            512,
+            *rest,
+            is_fp8_kvcache=True,
+            indices=indices,
+            implementation=implementation,
+            **kwargs,
+        )
+
+    return call
+
+
+SPARSE_LIMIT_CASES = [
+    ("s_q", sparse_structs(b=1, s_q=65536, h_q=1), "s_q must be <= 65535 (grid y)"),
+    ("b * s_q", sparse_structs(b=2**16 + 1, s_q=2**15, h_q=1), "batch * s_q must be <= 2**31 - 1"),
+    (
+        "b + parts",
+        sparse_structs(b=INT32_MAX - 131, h_q=1),
+        "batch + num_sm_parts must be <= 2**31 - 1",
+    ),
+]
+
+
+@pytest.mark.skipif(platform.extension() is None, reason=platform.extension_unavailable_reason())
+@pytest.mark.parametrize(
+    ("structs", "limit"),
+    [c[1:] for c in SPARSE_LIMIT_CASES],
+    ids=[c[0] for c in SPARSE_LIMIT_CASES],
+)
+def test_sparse_kernel_limits_checked_at_trace_time(structs, limit):
+    with platform.assume_device(), pytest.raises(ValueError) as info:
+        jax.jit(sparse_call("cuda")).trace(*structs)
+    assert "flash_mla_with_kvcache: implementation='cuda' is unavailable: " in str(info.value)
+    assert limit in str(info.value)
+
+
+@pytest.mark.skipif(platform.extension() is None, reason=platform.extension_unavailable_reason())
+def test_sparse_kernel_only_on_request_until_validated():
+    """implementation=None keeps the reference until the kernel has passed its GPU tests;
+    implementation="cuda" runs the kernel."""
+    from jax_flashmla._src.kernels import decode_sparse
+
+    structs = sparse_structs()
+    with platform.assume_device():
+        default = jax.jit(sparse_call(None)).trace(*structs).lower(lowering_platforms=("cuda",))
+        chosen = jax.jit(sparse_call("cuda")).trace(*structs).lower(lowering_platforms=("cuda",))
+    in_default = "@jax_flashmla_decode_sparse_sm90" in default.as_text()
+    assert in_default == decode_sparse.RUNS_BY_DEFAULT
+    assert "@jax_flashmla_decode_sparse_sm90" in chosen.as_text()
+
+
+@pytest.mark.parametrize(
+    ("s_q", "h_q", "parts"), [(1, 64, 132), (2, 16, 66), (2, 128, 33), (1, 96, 66), (3, 1, 44)]
+)
+def test_sparse_schedule_parts_per_token_and_head_tile(s_q, h_q, parts):
+    """get_mla_metadata with topk: max(132 // (s_q * ceil(h_q / 64)), 1) parts; the op checks
+    a passed schedule against the same count."""
+    lens = jnp.zeros((3,), jnp.int32)
+    metadata, num_splits = fm.get_mla_metadata(
+        lens, s_q * h_q, 1, num_heads_q=h_q, is_fp8_kvcache=True, topk=128
+    )
+    assert metadata.shape == (parts, 8) and num_splits.shape == (4,)
+    q, cache, indices = (
+        jnp.zeros(s.shape, s.dtype) for s in sparse_structs(b=3, s_q=s_q, h_q=h_q, blocks=2)
+    )
+    out, lse = sparse_call("xla")(q, cache, indices, metadata, num_splits)
+    assert out.shape == (3, s_q, h_q, 512) and lse.shape == (3, h_q, s_q)
+    dense_parts = fm.get_mla_metadata(lens, s_q * h_q, 1)
+    if dense_parts[0].shape[0] != parts:
+        with pytest.raises(ValueError, match="num_heads_q="):
+            sparse_call("xla")(q, cache, indices, *dense_parts)
+
+
+def test_sparse_schedule_needs_num_heads_q():
+    lens = jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match=r"with topk \(sparse decode\), num_heads_q must be given"):
+        fm.get_mla_metadata(lens, 128, 1, topk=128)
+    with pytest.raises(ValueError, match="num_heads_q must be given and divide"):
+        fm.get_mla_metadata(lens, 100, 1, num_heads_q=64, topk=128)
+
+
+def test_sparse_schedule_from_lengths():
+    """Without a schedule the op weighs each request by its counted slots in whole blocks of 64,
+    main and extra; with no lengths at all, every request gets topk + extra_topk."""
+    from jax_flashmla.ops.decode import _sparse_schedule
+    from jax_flashmla.reference.schedule import mla_metadata
+
+    b, s_q, h_q, topk, extra_topk = 4, 2, 16, 128, 64
+    q = jnp.zeros((b, s_q, h_q, 576), jnp.bfloat16)
+    indices = jnp.zeros((b, s_q, topk), jnp.int32)
+    extra_indices = jnp.zeros((b, s_q, extra_topk), jnp.int32)
+    given = {
+        "topk_length": jnp.array([0, 70, 500, -3], jnp.int32),
+        "extra_indices_in_kvcache": extra_indices,
+        "extra_topk_length": jnp.array([10, 0, 64, 65], jnp.int32),
+    }
+    parts = 132 // s_q
+    # main: 0, 128, 128, 0; extra: 64, 0, 64, 64
+    want = mla_metadata(
+        jnp.array([64, 128, 192, 64], jnp.int32),
+        num_parts=parts,
+        block_tokens=64,
+        fixed_overhead=5,
+    )
+    got = _sparse_schedule(q, indices, given)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    got = _sparse_schedule(q, indices, {"extra_indices_in_kvcache": extra_indices})
+    want = mla_metadata(
+        jnp.zeros((b,), jnp.int32),
+        num_parts=parts,
+        block_tokens=64,
+        fixed_overhead=5,
+        fixed_length=topk + extra_topk,
+    )
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

@@ -503,14 +503,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage)) + 1024;  // + alignment slack
 
-// Launches the kernel for one layout (instantiated in decode_sparse_<layout>.cu). The
-// shared-memory limit is set on a device's first launch, with a call that is legal while a
-// stream is captured, and remembered.
+// Launches the kernel for one layout (instantiated in decode_sparse_<layout>.cu). On a device's
+// first launch, with calls that are legal while a stream is captured (and remembered): the
+// shared-memory limit is set, and the compiled register count checked against the one the
+// register split assumes (a smaller launch pool would make setmaxnreg.inc wait forever: the
+// launch is refused instead).
 template <Fp8Layout kLayout>
 cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
   const auto kernel = sparse_decode_kernel<kLayout>;
   const cudaError_t setup = per_device_once(
       [&](int) {
+        cudaFuncAttributes attributes;
+        cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
+        if (status == cudaSuccess && attributes.numRegs != static_cast<int>(kLaunchRegisters)) {
+          status = cudaErrorInvalidConfiguration;
+        }
+        if (status != cudaSuccess) return status;
         return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     kSmemBytes);
       },
