@@ -2,8 +2,12 @@
 # Everything a change to the kernels must pass on a Hopper GPU (H100/H200) before it lands, in
 # parts that each take under 10 minutes (times measured or estimated on the H200, 16 cores):
 #
-#   bash tests/gpu_validate.sh kernel    # build; quick GPU tests (~300 s); the C++ tests of
-#                                        # tests/cpp, plain and under memcheck (~20-90 s)
+#   bash tests/gpu_validate.sh kernel    # build; quick dense GPU tests (~250-300 s); the C++
+#                                        # tests decode_check and graph_capture, plain and
+#                                        # under memcheck (~20-90 s)
+#   bash tests/gpu_validate.sh sparse    # build; the C++ test decode_sparse_check, plain and
+#                                        # under memcheck; quick sparse GPU tests (not yet
+#                                        # timed; ~2 min estimated)
 #   bash tests/gpu_validate.sh bench         # build; benchmarks/bench_decode.py and its plot
 #                                            # (~230 s)
 #   bash tests/gpu_validate.sh bench-sparse  # build; benchmarks/bench_decode_sparse.py and its
@@ -26,18 +30,19 @@
 #
 # Under the sanitizer a pytest test takes ~5 s on the H200 and up to ~20 s on an H100 (25 of the
 # 62 quick dense tests in 540 s there): split a part over several calls with -k where needed.
-# The C++ tests of the kernel part (decode_check, decode_sparse_check, graph_capture) cover the
-# kernels' input rules under memcheck in seconds.
+# The C++ tests (decode_check and graph_capture in the kernel part, decode_sparse_check in the
+# sparse part) cover the kernels' input rules under memcheck in seconds.
 # The memcheck parts together cover every quick test but those of test_gpu_command_buffers.py,
 # which profile with CUPTI (not under compute-sanitizer); tests/cpp/graph_capture replays the
 # kernels from a CUDA graph under memcheck instead. The quick run is stopped after 540 s (a hung
-# kernel), leaving its log.
+# kernel), leaving its log; so is the quick sparse run.
 #
 # JAX_FLASHMLA_REQUIRE_GPU=1 is set: GPU tests that cannot run here (no Hopper GPU, no
 # compiled extension) stop pytest with an error instead of passing as skipped.
 #
 # Logs and results go to ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}: quick_tests.log,
-# cpp_tests.log, {decode_check,decode_sparse_check,graph_capture}_memcheck.txt,
+# quick_sparse_tests.log,
+# {decode_check,decode_sparse_check,graph_capture}{,_memcheck}.txt,
 # decode_dense.{json,txt,png}, decode_sparse.{json,txt,png}, the full matrix shard logs,
 # memcheck_{decode,rules,schedule,graphs,sparse}.log. Exit status non-zero if any step failed.
 set -uo pipefail
@@ -47,11 +52,12 @@ mkdir -p "$logs"
 py=${PYTHON:-python3}
 export JAX_FLASHMLA_REQUIRE_GPU=1
 status=0
-# The quick GPU subset, in this order (the input-rule tests, with the largest schedules, last).
+# The quick GPU subset of the dense decode, in this order (the input-rule tests, with the
+# largest schedules, last), and of the sparse decode.
 QUICK_FILES=(tests/test_gpu_decode_dense.py tests/test_gpu_schedule.py
              tests/test_gpu_decode_rescale.py tests/test_gpu_command_buffers.py
-             tests/test_gpu_decode_inputs.py tests/test_gpu_sharding.py
-             tests/test_gpu_decode_sparse.py)
+             tests/test_gpu_decode_inputs.py tests/test_gpu_sharding.py)
+SPARSE_QUICK_FILES=(tests/test_gpu_decode_sparse.py)
 step() {  # step NAME COMMAND...: runs, logs the time and the exit status
   local name=$1 t0=$SECONDS
   shift
@@ -62,16 +68,36 @@ build() {
   "$py" -m pip install -q --no-index --no-deps .whl/*.whl 2>/dev/null || true  # CUTLASS wheel
   CMAKE_BUILD_PARALLEL_LEVEL=16 "$py" -m pip install -q --no-build-isolation --no-deps .
 }
-build_cpp_tests() {  # cpp_tests BUILD_PID: waits for build_cpp_tests, runs ctest, then memcheck
+build_cpp_tests() {  # the C++ tests of tests/cpp, in build/cpp
+  local generator=()
+  command -v ninja > /dev/null && generator=(-G Ninja)
+  cmake -S . -B build/cpp "${generator[@]}" -DPython_EXECUTABLE="$(command -v "$py")" \
+    -DCMAKE_BUILD_TYPE=Release -DJAX_FLASHMLA_BUILD_TESTS=ON > "$logs/cpp_build.log" 2>&1 &&
+    cmake --build build/cpp -j 16 >> "$logs/cpp_build.log" 2>&1
+}
+quick_tests() {  # quick_tests LOG FILES...: the quick GPU tests of FILES, logged in LOG
+  local log=$logs/$1
+  shift
+  timeout -k 30 -s INT 540 "$py" -P -m pytest -q -p no:cacheprovider -m "gpu and not full" \
+    "$@" > "$log" 2>&1
+  local rc=$?
+  tail -3 "$log"
+  return $rc
+}
+cpp_tests() {  # cpp_tests BUILD_PID TESTS...: waits for build_cpp_tests, runs TESTS, then each
+  # under memcheck, whatever the plain run said
   wait "$1" || { tail -20 "$logs/cpp_build.log"; return 1; }
+  shift
   local rc=0 test
-  ctest --test-dir build/cpp --output-on-failure > "$logs/cpp_tests.log" 2>&1 || rc=1
-  tail -"$((rc ? 30 : 4))" "$logs/cpp_tests.log"
-  # Every program under memcheck, whatever ctest said. graph_capture provokes a failing
-  # cudaMalloc on purpose: API errors are not reported.
-  for test in decode_check decode_sparse_check graph_capture; do
-    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 "build/cpp/$test" \
-      > "$logs/${test}_memcheck.txt" 2>&1 || rc=1
+  # Time limits stop a hung kernel. graph_capture provokes a failing cudaMalloc on purpose:
+  # API errors are not reported.
+  for test in "$@"; do
+    timeout -k 10 120 "build/cpp/$test" > "$logs/$test.txt" 2>&1 || rc=1
+    echo "$test: $(tail -1 "$logs/$test.txt")"
+  done
+  for test in "$@"; do
+    timeout -k 10 300 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
+      "build/cpp/$test" > "$logs/${test}_memcheck.txt" 2>&1 || rc=1
     echo "$test under memcheck: $(tail -1 "$logs/${test}_memcheck.txt")"
   done
   return $rc
@@ -103,8 +129,14 @@ case "${1:-}" in
     build_cpp_tests &
     cpp_build=$!
     step build build
-    step "quick GPU tests" quick_tests
-    step "C++ tests + memcheck" cpp_tests "$cpp_build" ;;
+    step "quick GPU tests" quick_tests quick_tests.log "${QUICK_FILES[@]}"
+    step "C++ tests + memcheck" cpp_tests "$cpp_build" decode_check graph_capture ;;
+  sparse)
+    build_cpp_tests &
+    cpp_build=$!
+    step build build
+    step "C++ sparse test + memcheck" cpp_tests "$cpp_build" decode_sparse_check
+    step "quick sparse GPU tests" quick_tests quick_sparse_tests.log "${SPARSE_QUICK_FILES[@]}" ;;
   bench)
     step build build
     peers
@@ -136,7 +168,7 @@ case "${1:-}" in
     step build build
     step "memcheck, quick sparse decode tests" memcheck sparse quick \
       tests/test_gpu_decode_sparse.py ;;
-  *) echo "usage: $0 kernel|bench|bench-sparse|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
+  *) echo "usage: $0 kernel|sparse|bench|bench-sparse|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
      exit 2 ;;
 esac
 exit $status
