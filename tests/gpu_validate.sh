@@ -5,9 +5,10 @@
 #   bash tests/gpu_validate.sh kernel    # build; quick dense GPU tests (~250-300 s); the C++
 #                                        # tests decode_check and graph_capture, plain and
 #                                        # under memcheck (~20-90 s)
-#   bash tests/gpu_validate.sh sparse    # build; the C++ test decode_sparse_check, plain and
-#                                        # under memcheck; quick sparse GPU tests (not yet
-#                                        # timed; ~2 min estimated)
+#   bash tests/gpu_validate.sh sparse    # build; the C++ tests decode_sparse_check and
+#                                        # graph_capture sparse, plain and under memcheck;
+#                                        # quick sparse GPU tests (not yet timed; ~2 min
+#                                        # estimated)
 #   bash tests/gpu_validate.sh bench         # build; benchmarks/bench_decode.py and its plot
 #                                            # (~230 s)
 #   bash tests/gpu_validate.sh bench-sparse  # build; benchmarks/bench_decode_sparse.py and its
@@ -42,7 +43,7 @@
 #
 # Logs and results go to ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}: quick_tests.log,
 # quick_sparse_tests.log,
-# {decode_check,decode_sparse_check,graph_capture}{,_memcheck}.txt,
+# {decode_check,decode_sparse_check,graph_capture,graph_capture_sparse}{,_memcheck}.txt,
 # decode_dense.{json,txt,png}, decode_sparse.{json,txt,png}, the full matrix shard logs,
 # memcheck_{decode,rules,schedule,graphs,sparse}.log. Exit status non-zero if any step failed.
 set -uo pipefail
@@ -84,21 +85,27 @@ quick_tests() {  # quick_tests LOG FILES...: the quick GPU tests of FILES, logge
   tail -3 "$log"
   return $rc
 }
-cpp_tests() {  # cpp_tests BUILD_PID TESTS...: waits for build_cpp_tests, runs TESTS, then each
-  # under memcheck, whatever the plain run said
+cpp_tests() {  # cpp_tests BUILD_PID TEST...: waits for build_cpp_tests, runs each TEST
+  # (PROGRAM or PROGRAM:ARGUMENT), then each under memcheck, whatever the plain run said
   wait "$1" || { tail -20 "$logs/cpp_build.log"; return 1; }
   shift
-  local rc=0 test
-  # Time limits stop a hung kernel. graph_capture provokes a failing cudaMalloc on purpose:
-  # API errors are not reported.
-  for test in "$@"; do
-    timeout -k 10 120 "build/cpp/$test" > "$logs/$test.txt" 2>&1 || rc=1
-    echo "$test: $(tail -1 "$logs/$test.txt")"
-  done
-  for test in "$@"; do
-    timeout -k 10 300 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
-      "build/cpp/$test" > "$logs/${test}_memcheck.txt" 2>&1 || rc=1
-    echo "$test under memcheck: $(tail -1 "$logs/${test}_memcheck.txt")"
+  local rc=0 spec name run
+  for run in plain memcheck; do
+    for spec in "$@"; do
+      local command=("build/cpp/${spec%%:*}")
+      [[ $spec == *:* ]] && command+=("${spec#*:}")
+      name=${spec/:/_}
+      # Time limits stop a hung kernel. graph_capture provokes a failing cudaMalloc on
+      # purpose: API errors are not reported.
+      if [ "$run" = plain ]; then
+        timeout -k 10 120 "${command[@]}" > "$logs/$name.txt" 2>&1 || rc=1
+        echo "$spec: $(tail -1 "$logs/$name.txt")"
+      else
+        timeout -k 10 300 compute-sanitizer --tool memcheck --report-api-errors no \
+          --error-exitcode 1 "${command[@]}" > "$logs/${name}_memcheck.txt" 2>&1 || rc=1
+        echo "$spec under memcheck: $(tail -1 "$logs/${name}_memcheck.txt")"
+      fi
+    done
   done
   return $rc
 }
@@ -135,7 +142,8 @@ case "${1:-}" in
     build_cpp_tests &
     cpp_build=$!
     step build build
-    step "C++ sparse test + memcheck" cpp_tests "$cpp_build" decode_sparse_check
+    step "C++ sparse tests + memcheck" cpp_tests "$cpp_build" decode_sparse_check \
+      graph_capture:sparse
     step "quick sparse GPU tests" quick_tests quick_sparse_tests.log "${SPARSE_QUICK_FILES[@]}" ;;
   bench)
     step build build

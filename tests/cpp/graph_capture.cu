@@ -1,5 +1,8 @@
 // C++ test: the launch functions are safe to capture into a CUDA graph, also on their very
 // first call in a process, and the replayed graph gives the same bits as eager launches.
+// `graph_capture` checks the dense decode; `graph_capture sparse` the sparse FP8 decode (V32
+// cache, page 61, an attention sink), each in a process of its own, so that each launcher's
+// one-time setup runs under the capture.
 //
 // 1. A foreign, non-sticky error is left in the runtime's last-error slot (an impossible
 //    cudaMalloc), as another library on the thread might leave one.
@@ -22,6 +25,7 @@
 // "PASS" and exits 0, or says what failed and exits 1.
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -32,11 +36,18 @@
 #include "kernels/common/mla_geometry.cuh"
 #include "kernels/common/scheduler.cuh"
 #include "kernels/sm90/decode_dense/decode_dense.cuh"
+#include "kernels/sm90/decode_sparse/decode_sparse.cuh"
 
 namespace {
 
 constexpr int kBatch = 6, kSq = 2, kHq = 128, kMaxBlocks = 40, kNumParts = 66;
 constexpr int kPage = jfm::kKernelPageSize, kDqk = jfm::kHeadDimQK, kDv = jfm::kHeadDimV;
+// The sparse case: V32 tokens of 656 bytes in blocks of 61, 256 slots per query token.
+constexpr int kSparsePage = 61, kSparseBlocks = 33, kTopk = 256, kTokenBytes = 656;
+constexpr int kSparseTokens = kSparsePage * kSparseBlocks;
+constexpr int kSparseParts = 132 / (kSq * 2);  // as the op computes it for h_q 128
+
+bool sparse = false;  // which decode the test captures (argv[1] == "sparse")
 
 bool failed = false;
 
@@ -68,7 +79,28 @@ struct Buffers {
   int *table, *lengths, *num_splits;
   jfm::MetadataRow* metadata;
   float *lse, *partial_o, *partial_lse;
+  uint8_t* fp8_cache;  // the sparse case's cache, indices and sink
+  int* indices;
+  float* sink;
 };
+
+// A V32 cache of random tokens: e4m3 values with exponent fields 0-9, scales 2^-3, bf16 RoPE.
+std::vector<uint8_t> random_v32_cache(uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> exponent(0, 9), low(0, 15);
+  std::vector<uint8_t> bytes(size_t(kSparseTokens) * kTokenBytes);
+  const std::vector<uint16_t> rope = random_bf16(size_t(kSparseTokens) * 64, seed + 1);
+  const float scale = 0.125f;
+  for (int t = 0; t < kSparseTokens; ++t) {
+    uint8_t* token = &bytes[size_t(t) * kTokenBytes];
+    for (int d = 0; d < 512; ++d) {
+      token[d] = uint8_t((low(rng) & 8) << 4 | exponent(rng) << 3 | (low(rng) & 7));
+    }
+    for (int k = 0; k < 4; ++k) std::memcpy(token + 512 + 4 * k, &scale, 4);
+    std::memcpy(token + 528, &rope[size_t(t) * 64], 128);
+  }
+  return bytes;
+}
 
 constexpr size_t kQElems = size_t(kBatch) * kSq * kHq * kDqk;
 constexpr size_t kOutElems = size_t(kBatch) * kSq * kHq * kDv;
@@ -78,12 +110,40 @@ constexpr size_t kPartialRows = size_t(kBatch + kNumParts) * kSq * kHq;
 // Scheduler then decode (+ combine) on `stream`; returns the first error.
 cudaError_t enqueue(const Buffers& d, cudaStream_t stream) {
   jfm::SchedulerParams sp;
-  sp.cache_seqlens = d.lengths;
   sp.tile_scheduler_metadata = d.metadata;
   sp.num_splits = d.num_splits;
   sp.batch = kBatch;
-  sp.num_parts = kNumParts;
+  if (sparse) {
+    sp.fixed_length = kTopk;
+    sp.num_parts = kSparseParts;
+  } else {
+    sp.cache_seqlens = d.lengths;
+    sp.num_parts = kNumParts;
+  }
   if (cudaError_t err = jfm::launch_scheduler(sp, stream); err != cudaSuccess) return err;
+  if (sparse) {
+    jfm::SparseDecodeParams p;
+    p.q = d.q;
+    p.main.cache = d.fp8_cache;
+    p.main.indices = d.indices;
+    p.main.num_blocks = kSparseBlocks;
+    p.main.page = kSparsePage;
+    p.main.topk = kTopk;
+    p.attn_sink = d.sink;
+    p.tile_metadata = d.metadata;
+    p.num_splits = d.num_splits;
+    p.out = d.out;
+    p.lse = d.lse;
+    p.partial_o = d.partial_o;
+    p.partial_lse = d.partial_lse;
+    p.batch = kBatch;
+    p.s_q = kSq;
+    p.h_q = kHq;
+    p.num_parts = kSparseParts;
+    p.softmax_scale = 1.f / 24.f;
+    p.layout = jfm::Fp8Layout::kV32;
+    return jfm::launch_sparse_decode(p, stream);
+  }
   jfm::DenseDecodeParams p;
   p.q = d.q;
   p.k_cache = d.cache;
@@ -128,7 +188,9 @@ Result read_back(const Buffers& d, cudaStream_t stream) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  sparse = argc > 1 && std::strcmp(argv[1], "sparse") == 0;
+  std::printf("graph capture of the %s decode\n", sparse ? "sparse FP8" : "dense");
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   Buffers d;
@@ -150,6 +212,20 @@ int main() {
   CHECK(cudaMemcpy(d.table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
   const int lengths[kBatch] = {2500, 1, 0, 700, 2560, 64};
   CHECK(cudaMemcpy(d.lengths, lengths, sizeof(lengths), cudaMemcpyHostToDevice));
+  const std::vector<uint8_t> fp8_cache = random_v32_cache(9);
+  d.fp8_cache = device_alloc<uint8_t>(fp8_cache.size());
+  CHECK(cudaMemcpy(d.fp8_cache, fp8_cache.data(), fp8_cache.size(), cudaMemcpyHostToDevice));
+  std::vector<int> indices(size_t(kBatch) * kSq * kTopk);
+  for (size_t i = 0; i < indices.size(); ++i) {
+    // Mostly tokens of the cache, some -1 and some past its end.
+    indices[i] = i % 17 == 3 ? -1 : i % 23 == 5 ? kSparseTokens + 1 : int((i * 131) % kSparseTokens);
+  }
+  d.indices = device_alloc<int>(indices.size());
+  CHECK(cudaMemcpy(d.indices, indices.data(), indices.size() * 4, cudaMemcpyHostToDevice));
+  std::vector<float> sink(kHq);
+  for (int h = 0; h < kHq; ++h) sink[h] = h % 3 == 0 ? INFINITY : h % 3 == 1 ? -INFINITY : 1.f;
+  d.sink = device_alloc<float>(kHq);
+  CHECK(cudaMemcpy(d.sink, sink.data(), kHq * 4, cudaMemcpyHostToDevice));
   std::vector<std::vector<uint16_t>> queries;
   for (uint32_t i = 0; i < 3; ++i) queries.push_back(random_bf16(kQElems, 100 + i));
   CHECK(cudaDeviceSynchronize());
