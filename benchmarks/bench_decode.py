@@ -1,10 +1,12 @@
 """Dense MLA decode benchmark: jax_flashmla's kernel side by side with FlashMLA and FA3's MLA mode.
 
-Runs the dense-decode configurations of docs/performance.md (b = 128, h_kv = 1, page 64,
-varlen lengths ~ max(N(s_k, s_k / 2), s_q), random block table, bf16 by default):
-  compute   h_q = 128, s_q in {1, 2}, causal or not, mean s_k in {4096, 8192, 16384, 32768}
-  short     h_q = 128, s_q = 1, s_k in {512, 1024, 2048}
-  bandwidth h_q = 16, s_q = 1, s_k in {1024, 4096, 16384}
+Runs the dense-decode configurations of docs/performance.md (h_kv = 1, page 64, varlen
+lengths ~ max(N(s_k, s_k / 2), s_q), random block table, bf16 by default):
+  compute   b = 128, h_q = 128, s_q in {1, 2}, causal or not, mean s_k in {4096, 8192, 16384,
+            32768}
+  short     b = 128, h_q = 128, s_q = 1, s_k in {512, 1024, 2048}
+  bandwidth b = 128, h_q = 16, s_q = 1, s_k in {1024, 4096, 16384}
+  small     b in {1, 2, 4, 8, 16, 32}, h_q = 128, s_q = 1, s_k in {1024, 4096, 16384, 65536}
 or the configurations given with --only b,s_q,h_q,s_k,causal (repeatable).
 
 Counting (docs/ops.md), with mean_s_k the actual mean of the drawn lengths:
@@ -68,7 +70,7 @@ AGREEMENT = 2e-2
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    group: str  # "compute", "short", "bandwidth" or "only"
+    group: str  # "compute", "short", "bandwidth", "small" or "only"
     b: int
     s_q: int
     h_q: int
@@ -97,8 +99,15 @@ CONFIGS = (
     ]
     + [Config("short", 128, 1, 128, 1, s_k, False) for s_k in (512, 1024, 2048)]
     + [Config("bandwidth", 128, 1, 16, 1, s_k, False) for s_k in (1024, 4096, 16384)]
+    # Latency-bound serving: a few requests at a time, often with long contexts; the schedule
+    # must spread them over every SM.
+    + [
+        Config("small", b, 1, 128, 1, s_k, False)
+        for b in (1, 2, 4, 8, 16, 32)
+        for s_k in (1024, 4096, 16384, 65536)
+    ]
 )
-GROUPS = ("compute", "short", "bandwidth")
+GROUPS = ("compute", "short", "bandwidth", "small")
 
 
 @dataclasses.dataclass

@@ -191,6 +191,17 @@ def test_only_parses_configs():
             bench.parse_args(["--only", bad])
 
 
+def test_dense_config_groups():
+    """The dense tables of docs/performance.md and the small batches of latency-bound serving."""
+    bench = load("bench_decode")
+    by_group = {g: [c for c in bench.CONFIGS if c.group == g] for g in bench.GROUPS}
+    assert [len(by_group[g]) for g in ("compute", "short", "bandwidth", "small")] == [16, 3, 3, 24]
+    small = by_group["small"]
+    assert sorted({c.b for c in small}) == [1, 2, 4, 8, 16, 32]
+    assert sorted({c.s_k for c in small}) == [1024, 4096, 16384, 65536]
+    assert all(c.h_q == 128 and c.s_q == 1 and not c.causal for c in small)
+
+
 def test_committed_h200_results_have_every_key():
     records = json.loads((BENCHMARKS / "results" / "h200" / "decode_dense.json").read_text())
     assert records and all(set(r) >= KEYS for r in records)
