@@ -251,24 +251,15 @@ def differential_us(median_time: Callable[[int], float], repeats: int) -> float:
     return (per_call if per_call > 0 else many / repeats) * 1e6
 
 
-def time_op(
-    cfg: Config,
-    implementation: str,
-    inputs,
-    metadata,
-    *,
-    repeats: int,
-    runs: int,
-    warmup: int,
+def jax_time_us(
+    many_calls: Callable, args_of: Callable[[int], tuple], *, repeats: int, runs: int, warmup: int
 ) -> float:
-    """Median time of one call of our op in microseconds (see the module docstring)."""
+    """Time of one call of a jitted function of n back-to-back calls, `many_calls(*args_of(n))`,
+    in microseconds: the median over `runs` for n = R and n = R / 4, differenced."""
     import jax
 
-    qs, k_cache, block_table, seqlens, _ = inputs
-    many_calls = jitted_calls(cfg, implementation)
-
     def median_time(n: int) -> float:
-        args = (qs[:n], k_cache, block_table, seqlens, *metadata)
+        args = args_of(n)
         for _ in range(warmup):
             jax.block_until_ready(many_calls(*args))
         times = []
@@ -281,6 +272,85 @@ def time_op(
         return statistics.median(times)
 
     return differential_us(median_time, repeats)
+
+
+def graph_time_us(calls: list, *, repeats: int, runs: int, warmup: int) -> float:
+    """The same for a torch peer: calls[:n] captured in one CUDA graph, replay + synchronize
+    timed."""
+    import torch
+
+    def median_time(n: int) -> float:
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: JAX's own threads may touch CUDA while this thread captures.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outs = [call() for call in calls[:n]]
+        for _ in range(warmup):
+            graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        del graph, outs
+        return statistics.median(times)
+
+    return differential_us(median_time, repeats)
+
+
+def time_op(
+    cfg: Config,
+    implementation: str,
+    inputs,
+    metadata,
+    *,
+    repeats: int,
+    runs: int,
+    warmup: int,
+) -> float:
+    """Median time of one call of our op in microseconds (see the module docstring)."""
+    qs, k_cache, block_table, seqlens, _ = inputs
+    return jax_time_us(
+        jitted_calls(cfg, implementation),
+        lambda n: (qs[:n], k_cache, block_table, seqlens, *metadata),
+        repeats=repeats,
+        runs=runs,
+        warmup=warmup,
+    )
+
+
+def note_disagreement(disagreements: list[str], name: str, label: str, result) -> None:
+    """Records and reports a peer whose output is not ours (their ratio compares other work)."""
+    if not result.disagrees:
+        return
+    disagreements.append(f"{label}: {name} rel_err {result.rel_err:.3g}")
+    print(
+        f"# peer {name} DISAGREES with ours on {label}: largest row error "
+        f"{result.rel_err:.3g} (limit {AGREEMENT}), max abs diff {result.max_abs_diff:.3g}",
+        file=sys.stderr,
+    )
+
+
+def save_records(records: list[dict], path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(records, f, indent=1)
+            f.write("\n")
+
+
+def finish(records: list[dict], path: str | None, disagreements: list[str]) -> int:
+    """The run's last words and exit status: 1 when a peer disagreed with us."""
+    if path:
+        print(f"# wrote {len(records)} records to {path}")
+    if disagreements:
+        print(
+            f"# {len(disagreements)} peer outputs disagree with ours; their ratios compare "
+            "different work: " + "; ".join(disagreements),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def agreement(theirs: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
@@ -388,24 +458,11 @@ class TorchPeers:
         max_abs_diff, rel_err = agreement(first.float().cpu().numpy(), ours)
         del first
 
-        def median_time(n: int) -> float:
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: JAX's own threads may touch CUDA while this thread captures.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                outs = [call() for call in calls[:n]]
-            for _ in range(self.warmup):
-                graph.replay()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(self.runs):
-                start = time.perf_counter()
-                graph.replay()
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            del graph, outs
-            return statistics.median(times)
-
-        return PeerResult(differential_us(median_time, self.repeats), max_abs_diff, rel_err)
+        return PeerResult(
+            graph_time_us(calls, repeats=self.repeats, runs=self.runs, warmup=self.warmup),
+            max_abs_diff,
+            rel_err,
+        )
 
     def report(self, name: str, cfg: Config, error: Exception) -> None:
         first_line = (str(error).strip().splitlines() or [""])[0]
@@ -645,14 +702,7 @@ def main(argv=None, measure_peers: PeerMeasure | None = None) -> int:
             peers = measure_peers(cfg, inputs, jax.block_until_ready(our_out))
             del our_out
             for name, result in peers.items():
-                if result.disagrees:
-                    disagreements.append(f"{cfg.label}: {name} rel_err {result.rel_err:.3g}")
-                    print(
-                        f"# peer {name} DISAGREES with ours on {cfg.label}: largest row error "
-                        f"{result.rel_err:.3g} (limit {AGREEMENT}), max abs diff "
-                        f"{result.max_abs_diff:.3g}",
-                        file=sys.stderr,
-                    )
+                note_disagreement(disagreements, name, cfg.label, result)
         main_record = record(main_kernel, cfg, args.dtype, us, mean_s_k, peers, card, date)
         records.append(main_record)
         xla_record = None
@@ -672,21 +722,8 @@ def main(argv=None, measure_peers: PeerMeasure | None = None) -> int:
             records.append(xla_record)
         print_row(f"{cfg.label} (mean {mean_s_k:.0f})", main_record, xla_record)
         del inputs, qs, k_cache, block_table, seqlens, metadata
-        if args.json:  # after every config: a crash later keeps what was measured
-            with open(args.json, "w") as f:
-                json.dump(records, f, indent=1)
-                f.write("\n")
-
-    if args.json:
-        print(f"# wrote {len(records)} records to {args.json}")
-    if disagreements:
-        print(
-            f"# {len(disagreements)} peer outputs disagree with ours; their ratios compare "
-            "different work: " + "; ".join(disagreements),
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+        save_records(records, args.json)  # after every config: a crash keeps what was measured
+    return finish(records, args.json, disagreements)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,8 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
-import json
 import os
-import statistics
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -281,22 +278,13 @@ def jitted_calls(implementation: str):
 
 def time_op(many_calls, inputs: Inputs, metadata, *, repeats: int, runs: int, warmup: int) -> float:
     """Median time of one call of our op in microseconds (bench_decode.py's method)."""
-    import jax
-
-    def median_time(n: int) -> float:
-        args = (inputs.qs[:n], inputs.cache, inputs.indices, *metadata)
-        for _ in range(warmup):
-            jax.block_until_ready(many_calls(*args))
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            outs = many_calls(*args)
-            jax.block_until_ready(outs)
-            times.append(time.perf_counter() - start)
-            del outs
-        return statistics.median(times)
-
-    return dense.differential_us(median_time, repeats)
+    return dense.jax_time_us(
+        many_calls,
+        lambda n: (inputs.qs[:n], inputs.cache, inputs.indices, *metadata),
+        repeats=repeats,
+        runs=runs,
+        warmup=warmup,
+    )
 
 
 def padded_heads(q, heads: int):
@@ -315,27 +303,6 @@ def padded_blocks(cache, align: int = FLASHMLA_BLOCK_ALIGN):
     raw = jax.lax.bitcast_convert_type(cache, jnp.uint8).reshape(cache.shape[0], -1)
     stride = -(-raw.shape[1] // align) * align
     return jnp.pad(raw, ((0, 0), (0, stride - raw.shape[1])))
-
-
-def graph_median_time(calls: list, n: int, *, runs: int, warmup: int) -> float:
-    """Median seconds of one replay (+ synchronize) of a CUDA graph of calls[:n]."""
-    import torch
-
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: JAX's own threads may touch CUDA while this thread captures.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        outs = [call() for call in calls[:n]]
-    for _ in range(warmup):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    del graph, outs
-    return statistics.median(times)
 
 
 class FlashMLAPeer:
@@ -430,10 +397,8 @@ class FlashMLAPeer:
         max_abs_diff, rel_err = dense.agreement(theirs, ours)
         del first
 
-        def median_time(n: int) -> float:
-            return graph_median_time(calls, n, runs=self.runs, warmup=self.warmup)
-
-        return PeerResult(dense.differential_us(median_time, self.repeats), max_abs_diff, rel_err)
+        us = dense.graph_time_us(calls, repeats=self.repeats, runs=self.runs, warmup=self.warmup)
+        return PeerResult(us, max_abs_diff, rel_err)
 
     def report(self, cfg: Config, error: Exception) -> None:
         first_line = (str(error).strip().splitlines() or [""])[0]
@@ -638,33 +603,13 @@ def main(argv=None, measure_peer: PeerMeasure | None = None) -> int:
             our_out = many_calls(inputs.qs[:1], inputs.cache, inputs.indices, *metadata)[0][0]
             peer = measure_peer(cfg, inputs, jax.block_until_ready(our_out))
             del our_out
-            if peer.disagrees:
-                disagreements.append(f"{cfg.label}: rel_err {peer.rel_err:.3g}")
-                print(
-                    f"# peer flashmla DISAGREES with ours on {cfg.label}: largest row error "
-                    f"{peer.rel_err:.3g} (limit {dense.AGREEMENT}), max abs diff "
-                    f"{peer.max_abs_diff:.3g}",
-                    file=sys.stderr,
-                )
+            dense.note_disagreement(disagreements, "flashmla", cfg.label, peer)
         rec = record(main_kernel, cfg, us, peer, card, date)
         records.append(rec)
         print_row(cfg, rec)
         del inputs, metadata
-        if args.json:  # after every config: a crash later keeps what was measured
-            with open(args.json, "w") as f:
-                json.dump(records, f, indent=1)
-                f.write("\n")
-
-    if args.json:
-        print(f"# wrote {len(records)} records to {args.json}")
-    if disagreements:
-        print(
-            f"# {len(disagreements)} FlashMLA outputs disagree with ours; their ratios compare "
-            "different work: " + "; ".join(disagreements),
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+        dense.save_records(records, args.json)  # after every config
+    return dense.finish(records, args.json, disagreements)
 
 
 if __name__ == "__main__":
