@@ -25,6 +25,7 @@
 
 #include "kernels/common/combine.cuh"
 #include "kernels/common/launch.cuh"
+#include "kernels/common/schedule_piece.cuh"
 #include "kernels/common/span.cuh"
 #include "kernels/sm90/decode_dense/decode_dense_args.cuh"
 #include "kernels/sm90/hopper.cuh"
@@ -53,20 +54,10 @@ struct alignas(1024) SharedStorage {
 
 // ---- The schedule ---------------------------------------------------------------------------
 
-// The part's metadata row with its request range clamped to the batch.
-__device__ __forceinline__ MetadataRow load_part(const KernelArgs& args, int part) {
-  MetadataRow row = args.params.tile_metadata[part];
-  row.begin_req = max(row.begin_req, 0);
-  row.end_req = min(row.end_req, static_cast<int32_t>(args.params.batch) - 1);
-  return row;
-}
-
-// What a part does for request `req`: the KV block range [lo, hi) and where its result goes.
-struct RequestWork {
-  int length;     // tokens attended: cache_seqlens[req] clamped to [0, seq_capacity]
-  int lo, hi;     // block range
-  int split_row;  // row of partial_o / partial_lse when split
-  bool split;     // the request is split across parts: write partials
+// What a part does for request `req`: its block range and result row (schedule_piece.cuh)
+// and the tokens it attends.
+struct RequestWork : RequestPiece {
+  int length;  // tokens attended: cache_seqlens[req] clamped to [0, seq_capacity]
 };
 
 __device__ __forceinline__ RequestWork request_work(const KernelArgs& args,
@@ -75,12 +66,7 @@ __device__ __forceinline__ RequestWork request_work(const KernelArgs& args,
   RequestWork w;
   w.length = min(max(p.cache_seqlens[req], 0), args.seq_capacity);
   const int blocks = w.length / kKernelPageSize + (w.length % kKernelPageSize != 0);
-  const bool first = req == part.begin_req, last = req == part.end_req;
-  w.lo = first ? max(part.begin_block, 0) : 0;
-  w.hi = last ? min(part.end_block, blocks) : blocks;
-  const int64_t split_row = int64_t{p.num_splits[req]} + (first ? part.begin_split_idx : 0);
-  w.split_row = static_cast<int>(min(max(split_row, int64_t{0}), int64_t{args.partial_rows} - 1));
-  w.split = p.num_splits[req + 1] - p.num_splits[req] > 1;
+  static_cast<RequestPiece&>(w) = request_piece(part, req, blocks, p.num_splits, args.partial_rows);
   return w;
 }
 
@@ -289,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // (which may produce q or the metadata), then let the combine kernel launch early.
   pdl_wait();
   pdl_launch_dependents();
-  const MetadataRow part = load_part(args, part_index);
+  const MetadataRow part = load_part(args.params.tile_metadata, part_index, args.params.batch);
   if (part.begin_req > part.end_req) return;  // an empty part
 
   if (threadIdx.x == 0) {

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "kernels/common/launch.cuh"
+#include "kernels/common/schedule_piece.cuh"
 #include "kernels/sm90/decode_sparse/decode_sparse_args.cuh"
 #include "kernels/sm90/hopper.cuh"
 #include "kernels/sm90/mla_tile.cuh"
@@ -153,14 +154,6 @@ __device__ __forceinline__ uint4 load_16_of_8_aligned(const uint8_t* address) {
 
 // ---- The schedule ---------------------------------------------------------------------------
 
-// The part's metadata row with its request range clamped to the batch.
-__device__ __forceinline__ MetadataRow load_part(const KernelArgs& args, int part) {
-  MetadataRow row = args.params.tile_metadata[part];
-  row.begin_req = max(row.begin_req, 0);
-  row.end_req = min(row.end_req, static_cast<int32_t>(args.params.batch) - 1);
-  return row;
-}
-
 // Slots of request `req` that count in `source`: clamp(topk_length[req], 0, topk), or topk.
 __device__ __forceinline__ int counted_slots(const SparseKeySource& source, int req) {
   if (source.cache == nullptr) return 0;
@@ -168,14 +161,11 @@ __device__ __forceinline__ int counted_slots(const SparseKeySource& source, int 
   return source.topk_length == nullptr ? topk : min(max(source.topk_length[req], 0), topk);
 }
 
-// What a part does for request `req`: the block range [lo, hi) of the request's main blocks
-// followed by its extra blocks, and where its result goes.
-struct RequestWork {
+// What a part does for request `req`: its range of the request's blocks, main blocks first
+// then extra ones, and its result row (schedule_piece.cuh).
+struct RequestWork : RequestPiece {
   int main_slots, extra_slots;  // counted slots of each source
   int main_blocks;              // blocks [0, main_blocks) are main, the rest extra
-  int lo, hi;
-  int split_row;                // row of partial_o / partial_lse when split
-  bool split;                   // the request is split across parts: write partials
 };
 
 __device__ __forceinline__ RequestWork request_work(const KernelArgs& args,
@@ -186,12 +176,7 @@ __device__ __forceinline__ RequestWork request_work(const KernelArgs& args,
   w.extra_slots = counted_slots(p.extra, req);
   w.main_blocks = (w.main_slots + kBlockSlots - 1) / kBlockSlots;
   const int blocks = w.main_blocks + (w.extra_slots + kBlockSlots - 1) / kBlockSlots;
-  const bool first = req == part.begin_req, last = req == part.end_req;
-  w.lo = first ? max(part.begin_block, 0) : 0;
-  w.hi = last ? min(part.end_block, blocks) : blocks;
-  const int64_t split_row = int64_t{p.num_splits[req]} + (first ? part.begin_split_idx : 0);
-  w.split_row = static_cast<int>(min(max(split_row, int64_t{0}), int64_t{args.partial_rows} - 1));
-  w.split = p.num_splits[req + 1] - p.num_splits[req] > 1;
+  static_cast<RequestPiece&>(w) = request_piece(part, req, blocks, p.num_splits, args.partial_rows);
   return w;
 }
 
@@ -477,7 +462,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // (which may produce q, the indices or the metadata), then let the combine kernel launch.
   pdl_wait();
   pdl_launch_dependents();
-  const MetadataRow part = load_part(args, part_index);
+  const MetadataRow part = load_part(args.params.tile_metadata, part_index, args.params.batch);
   if (part.begin_req > part.end_req) return;  // an empty part
 
   if (threadIdx.x == 0) {
