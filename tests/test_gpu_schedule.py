@@ -57,8 +57,9 @@ def test_metadata_kernel_edge_cases(rng):
         (m, s), (rm, rs) = metadata_both(jnp.asarray(lens, jnp.int32), 128, 1)
         np.testing.assert_array_equal(np.asarray(m), np.asarray(rm), err_msg=str(lens[:5]))
         np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
+    # Sparse decode with s_q 2, h_q 64: every request weighs topk, whatever its length.
     (m, s), (rm, rs) = metadata_both(
-        jnp.asarray(rng.integers(0, 9, 77), jnp.int32), 128, 1, topk=2048
+        jnp.asarray(rng.integers(0, 9, 77), jnp.int32), 128, 1, topk=2048, num_heads_q=64
     )
     np.testing.assert_array_equal(np.asarray(m), np.asarray(rm))
     np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))

@@ -80,6 +80,7 @@ struct alignas(1024) SharedStorage {
   uint8_t kv[kStages][kStageBytes];
   float row_factor[kStages][kQueryTileRows];  // exp2(m_old - m_new) per row and block
   float row_sum[2][kQueryTileRows];           // final softmax denominators, per request parity
+  float row_max[2][kQueryTileRows];           // final reference maxima, per request parity
   uint64_t kv_full[kStages];
   uint64_t kv_empty[kStages];
   uint64_t q_full;
@@ -344,9 +345,9 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
 
 // ---- Math warpgroups ------------------------------------------------------------------------
 
-// Epilogue of one request: WG1 shares the final row sums, both warpgroups normalise their half
-// of O and store it: the output (times the sink factor) and lse of an unsplit request, else its
-// fp32 partial row (the combine kernel applies the sink).
+// Epilogue of one request: WG1 shares the final row sums and maxima, both warpgroups normalise
+// their half of O and store it: the output (times the sink factor) and lse of an unsplit
+// request, else its fp32 partial row (the combine kernel applies the sink).
 __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedStorage& smem,
                                                const RequestWork& w, int req, int token,
                                                int head_tile, bool score_wg,
@@ -354,7 +355,18 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
                                                SoftmaxRows& rows,
                                                const float (&o)[kAccumulators]) {
   const SparseDecodeParams& p = args.params;
+  // The value warpgroup needs the row maxima too: its rows' lse sets the sink factor. The
+  // barrier in share_row_sums orders these stores before the loads.
+  float* shared_max = smem.row_max[request_parity];
+  if (score_wg && t.lane % 4 == 0) {
+    shared_max[t.rows[0]] = rows.max[0];
+    shared_max[t.rows[1]] = rows.max[1];
+  }
   share_row_sums(score_wg, t, smem.row_sum[request_parity], rows);
+  if (!score_wg) {
+    rows.max[0] = shared_max[t.rows[0]];
+    rows.max[1] = shared_max[t.rows[1]];
+  }
   request_parity ^= 1;
   const int col0 = score_wg ? 0 : kHalfV;
 #pragma unroll
