@@ -284,18 +284,17 @@ def test_sparse_kernel_limits_checked_at_trace_time(structs, limit):
 
 
 @pytest.mark.skipif(platform.extension() is None, reason=platform.extension_unavailable_reason())
-def test_sparse_kernel_only_on_request_until_validated():
-    """implementation=None keeps the reference until the kernel has passed its GPU tests;
-    implementation="cuda" runs the kernel."""
-    from jax_flashmla._src.kernels import decode_sparse
-
+def test_sparse_kernel_is_the_default_on_hopper():
+    """implementation=None and "cuda" both lower to the kernel on a Hopper GPU; "xla" does not."""
     structs = sparse_structs()
+    texts = {}
     with platform.assume_device():
-        default = jax.jit(sparse_call(None)).trace(*structs).lower(lowering_platforms=("cuda",))
-        chosen = jax.jit(sparse_call("cuda")).trace(*structs).lower(lowering_platforms=("cuda",))
-    in_default = "@jax_flashmla_decode_sparse_sm90" in default.as_text()
-    assert in_default == decode_sparse.RUNS_BY_DEFAULT
-    assert "@jax_flashmla_decode_sparse_sm90" in chosen.as_text()
+        for implementation in (None, "cuda", "xla"):
+            lowered = jax.jit(sparse_call(implementation)).trace(*structs)
+            texts[implementation] = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "@jax_flashmla_decode_sparse_sm90" in texts[None]
+    assert "@jax_flashmla_decode_sparse_sm90" in texts["cuda"]
+    assert "@jax_flashmla_decode_sparse_sm90" not in texts["xla"]
 
 
 @pytest.mark.parametrize(

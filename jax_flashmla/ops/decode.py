@@ -204,8 +204,6 @@ def flash_mla_with_kvcache(
     reason = decode_sparse.launch_limit_error(
         batch=b, s_q=s_q, h_q=h_q, num_parts=metadata_op.sparse_num_sm_parts(s_q, h_q)
     )
-    if implementation is None and not decode_sparse.RUNS_BY_DEFAULT:
-        implementation = "xla"
     use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
     present = [name for name, value in sparse_args.items() if value is not None]
     compute = functools.partial(

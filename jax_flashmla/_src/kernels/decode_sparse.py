@@ -14,11 +14,6 @@ from jax_flashmla.reference import decode
 #: CUDA's limit on the y and z grid dimensions (query tokens, head tiles).
 GRID_YZ_MAX = 65535
 
-#: Whether implementation=None picks the kernel. Off until the kernel has passed its GPU test
-#: suite (tests/test_gpu_decode_sparse.py) and memcheck on a Hopper GPU: until then only
-#: implementation="cuda" runs it, and the default stays on the reference.
-RUNS_BY_DEFAULT = False
-
 
 class SparseDecodeKernel(KernelPrimitive):
     """(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
