@@ -6,13 +6,13 @@
 #                                        # tests decode_check and graph_capture, plain and
 #                                        # under memcheck (~20-90 s)
 #   bash tests/gpu_validate.sh sparse    # build; the C++ tests decode_sparse_check and
-#                                        # graph_capture sparse, plain and under memcheck;
-#                                        # quick sparse GPU tests (not yet timed; ~2 min
-#                                        # estimated)
+#                                        # graph_capture sparse, plain and under memcheck
+#                                        # (~10 s); quick sparse GPU tests (100-150 s on an
+#                                        # H100)
 #   bash tests/gpu_validate.sh bench         # build; benchmarks/bench_decode.py and its plot
 #                                            # (~230 s)
 #   bash tests/gpu_validate.sh bench-sparse  # build; benchmarks/bench_decode_sparse.py and its
-#                                            # plot (not yet timed)
+#                                            # plot (~60 s on an H100)
 # The benchmarks time FlashMLA and FA3's MLA mode beside ours when their setup script is found:
 # ${JFM_PEERS:-../shared/peers}/setup_peers.sh. Only the repository travels to a GPU machine:
 # copy the peers folder into an ignored folder of the checkout (e.g. .peers), carry it and set
@@ -27,7 +27,8 @@
 #   bash tests/gpu_validate.sh memcheck-graphs    # build; memcheck over the schedule's
 #                                                 # command-buffer test (~60 s)
 #   bash tests/gpu_validate.sh memcheck-sparse    # build; memcheck over the quick tests of
-#                                                 # test_gpu_decode_sparse.py (not yet timed)
+#                                                 # test_gpu_decode_sparse.py (~120 s on an
+#                                                 # H100)
 #
 # Under the sanitizer a pytest test takes ~5 s on the H200 and up to ~20 s on an H100 (25 of the
 # 62 quick dense tests in 540 s there): split a part over several calls with -k where needed.
