@@ -1,7 +1,10 @@
-"""A decode step under XLA command buffers (CUDA graphs), on the GPU.
+"""Decode steps under XLA command buffers (CUDA graphs), on the GPU.
 
-The step is one jitted function: get_mla_metadata and flash_mla_with_kvcache (the decode
-kernel and its split-KV combine), both implementation="cuda". Two child Pythons run it, one
+A step is one jitted function: get_mla_metadata and flash_mla_with_kvcache (the decode kernel
+and its split-KV combine), both implementation="cuda"; one step decodes densely over a BF16
+cache (causal), one sparsely over FP8 caches (MODEL1 with an extra cache, topk_length,
+extra_topk_length and an attention sink: every optional operand). For each, two child Pythons
+run it, one
 with command buffers for custom calls (gpu_util.COMMAND_BUFFER_FLAGS, plus
 --xla_enable_command_buffers_during_profiling=true: XLA otherwise runs a graph's thunks one by
 one while a profiler is on) and one without (gpu_util.NO_COMMAND_BUFFER_FLAGS). Each dumps
@@ -18,7 +21,7 @@ without command buffers as a control that must show none of it:
   step and GPU events launched from a graph (with a `cuda_graph_id` or `cuda_graph_exec_id`
   stat), and every event of our kernels (names with "jfm") has such a stat;
 - the outputs are bitwise those of the run without command buffers, the same at every step,
-  and within the dense-decode tolerances of the fp32 reference.
+  and within the op's tolerances of its float64 oracle.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_gpu_decode_sparse as sparse
 from gpu_util import (
     COMMAND_BUFFER_FLAGS,
     NO_COMMAND_BUFFER_FLAGS,
@@ -46,20 +51,14 @@ import jax_flashmla as fm
 pytestmark = pytest.mark.gpu
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-#: Two input sets of the same shapes: one executable, one graph, replayed with either.
-GRAPH_INPUTS = [
-    {"seed": seed, "b": 6, "s_q": 2, "s_k": 900, "h_q": 128, "h_kv": 1} for seed in (11, 12)
-]
 STEPS = 3
 TRACED_STEPS = 4
-#: The step's module name in XLA's dumps ("jit_" + the function's name).
-MODULE = "graph_step"
 PROFILE_FLAG = "--xla_enable_command_buffers_during_profiling=true"
 
 
 @jax.jit
-def graph_step(q, k_cache, block_table, cache_seqlens):
-    """One decode step: the schedule, then the decode with its combine (causal)."""
+def dense_graph_step(q, k_cache, block_table, cache_seqlens):
+    """One dense decode step: the schedule, then the decode with its combine (causal)."""
     s_q, h_q, h_kv = q.shape[1], q.shape[2], k_cache.shape[2]
     metadata = fm.get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, implementation="cuda")
     return fm.flash_mla_with_kvcache(
@@ -67,31 +66,123 @@ def graph_step(q, k_cache, block_table, cache_seqlens):
     )
 
 
-def child_main(out_dir: str) -> None:
+@jax.jit
+def sparse_graph_step(
+    contexts,
+    q,
+    k_cache,
+    indices,
+    topk_length,
+    attn_sink,
+    extra_k_cache,
+    extra_indices,
+    extra_topk_length,
+):
+    """One sparse decode step: the schedule for topk + extra_topk keys, then the decode with
+    its combine."""
+    s_q, h_q = q.shape[1], q.shape[2]
+    metadata = fm.get_mla_metadata(
+        contexts,
+        s_q * h_q,
+        1,
+        num_heads_q=h_q,
+        is_fp8_kvcache=True,
+        topk=indices.shape[2] + extra_indices.shape[2],
+        implementation="cuda",
+    )
+    return fm.flash_mla_with_kvcache(
+        q,
+        k_cache,
+        None,
+        None,
+        D_V,
+        *metadata,
+        is_fp8_kvcache=True,
+        indices=indices,
+        attn_sink=attn_sink,
+        topk_length=topk_length,
+        extra_k_cache=extra_k_cache,
+        extra_indices_in_kvcache=extra_indices,
+        extra_topk_length=extra_topk_length,
+        implementation="cuda",
+    )
+
+
+def sparse_inputs(seed: int) -> sparse.Inputs:
+    return sparse.build_inputs(
+        seed,
+        layout="MODEL1",
+        b=6,
+        s_q=2,
+        h_q=64,
+        main=sparse.CacheConfig(1024, 576, 61),
+        extra=sparse.CacheConfig(512, 128, 2),
+        topk_length=True,
+        extra_topk_length=True,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphStep:
+    """A step and how to feed and check it. Two input sets of the same shapes: one executable,
+    one graph, replayed with either."""
+
+    step: object  # the jitted function; its name names the module in XLA's dumps
+    seeds: tuple[int, int]
+    build: object  # seed -> inputs
+    args: object  # inputs -> the step's arguments
+    check: object  # (inputs, out, lse) -> None, raises where out or lse is wrong
+
+    @property
+    def module(self) -> str:
+        return self.step.__name__
+
+
+GRAPH_STEPS = {
+    "dense": GraphStep(
+        dense_graph_step,
+        (11, 12),
+        lambda seed: build_inputs(seed=seed, b=6, s_q=2, s_k=900, h_q=128, h_kv=1),
+        lambda inputs: inputs.args(),
+        lambda inputs, out, lse: check_against_reference(inputs, out, lse, causal=True),
+    ),
+    "sparse": GraphStep(
+        sparse_graph_step,
+        (21, 22),
+        sparse_inputs,
+        lambda inputs: (jnp.asarray(inputs.main.contexts), *inputs.kernel_args()),
+        sparse.check_against_oracle,
+    ),
+}
+
+
+def child_main(kind: str, out_dir: str) -> None:
     """The child Python's work: outputs of STEPS steps on both sets, then a profile."""
-    sets = [build_inputs(**spec) for spec in GRAPH_INPUTS]
+    graph = GRAPH_STEPS[kind]
+    sets = [graph.args(graph.build(seed)) for seed in graph.seeds]
     outputs = {}
     for step in range(STEPS):
-        for index, inputs in enumerate(sets):
-            out, lse = graph_step(*inputs.args())
+        for index, args in enumerate(sets):
+            out, lse = graph.step(*args)
             outputs[f"out{index}-step{step}"] = bits(np.asarray(out))
             outputs[f"lse{index}-step{step}"] = bits(np.asarray(lse))
     np.savez(os.path.join(out_dir, "outputs.npz"), **outputs)
     with jax.profiler.trace(os.path.join(out_dir, "trace")):
         for _ in range(TRACED_STEPS):
-            jax.block_until_ready(graph_step(*sets[0].args()))
+            jax.block_until_ready(graph.step(*sets[0]))
 
 
 CHILD_SCRIPT = """
 import sys
 sys.path.insert(0, {tests_dir!r})
 import test_gpu_command_buffers
-test_gpu_command_buffers.child_main({out_dir!r})
+test_gpu_command_buffers.child_main({kind!r}, {out_dir!r})
 """
 
 
 @dataclasses.dataclass(frozen=True)
 class ChildRun:
+    graph: GraphStep
     out_dir: str
     error: str  # "" when the child exited cleanly
 
@@ -106,14 +197,15 @@ class ChildRun:
             return dict(saved)
 
 
-@pytest.fixture(scope="module")
-def graph_runs(tmp_path_factory) -> dict[str, ChildRun]:
-    """Both children, run at once: {"on": with command buffers, "off": without}."""
+@pytest.fixture(scope="module", params=sorted(GRAPH_STEPS))
+def graph_runs(request, tmp_path_factory) -> dict[str, ChildRun]:
+    """Both children of one step, run at once: {"on": with command buffers, "off": without}."""
+    kind = request.param
     flags = {"on": (*COMMAND_BUFFER_FLAGS, PROFILE_FLAG), "off": NO_COMMAND_BUFFER_FLAGS}
     started = {}
     for name, run_flags in flags.items():
-        out_dir = str(tmp_path_factory.mktemp(f"command-buffers-{name}"))
-        script = CHILD_SCRIPT.format(tests_dir=TESTS_DIR, out_dir=out_dir)
+        out_dir = str(tmp_path_factory.mktemp(f"command-buffers-{kind}-{name}"))
+        script = CHILD_SCRIPT.format(tests_dir=TESTS_DIR, kind=kind, out_dir=out_dir)
         dump = f"--xla_dump_to={os.path.join(out_dir, 'dump')}"
         started[name] = (out_dir, start_python(script, (*run_flags, dump)))
     runs = {}
@@ -123,7 +215,7 @@ def graph_runs(tmp_path_factory) -> dict[str, ChildRun]:
             error = ""
         except AssertionError as failure:
             error = str(failure)
-        runs[name] = ChildRun(out_dir, error)
+        runs[name] = ChildRun(GRAPH_STEPS[kind], out_dir, error)
     return runs
 
 
@@ -133,7 +225,7 @@ def graph_runs(tmp_path_factory) -> dict[str, ChildRun]:
 
 
 def dumped(run: ChildRun, suffix: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(run.dump_dir, f"*{MODULE}*{suffix}")))
+    return sorted(glob.glob(os.path.join(run.dump_dir, f"*{run.graph.module}*{suffix}")))
 
 
 def hlo_computations(text: str) -> dict[str, str]:
@@ -175,7 +267,7 @@ class GraphEvidence:
 def graph_evidence(run: ChildRun) -> GraphEvidence:
     hlo_files = dumped(run, "after_optimizations.txt")
     listing = sorted(os.listdir(run.dump_dir)) if os.path.isdir(run.dump_dir) else []
-    assert hlo_files, f"no optimized HLO of {MODULE} dumped: {listing[:40]} {run.error}"
+    assert hlo_files, f"no optimized HLO of {run.graph.module} dumped: {listing[:40]} {run.error}"
     hlo = pathlib.Path(hlo_files[-1]).read_text()
     hlo_inside = sum(
         our_custom_calls(body)
@@ -276,8 +368,9 @@ def test_quick_command_buffers_same_bits_and_correct(graph_runs):
         np.testing.assert_array_equal(on[key], off[key], err_msg=key)
         first = re.sub(r"step\d+", "step0", key)
         np.testing.assert_array_equal(on[key], on[first], err_msg=f"{key} vs the first step")
-    for index, spec in enumerate(GRAPH_INPUTS):
-        inputs = build_inputs(**spec)
+    graph = graph_runs["on"].graph
+    for index, seed in enumerate(graph.seeds):
+        inputs = graph.build(seed)
         out = on[f"out{index}-step0"].view(np.dtype(inputs.q.dtype))
         lse = on[f"lse{index}-step0"].view(np.float32)
-        check_against_reference(inputs, out, lse, causal=True)
+        graph.check(inputs, out, lse)
