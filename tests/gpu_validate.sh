@@ -9,6 +9,9 @@
 #                                        # graph_capture sparse, plain and under memcheck
 #                                        # (~10 s); quick sparse GPU tests (100-150 s on an
 #                                        # H100)
+#   bash tests/gpu_validate.sh prefill-sparse  # build; the C++ test prefill_sparse_check,
+#                                              # plain and under memcheck; quick sparse
+#                                              # prefill GPU tests (not yet timed)
 #   bash tests/gpu_validate.sh bench         # build; benchmarks/bench_decode.py and its plot
 #                                            # (~230 s)
 #   bash tests/gpu_validate.sh bench-sparse  # build; benchmarks/bench_decode_sparse.py and its
@@ -43,10 +46,11 @@
 # compiled extension) stop pytest with an error instead of passing as skipped.
 #
 # Logs and results go to ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}: quick_tests.log,
-# quick_sparse_tests.log,
-# {decode_check,decode_sparse_check,graph_capture,graph_capture_sparse}{,_memcheck}.txt,
-# decode_dense.{json,txt,png}, decode_sparse.{json,txt,png}, the full matrix shard logs,
-# memcheck_{decode,rules,schedule,graphs,sparse}.log. Exit status non-zero if any step failed.
+# quick_sparse_tests.log, quick_prefill_sparse_tests.log, NAME.txt and NAME_memcheck.txt for
+# each C++ test NAME (decode_check, decode_sparse_check, prefill_sparse_check, graph_capture,
+# graph_capture_sparse), decode_dense.{json,txt,png}, decode_sparse.{json,txt,png}, the full
+# matrix shard logs, memcheck_{decode,rules,schedule,graphs,sparse}.log. Exit status non-zero if
+# any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}
@@ -60,6 +64,7 @@ QUICK_FILES=(tests/test_gpu_decode_dense.py tests/test_gpu_schedule.py
              tests/test_gpu_decode_rescale.py tests/test_gpu_command_buffers.py
              tests/test_gpu_decode_inputs.py tests/test_gpu_sharding.py)
 SPARSE_QUICK_FILES=(tests/test_gpu_decode_sparse.py)
+PREFILL_SPARSE_QUICK_FILES=(tests/test_gpu_prefill_sparse.py)
 step() {  # step NAME COMMAND...: runs, logs the time and the exit status
   local name=$1 t0=$SECONDS
   shift
@@ -146,6 +151,13 @@ case "${1:-}" in
     step "C++ sparse tests + memcheck" cpp_tests "$cpp_build" decode_sparse_check \
       graph_capture:sparse
     step "quick sparse GPU tests" quick_tests quick_sparse_tests.log "${SPARSE_QUICK_FILES[@]}" ;;
+  prefill-sparse)
+    build_cpp_tests &
+    cpp_build=$!
+    step build build
+    step "C++ sparse prefill test + memcheck" cpp_tests "$cpp_build" prefill_sparse_check
+    step "quick sparse prefill GPU tests" quick_tests quick_prefill_sparse_tests.log \
+      "${PREFILL_SPARSE_QUICK_FILES[@]}" ;;
   bench)
     step build build
     peers
@@ -177,7 +189,7 @@ case "${1:-}" in
     step build build
     step "memcheck, quick sparse decode tests" memcheck sparse quick \
       tests/test_gpu_decode_sparse.py ;;
-  *) echo "usage: $0 kernel|sparse|bench|bench-sparse|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
+  *) echo "usage: $0 kernel|sparse|prefill-sparse|bench|bench-sparse|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
      exit 2 ;;
 esac
 exit $status

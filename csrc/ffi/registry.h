@@ -13,9 +13,10 @@
 
 // Handlers whose kernels exist only for sm_90a (built when 90a is targeted).
 #if defined(JAX_FLASHMLA_WITH_SM90)
-#define JFM_FFI_TARGETS_SM90(X)                                   \
-  X("jax_flashmla_decode_dense_sm90", JaxFlashmlaDecodeDenseSm90) \
-  X("jax_flashmla_decode_sparse_sm90", JaxFlashmlaDecodeSparseSm90)
+#define JFM_FFI_TARGETS_SM90(X)                                     \
+  X("jax_flashmla_decode_dense_sm90", JaxFlashmlaDecodeDenseSm90)   \
+  X("jax_flashmla_decode_sparse_sm90", JaxFlashmlaDecodeSparseSm90) \
+  X("jax_flashmla_prefill_sparse_sm90", JaxFlashmlaPrefillSparseSm90)
 #else
 #define JFM_FFI_TARGETS_SM90(X)
 #endif

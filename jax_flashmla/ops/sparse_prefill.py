@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax_flashmla._src import checks, platform, sharding
 from jax_flashmla._src.forward_only import forward_only
 from jax_flashmla._src.geometry import HEAD_DIM_V, SPARSE_HEAD_DIMS_QK
-from jax_flashmla._src.kernels.prefill_sparse import prefill_sparse
+from jax_flashmla._src.kernels import prefill_sparse as family
 
 OP = "flash_mla_sparse_fwd"
 
@@ -38,7 +38,9 @@ def flash_mla_sparse_fwd(
       d_v: static int, 512.
       attn_sink: float32 [h_q], optional: out *= 1 / (1 + exp(attn_sink - lse)).
       topk_length: int32 [s_q], optional: only the first topk_length[i] indices of token i count.
-      implementation: None, "cuda" or "xla" (see `flash_mla_with_kvcache`).
+      implementation: None, "cuda" or "xla" (see `flash_mla_with_kvcache`). Until the Hopper
+        kernel has passed its GPU test suite, None runs the reference and only "cuda" runs the
+        kernel.
 
     Returns:
       out: bfloat16 [s_q, h_q, d_v] (0 for a query with no valid index).
@@ -92,21 +94,19 @@ def flash_mla_sparse_fwd(
         checks.check_array(
             OP, "topk_length", topk_length, dtypes=checks.INT32, shape=(s_q,), shape_doc="[s_q]"
         )
-    platform.choose_implementation(OP, implementation, "the sparse prefill kernel is not built yet")
+    reason = family.launch_limit_error(s_q=s_q, h_q=h_q, topk=indices.shape[2])
+    if implementation is None and not family.RUNS_BY_DEFAULT:
+        implementation = "xla"
+    use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
     optional = {"attn_sink": (attn_sink, "h"), "topk_length": (topk_length, "t")}
     present = [name for name, (value, _) in optional.items() if value is not None]
 
     def compute(q, kv, indices, *rest):
         given = dict(zip(present, rest, strict=True))
-        return prefill_sparse(
-            q,
-            kv,
-            indices,
-            given.get("attn_sink"),
-            given.get("topk_length"),
-            use_kernel=False,
-            sm_scale=scale,
+        operands = family.with_placeholders(
+            q, kv, indices, given.get("attn_sink"), given.get("topk_length")
         )
+        return family.prefill_sparse(*operands, use_kernel=use_kernel, sm_scale=scale)
 
     def partitioned(*arrays):
         # Query tokens t and heads h may be sharded; kv is replicated.

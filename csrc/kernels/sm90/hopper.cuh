@@ -1,5 +1,6 @@
-// Thin wrappers over the Hopper (sm_90a) instructions the kernels use: mbarriers, TMA tensor
-// loads, wgmma shared-memory descriptors and fences, named barriers, register reallocation.
+// Thin wrappers over the Hopper (sm_90a) instructions the kernels use: mbarriers, asynchronous
+// copies, TMA tensor loads, wgmma shared-memory descriptors and fences, named barriers, register
+// reallocation.
 // Device-only; include from kernel translation units compiled for sm_90a.
 #pragma once
 
@@ -53,6 +54,27 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t phase) {
       "}\n" ::"r"(smem_address(bar)),
       "r"(phase)
       : "memory");
+}
+
+// ---- Asynchronous copies (cp.async) -------------------------------------------------------
+// 16 bytes from global to shared memory, bypassing L1; `bytes` of them read (16, or 0 to write
+// zeros without reading: the source address is then not accessed).
+__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_dst), "l"(src),
+               "r"(bytes)
+               : "memory");
+}
+
+// One arrival on `bar` once every cp.async this thread issued before has landed (counts toward
+// the barrier's expected arrivals).
+__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_address(bar))
+               : "memory");
+}
+
+// Waits until every cp.async this thread issued has landed.
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;" ::: "memory");
 }
 
 // ---- TMA ---------------------------------------------------------------------------------

@@ -1,23 +1,87 @@
-"""Sparse (top-k) MLA prefill over a BF16 KV array. The kernel is not built yet."""
+"""Sparse (top-k) MLA prefill over a BF16 KV array (the Hopper kernel), and its launch limits."""
 
 from __future__ import annotations
 
-from jax_flashmla._src.geometry import HEAD_DIM_V
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_flashmla._src.geometry import HEAD_DIM_V, INT32_MAX, QUERY_TILE_ROWS
 from jax_flashmla._src.primitive import KernelPrimitive
 from jax_flashmla.reference import sparse_prefill
 
+#: CUDA's limit on the y grid dimension (head tiles).
+GRID_Y_MAX = 65535
+
+#: Whether implementation=None picks the kernel. Off until the kernel has passed its GPU test
+#: suite (tests/test_gpu_prefill_sparse.py) and memcheck on a Hopper GPU: until then only
+#: implementation="cuda" runs it, and the default stays on the reference.
+RUNS_BY_DEFAULT = False
+
 
 class SparsePrefillKernel(KernelPrimitive):
-    """(q, kv, indices, attn_sink, topk_length) -> (out, max_logits, lse); an absent optional
-    operand is None."""
+    """(q, kv, indices, attn_sink, topk_length) -> (out, max_logits, lse).
+
+    An absent optional operand is a zero-sized array (see `with_placeholders`): attn_sink and
+    topk_length of length 0.
+    """
 
     name = "jax_flashmla_prefill_sparse"
-    ffi_target = None
+    ffi_target = "jax_flashmla_prefill_sparse_sm90"
+
+    def abstract(self, q, kv, indices, attn_sink, topk_length, *, sm_scale):
+        s_q, h_q, _ = q.shape
+        return (
+            jax.core.ShapedArray((s_q, h_q, HEAD_DIM_V), jnp.bfloat16),
+            jax.core.ShapedArray((s_q, h_q), jnp.float32),
+            jax.core.ShapedArray((s_q, h_q), jnp.float32),
+        )
 
     def reference(self, q, kv, indices, attn_sink, topk_length, *, sm_scale):
+        def given(x):
+            return x if x.shape[0] else None
+
         return sparse_prefill.sparse_prefill(
-            q, kv, indices, sm_scale, d_v=HEAD_DIM_V, attn_sink=attn_sink, topk_length=topk_length
+            q,
+            kv,
+            indices,
+            sm_scale,
+            d_v=HEAD_DIM_V,
+            attn_sink=given(attn_sink),
+            topk_length=given(topk_length),
         )
+
+    def ffi_attributes(self, *, sm_scale):
+        return {"softmax_scale": np.float32(sm_scale)}
 
 
 prefill_sparse = SparsePrefillKernel()
+
+
+def with_placeholders(q, kv, indices, attn_sink, topk_length) -> tuple[jax.Array, ...]:
+    """The family's operands, absent (None) optional ones as zero-sized arrays."""
+    return (
+        q,
+        kv,
+        indices,
+        jnp.zeros((0,), jnp.float32) if attn_sink is None else attn_sink,
+        jnp.zeros((0,), jnp.int32) if topk_length is None else topk_length,
+    )
+
+
+def launch_limit_error(*, s_q: int, h_q: int, topk: int) -> str:
+    """Which of the kernel's run-time limits these sizes break ("" when none)."""
+    head_tiles = -(-h_q // QUERY_TILE_ROWS)
+    limits = (
+        (
+            topk >= 64 and topk % 64 == 0,
+            f"topk must be a positive multiple of 64; got {topk}",
+        ),
+        (s_q <= INT32_MAX, f"s_q must be <= 2**31 - 1 (grid x); got {s_q}"),
+        (
+            head_tiles <= GRID_Y_MAX,
+            f"head tiles (ceil(h_q / {QUERY_TILE_ROWS})) must be <= {GRID_Y_MAX} (grid y); "
+            f"got {head_tiles} for h_q {h_q}",
+        ),
+    )
+    return next((message for ok, message in limits if not ok), "")

@@ -1,0 +1,339 @@
+// The sparse prefill kernel for sm_90a. Included by one translation unit per head dim.
+//
+// One CTA per (query token, tile of 64 query heads); roles (384 threads, three warpgroups), one
+// device function each:
+//   load_role (WG0, all 128 threads): the query tile by TMA (one thread), and every block of 64
+//     selected rows: each row is copied by 8 threads with 16-byte cp.async straight into the
+//     stage's 128-byte-swizzled K chunks (a slot that selects nothing is zero-filled without a
+//     read), the stage's 64-bit mask of attending slots beside it. A 2-stage ring: each thread
+//     arrives on the stage's barrier when its copies land; the slot indices are read a block
+//     ahead.
+//   WG1 and WG2, the math warpgroups, as in the decode kernels (mla_tile.cuh): WG1 computes S,
+//     the online softmax under the stage's mask (and the exact row maxima for max_logits),
+//     hands P to WG2 through the stage's chunk 8 (the RoPE chunk of d_qk 576, which nothing
+//     reads once S is done; unused by d_qk 512) and accumulates O[:, 0:256]; WG2 accumulates
+//     O[:, 256:512]. A block with no attending slot is skipped.
+//   finish_token, the epilogue: out (with the attention sink applied), max_logits and lse.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/common/launch.cuh"
+#include "kernels/sm90/hopper.cuh"
+#include "kernels/sm90/mla_tile.cuh"
+#include "kernels/sm90/prefill_sparse/prefill_sparse_args.cuh"
+
+namespace jfm::sm90::prefill_sparse {
+
+using Element = __nv_bfloat16;
+
+constexpr int kBlockSlots = 64;   // selected rows per KV block (one 64-row chunk high)
+constexpr int kStageChunks = 9;   // the K chunks of d_qk 576
+constexpr int kPChunk = 8;        // where P goes once S is computed
+constexpr int kStageBytes = kStageChunks * kChunkBytes;
+constexpr int kStages = 2;
+constexpr int kThreads = 384;
+constexpr int kLoaderThreads = 128;
+constexpr int kRowThreads = 8;  // loader threads per row: 8 x 16 bytes = 64 dims of one chunk
+constexpr int kPasses = kBlockSlots * kRowThreads / kLoaderThreads;  // rows per thread: 4
+constexpr int kWarpSlots = kBlockSlots / 4;                          // rows per loader warp
+// Registers per thread after the split: the CTA keeps what it was launched with, 168 per thread
+// (384 threads, one CTA per SM), so the loaders must give up as many as the math warpgroups
+// take, or setmaxnreg.inc waits forever. The score warpgroup holds O (128), S (32), P (16) and
+// the row maxima; the value warpgroup O and P; the loaders only indices and addresses.
+constexpr uint32_t kLaunchRegisters = 168;
+constexpr uint32_t kScoreRegisters = 216;
+constexpr uint32_t kValueRegisters = 184;
+constexpr uint32_t kLoaderRegisters = 104;
+static_assert(128 * (kScoreRegisters + kValueRegisters + kLoaderRegisters) <=
+                  kThreads * kLaunchRegisters,
+              "the math warpgroups take no more registers than the loaders give up");
+static_assert(kLoaderRegisters <= kLaunchRegisters && kValueRegisters >= kLaunchRegisters,
+              "the loaders decrease their registers, both math warpgroups increase theirs");
+
+struct alignas(1024) SharedStorage {
+  uint8_t q[kStageChunks * kChunkBytes];
+  uint8_t kv[kStages][kStageBytes];
+  float row_factor[kStages][kQueryTileRows];  // exp2(m_old - m_new) per row and block
+  float row_sum[kQueryTileRows];              // final softmax denominators
+  float row_max[kQueryTileRows];              // final reference maxima
+  uint64_t kv_full[kStages];
+  uint64_t kv_empty[kStages];
+  uint64_t q_full;
+  uint16_t attending[kStages][4];  // per loader warp: bit t = its slot t selects a row
+};
+
+// Arrivals that complete a stage: every loader thread's copies, then the 4 loader warps'
+// attending masks.
+constexpr uint32_t kStageArrivals = kLoaderThreads + 4;
+
+// Slots of token `token` that count: clamp(topk_length[token], 0, topk), or topk.
+__device__ __forceinline__ int counted_slots(const SparsePrefillParams& p, int64_t token) {
+  const int topk = static_cast<int>(p.topk);
+  return p.topk_length == nullptr ? topk : min(max(p.topk_length[token], 0), topk);
+}
+
+// ---- Load role ------------------------------------------------------------------------------
+
+__device__ __forceinline__ int32_t load_index(const int32_t* address) {
+  int32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.s32 %0, [%1];" : "=r"(v) : "l"(address));
+  return v;
+}
+
+// The row of a block that loader thread (warp, lane) copies in pass `pass`.
+__device__ __forceinline__ int loader_row(int warp, int lane, int pass) {
+  return warp * kWarpSlots + pass * 4 + lane / kRowThreads;
+}
+
+// This thread's slot indices of block `blk`, -1 where a slot does not count.
+struct BlockSlots {
+  int32_t index[kPasses];
+};
+
+__device__ __forceinline__ BlockSlots block_slots(const int32_t* token_indices, int counted,
+                                                  int blk, int warp, int lane) {
+  BlockSlots b;
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int slot = blk * kBlockSlots + loader_row(warp, lane, pass);
+    b.index[pass] = slot < counted ? load_index(token_indices + slot) : -1;
+  }
+  return b;
+}
+
+// WG0: the query tile (thread 0, TMA), then the token's blocks of 64 slots through the stage
+// ring. Thread j of a row copies 16-byte unit j of each 64-dim chunk, into unit j ^ (row % 8)
+// of that chunk's row.
+template <int kHeadDimQK>
+__device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage& smem,
+                                          int64_t token, int head_tile, int blocks,
+                                          int counted) {
+  constexpr int kQKChunks = kHeadDimQK / kChunkElems;
+  const SparsePrefillParams& p = args.params;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int j = lane % kRowThreads;
+  if (tid == 0) {
+    prefetch_tensor_map(&args.q_map);
+    mbarrier_arrive_expect_tx(&smem.q_full, kQKChunks * 128 * args.q_box_rows);
+    for (int c = 0; c < kQKChunks; ++c) {
+      tma_load_3d(smem.q + c * kChunkBytes, &args.q_map, &smem.q_full, c * kChunkElems,
+                  head_tile * kQueryTileRows, static_cast<int>(token), kCacheEvictNormal);
+    }
+  }
+  const int32_t* token_indices = p.indices + token * p.topk;
+  const auto* kv = static_cast<const uint8_t*>(p.kv) + j * 16;
+  const int64_t row_bytes = kHeadDimQK * 2;
+  BlockSlots slots = block_slots(token_indices, counted, 0, warp, lane);
+  for (int blk = 0; blk < blocks; ++blk) {
+    const int stage = blk % kStages;
+    BlockSlots next = slots;
+    if (blk + 1 < blocks) next = block_slots(token_indices, counted, blk + 1, warp, lane);
+    mbarrier_wait(&smem.kv_empty[stage], (blk / kStages % 2) ^ 1);
+    const uint32_t stage_base = smem_address(smem.kv[stage]);
+    uint32_t attending = 0;
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int row = loader_row(warp, lane, pass);
+      const int32_t index = slots.index[pass];
+      const bool selects = index >= 0 && index < p.s_kv;
+      // A slot that selects nothing reads no byte: its row is zero-filled from row 0's address.
+      const uint8_t* src = kv + (selects ? index : 0) * row_bytes;
+      const uint32_t dst = stage_base + row * 128 + ((j ^ (row % 8)) << 4);
+#pragma unroll
+      for (int c = 0; c < kQKChunks; ++c) {
+        cp_async_16(dst + c * kChunkBytes, src + c * 128, selects ? 16 : 0);
+      }
+      // Lanes 0, 8, 16, 24 speak for the 4 rows of this pass.
+      const uint32_t ballot = __ballot_sync(0xffffffffu, selects);
+      const uint32_t four = (ballot & 1u) | ((ballot >> 7) & 2u) | ((ballot >> 14) & 4u) |
+                            ((ballot >> 21) & 8u);
+      attending |= four << (4 * pass);
+    }
+    cp_async_arrive(&smem.kv_full[stage]);
+    if (lane == 0) {
+      smem.attending[stage][warp] = static_cast<uint16_t>(attending);
+      mbarrier_arrive(&smem.kv_full[stage]);  // releases the mask store
+    }
+    slots = next;
+  }
+  cp_async_wait_all();  // no thread leaves with copies in flight
+}
+
+// ---- Math warpgroups ------------------------------------------------------------------------
+
+// The epilogue: WG1 shares the final row sums and maxima (WG2 needs the lse for the sink
+// factor), both warpgroups normalise their half of O and store it times the sink factor; WG1
+// writes max_logits and lse.
+__device__ __forceinline__ void finish_token(const KernelArgs& args, SharedStorage& smem,
+                                             int64_t token, int head_tile, bool score_wg,
+                                             const AccumulatorRows& t, SoftmaxRows& rows,
+                                             const float (&logit_max)[2],
+                                             const float (&o)[kAccumulators]) {
+  const SparsePrefillParams& p = args.params;
+  if (score_wg && t.lane % 4 == 0) {
+    smem.row_max[t.rows[0]] = rows.max[0];
+    smem.row_max[t.rows[1]] = rows.max[1];
+  }
+  // The barrier in share_row_sums orders the stores of the maxima before the loads below.
+  share_row_sums(score_wg, t, smem.row_sum, rows);
+  if (!score_wg) {
+    rows.max[0] = smem.row_max[t.rows[0]];
+    rows.max[1] = smem.row_max[t.rows[1]];
+  }
+  const int col0 = score_wg ? 0 : kHalfV;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int head = head_tile * kQueryTileRows + t.rows[h];
+    if (head >= p.h_q) continue;  // a padding row of the last tile
+    const bool lonely = rows.sum[h] == 0.f;
+    const float lse = (rows.max[h] + log2f(rows.sum[h])) * kLn2;
+    float factor = lonely ? 0.f : 1.f / rows.sum[h];
+    if (p.attn_sink != nullptr && !lonely) {
+      factor *= 1.f / (1.f + expf(p.attn_sink[head] - lse));
+    }
+    const int64_t row_index = token * p.h_q + head;
+    store_output_row(static_cast<Element*>(p.out) + row_index * kHeadDimV + col0 + t.quad_col, o,
+                     h, factor);
+    if (score_wg && t.lane % 4 == 0) {
+      p.lse[row_index] = lonely ? INFINITY : lse;
+      p.max_logits[row_index] = logit_max[h] * kLn2;
+    }
+  }
+}
+
+// WG1 (score_wg) and WG2: the token's blocks, then its epilogue. One instance per warpgroup,
+// so that each is compiled within its own register budget.
+template <int kHeadDimQK, bool score_wg>
+__device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage& smem,
+                                          int64_t token, int head_tile, int blocks) {
+  constexpr int kQKChunks = kHeadDimQK / kChunkElems;
+  const AccumulatorRows t = accumulator_rows();
+  float o[kAccumulators];  // 64 x 256 accumulator slice
+#pragma unroll
+  for (int i = 0; i < kAccumulators; ++i) o[i] = 0.f;
+  SoftmaxRows rows = {{-INFINITY, -INFINITY}, {0.f, 0.f}};
+  // The exact row maxima of the logits (log2 units), this thread's columns; the reference max
+  // of the online softmax may trail them by up to kRescaleSlack.
+  float logit_max[2] = {-INFINITY, -INFINITY};
+  if (score_wg) mbarrier_wait(&smem.q_full, 0);
+  for (int blk = 0; blk < blocks; ++blk) {
+    const int stage = blk % kStages;
+    mbarrier_wait(&smem.kv_full[stage], blk / kStages % 2);
+    // The rows arrived through the generic proxy (cp.async); wgmma reads them through the
+    // async proxy.
+    fence_proxy_async_smem();
+    uint8_t* kv = smem.kv[stage];
+    uint8_t* p_tile = kv + kPChunk * kChunkBytes;
+    const uint64_t attending = *reinterpret_cast<const uint64_t*>(smem.attending[stage]);
+    if (attending != 0) {
+      if constexpr (score_wg) {
+        float s[32];
+        issue_scores<Element, kQKChunks>(smem.q, kv, s);
+        wgmma_wait<0>();
+        const uint64_t mine = attending >> t.quad_col;
+        const auto attends = [&](int i, int, int e) { return (mine >> (i * 8 + e)) & 1; };
+        uint32_t packed[16];
+        float factor[2];
+        online_softmax<Element>(s, attends, args.scale_log2, rows, o, packed, factor);
+        // s holds the masked logits now (log2 units, -inf where masked).
+#pragma unroll
+        for (int i = 0; i < 32; ++i) logit_max[(i / 2) % 2] = fmaxf(logit_max[(i / 2) % 2], s[i]);
+        publish_p(p_tile, packed, factor, smem.row_factor[stage], t, stage);
+        accumulate_pv<Element>(packed, kv, o);
+      } else {
+        uint32_t packed[16];
+        receive_p(p_tile, smem.row_factor[stage], t, stage, o, packed);
+        accumulate_pv<Element>(packed, kv + 4 * kChunkBytes, o);
+      }
+    }
+    mbarrier_arrive(&smem.kv_empty[stage]);
+  }
+  if constexpr (score_wg) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      logit_max[h] = fmaxf(logit_max[h], __shfl_xor_sync(0xffffffff, logit_max[h], 1));
+      logit_max[h] = fmaxf(logit_max[h], __shfl_xor_sync(0xffffffff, logit_max[h], 2));
+    }
+  }
+  finish_token(args, smem, token, head_tile, score_wg, t, rows, logit_max, o);
+}
+
+// Query rows past h_q in a tile narrower than 64 heads are never loaded: zero them once, so
+// that S of those rows is 0, not whatever shared memory held.
+__device__ __forceinline__ void zero_unloaded_query_rows(SharedStorage& smem, int loaded_rows) {
+  const int units_per_chunk = (kQueryTileRows - loaded_rows) * 8;
+  for (int u = threadIdx.x; u < kStageChunks * units_per_chunk; u += kThreads) {
+    const int chunk = u / units_per_chunk, rest = u % units_per_chunk;
+    *reinterpret_cast<uint4*>(smem.q + chunk * kChunkBytes + (loaded_rows + rest / 8) * 128 +
+                              (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async_smem();
+}
+
+template <int kHeadDimQK>
+__global__ void __launch_bounds__(kThreads, 1)
+    sparse_prefill_kernel(const __grid_constant__ KernelArgs args) {
+  extern __shared__ uint8_t smem_raw[];
+  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int64_t token = blockIdx.x;
+  const int head_tile = blockIdx.y;
+  const int counted = counted_slots(args.params, token);
+  const int blocks = (counted + kBlockSlots - 1) / kBlockSlots;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&smem.kv_full[s], kStageArrivals);
+      mbarrier_init(&smem.kv_empty[s], kConsumerThreads);
+    }
+    mbarrier_init(&smem.q_full, 1);
+    fence_barrier_init();
+  }
+  if (args.q_box_rows < kQueryTileRows) zero_unloaded_query_rows(smem, args.q_box_rows);
+  __syncthreads();
+
+  if (threadIdx.x < kLoaderThreads) {
+    registers_decrease<kLoaderRegisters>();
+    load_role<kHeadDimQK>(args, smem, token, head_tile, blocks, counted);
+  } else if (threadIdx.x < 2 * 128) {
+    registers_increase<kScoreRegisters>();
+    math_role<kHeadDimQK, true>(args, smem, token, head_tile, blocks);
+  } else {
+    registers_increase<kValueRegisters>();
+    math_role<kHeadDimQK, false>(args, smem, token, head_tile, blocks);
+  }
+}
+
+constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage)) + 1024;  // + alignment slack
+
+// Launches the kernel for one head dim (instantiated in prefill_sparse_d<d_qk>.cu). On a
+// device's first launch, with calls that are legal while a stream is captured (and
+// remembered): the shared-memory limit is set, and the compiled register count checked against
+// the one the register split assumes (a smaller launch pool would make setmaxnreg.inc wait
+// forever: the launch is refused instead).
+template <int kHeadDimQK>
+cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
+  const auto kernel = sparse_prefill_kernel<kHeadDimQK>;
+  const cudaError_t setup = per_device_once(
+      [&](int) {
+        cudaFuncAttributes attributes;
+        cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
+        if (status == cudaSuccess && attributes.numRegs != static_cast<int>(kLaunchRegisters)) {
+          status = cudaErrorInvalidConfiguration;
+        }
+        if (status != cudaSuccess) return status;
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    kSmemBytes);
+      },
+      [](cudaError_t status) { return status == cudaSuccess; });
+  if (setup != cudaSuccess) return setup;
+  const dim3 grid(static_cast<unsigned>(args.params.s_q),
+                  static_cast<unsigned>((args.params.h_q + kQueryTileRows - 1) / kQueryTileRows));
+  const LaunchShape shape{grid, dim3(kThreads), kSmemBytes};
+  return launch_kernel(kernel, shape, stream, args);
+}
+
+}  // namespace jfm::sm90::prefill_sparse
