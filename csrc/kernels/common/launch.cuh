@@ -91,4 +91,26 @@ auto per_device_once(Query query, Usable usable) -> decltype(query(0)) {
   return result;
 }
 
+// The one-time setup of `kKernel`, a kernel whose warpgroups move registers between them with
+// setmaxnreg, on the current device (cached per device): its dynamic shared-memory limit raised
+// to `smem_bytes`, and its compiled register count checked against `launch_registers`, the pool
+// the split assumes (with fewer, setmaxnreg.inc would wait forever: the launch is refused with
+// cudaErrorInvalidConfiguration instead). A template on the kernel itself, so that each kernel
+// has its own cache. Only calls that are legal while a stream is captured.
+template <auto kKernel>
+cudaError_t prepare_register_split_kernel(int launch_registers, int smem_bytes) {
+  return per_device_once(
+      [&](int) {
+        cudaFuncAttributes attributes;
+        cudaError_t status = cudaFuncGetAttributes(&attributes, kKernel);
+        if (status == cudaSuccess && attributes.numRegs != launch_registers) {
+          status = cudaErrorInvalidConfiguration;
+        }
+        if (status != cudaSuccess) return status;
+        return cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    smem_bytes);
+      },
+      [](cudaError_t status) { return status == cudaSuccess; });
+}
+
 }  // namespace jfm

@@ -261,18 +261,6 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
   finish_token(args, smem, token, head_tile, score_wg, t, rows, logit_max, o);
 }
 
-// Query rows past h_q in a tile narrower than 64 heads are never loaded: zero them once, so
-// that S of those rows is 0, not whatever shared memory held.
-__device__ __forceinline__ void zero_unloaded_query_rows(SharedStorage& smem, int loaded_rows) {
-  const int units_per_chunk = (kQueryTileRows - loaded_rows) * 8;
-  for (int u = threadIdx.x; u < kStageChunks * units_per_chunk; u += kThreads) {
-    const int chunk = u / units_per_chunk, rest = u % units_per_chunk;
-    *reinterpret_cast<uint4*>(smem.q + chunk * kChunkBytes + (loaded_rows + rest / 8) * 128 +
-                              (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
-  }
-  fence_proxy_async_smem();
-}
-
 template <int kHeadDimQK>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_prefill_kernel(const __grid_constant__ KernelArgs args) {
@@ -292,7 +280,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbarrier_init(&smem.q_full, 1);
     fence_barrier_init();
   }
-  if (args.q_box_rows < kQueryTileRows) zero_unloaded_query_rows(smem, args.q_box_rows);
+  if (args.q_box_rows < kQueryTileRows) {
+    zero_unloaded_query_rows(smem.q, kStageChunks, args.q_box_rows, kThreads);
+  }
   __syncthreads();
 
   if (threadIdx.x < kLoaderThreads) {
@@ -309,31 +299,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage)) + 1024;  // + alignment slack
 
-// Launches the kernel for one head dim (instantiated in prefill_sparse_d<d_qk>.cu). On a
-// device's first launch, with calls that are legal while a stream is captured (and
-// remembered): the shared-memory limit is set, and the compiled register count checked against
-// the one the register split assumes (a smaller launch pool would make setmaxnreg.inc wait
-// forever: the launch is refused instead).
+// Launches the kernel for one head dim (instantiated in prefill_sparse_d<d_qk>.cu), after its
+// one-time setup on the device (launch.cuh).
 template <int kHeadDimQK>
 cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
-  const auto kernel = sparse_prefill_kernel<kHeadDimQK>;
-  const cudaError_t setup = per_device_once(
-      [&](int) {
-        cudaFuncAttributes attributes;
-        cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
-        if (status == cudaSuccess && attributes.numRegs != static_cast<int>(kLaunchRegisters)) {
-          status = cudaErrorInvalidConfiguration;
-        }
-        if (status != cudaSuccess) return status;
-        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    kSmemBytes);
-      },
-      [](cudaError_t status) { return status == cudaSuccess; });
+  constexpr auto kKernel = sparse_prefill_kernel<kHeadDimQK>;
+  const cudaError_t setup =
+      prepare_register_split_kernel<kKernel>(kLaunchRegisters, kSmemBytes);
   if (setup != cudaSuccess) return setup;
   const dim3 grid(static_cast<unsigned>(args.params.s_q),
                   static_cast<unsigned>((args.params.h_q + kQueryTileRows - 1) / kQueryTileRows));
   const LaunchShape shape{grid, dim3(kThreads), kSmemBytes};
-  return launch_kernel(kernel, shape, stream, args);
+  return launch_kernel(kKernel, shape, stream, args);
 }
 
 }  // namespace jfm::sm90::prefill_sparse
