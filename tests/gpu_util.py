@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,25 @@ import pytest
 
 #: The test items selected for this run (after -m / -k), stored by conftest.py.
 SELECTED_ITEMS = pytest.StashKey[list]()
+
+
+def selected_cases(request: pytest.FixtureRequest, test_name: str) -> list:
+    """The `case` parameters of the items of test `test_name` that this run selected (after -m
+    and -k): what a full-matrix shard has to compile."""
+    return [
+        item.callspec.params["case"]
+        for item in request.config.stash[SELECTED_ITEMS]
+        if getattr(item, "originalname", None) == test_name
+    ]
+
+
+def compile_in_parallel(jobs: Iterable[Callable[[], object]], workers: int = 16) -> None:
+    """Runs compile jobs on parallel threads (XLA compiles concurrently), into JAX's persistent
+    compilation cache, from which the tests then load them; the first failure is raised."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+
 
 #: XLA flags that put every command-buffer-compatible custom call into a command buffer (CUDA
 #: graph). Without the minimum graph size of 1, XLA forms no graph for fewer than its default

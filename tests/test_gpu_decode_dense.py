@@ -55,7 +55,6 @@ causal and non-causal variants of one input set run back to back and share its d
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -65,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gpu_util import SELECTED_ITEMS, poison_device_memory
+from gpu_util import compile_in_parallel, poison_device_memory, selected_cases
 from oracle_decode import (
     BF16,
     DENSE_DECODE_LSE_TOL,
@@ -505,21 +504,14 @@ def precompile(cases: list[Case], workers: int = 16) -> None:
         jobs[("reference", case.shape_key, case.causal)] = lambda c=case: _reference.lower(
             *abstract_args(c, with_metadata=False), causal=c.causal, softmax_scale=None
         ).compile()
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(job) for job in jobs.values()]:
-            future.result()
+    compile_in_parallel(jobs.values(), workers)
 
 
 @pytest.fixture(scope="module")
 def full_matrix_compiled(request: pytest.FixtureRequest):
     """Precompiles the full-matrix cases selected for this run (a `-k` shard compiles its own)."""
     if jax.config.jax_compilation_cache_dir:
-        selected = [
-            item.callspec.params["case"]
-            for item in request.config.stash[SELECTED_ITEMS]
-            if getattr(item, "originalname", None) == "test_full_matrix"
-        ]
-        precompile(selected)
+        precompile(selected_cases(request, "test_full_matrix"))
 
 
 @pytest.mark.full

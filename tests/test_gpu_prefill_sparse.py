@@ -59,18 +59,16 @@ cases.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import itertools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import oracle_decode as od
 import pytest
-from gpu_util import SELECTED_ITEMS, poison_device_memory
+from gpu_util import compile_in_parallel, poison_device_memory, selected_cases
 from oracle_decode import BF16, SPARSE_PREFILL_LSE_TOL, SPARSE_PREFILL_OUT_TOL, check_close
 from test_gpu_decode_dense import bits, seed_of
 
@@ -423,23 +421,14 @@ def precompile(cases: list[Case], workers: int = 16) -> None:
     def compile_one(case: Case) -> None:
         _kernel.lower(*case.abstract_args(), sm_scale=case.sm_scale).compile()
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(compile_one, case) for case in cases]:
-            future.result()
+    compile_in_parallel([functools.partial(compile_one, case) for case in cases], workers)
 
 
 @pytest.fixture(scope="module")
 def full_matrix_compiled(request: pytest.FixtureRequest):
     """Precompiles the full-matrix cases selected for this run (a -k shard compiles its own)."""
     if jax.config.jax_compilation_cache_dir:
-        this_file = pathlib.Path(__file__)
-        selected = [
-            item.callspec.params["case"]
-            for item in request.config.stash[SELECTED_ITEMS]
-            if item.path == this_file
-            and getattr(item, "originalname", None) == "test_full_sparse_prefill_matrix"
-        ]
-        precompile(selected)
+        precompile(selected_cases(request, "test_full_sparse_prefill_matrix"))
 
 
 @pytest.mark.full

@@ -37,7 +37,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda_check.h"
+#include "check_util.h"
 #include "kernels/common/mla_geometry.cuh"
 #include "kernels/common/scheduler.cuh"
 #include "kernels/sm90/decode_sparse/decode_sparse.cuh"
@@ -93,14 +93,6 @@ std::vector<Case> all_cases() {
        {69, 64, 3, true}},
   };
 }
-
-float bf16_to_float(uint16_t bits) {
-  uint32_t u = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-uint16_t float_to_bf16(float x) { return static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(x)).x; }
 
 // e4m3 (fn) value of a byte that is not NaN.
 double e4m3_value(uint8_t byte) {
@@ -273,15 +265,6 @@ void reference(const Case& c, const Inputs& in, std::vector<double>& out, std::v
   }
 }
 
-template <typename T>
-T* to_device(const std::vector<T>& host) {
-  T* ptr = nullptr;
-  if (host.empty()) return nullptr;
-  CHECK(cudaMalloc(&ptr, host.size() * sizeof(T)));
-  CHECK(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return ptr;
-}
-
 struct Result {
   std::vector<uint16_t> out;
   std::vector<float> lse;
@@ -366,12 +349,6 @@ Result run(const Case& c, const Inputs& in, int num_parts, bool lengths_schedule
   return r;
 }
 
-bool close(double a, double r, double abs_tol, double rel_tol) {
-  if (std::isinf(r) || std::isnan(r)) return std::isnan(r) ? std::isnan(a) : a == r;
-  if (!std::isfinite(a)) return false;
-  return std::fabs(a - r) < abs_tol || std::fabs(a - r) / (std::fabs(r) + 1e-6) < rel_tol;
-}
-
 bool check(const Case& c, const Inputs& in, const Result& got, int num_parts, bool lengths_schedule,
            const Result& again) {
   std::vector<double> out, lse;
@@ -381,14 +358,16 @@ bool check(const Case& c, const Inputs& in, const Result& got, int num_parts, bo
   for (size_t k = 0; k < out.size(); ++k) {
     const double a = bf16_to_float(got.out[k]);
     nan_out += std::isnan(a);
-    if (!close(a, out[k], kOutAbs, kOutRel)) ++bad_out;
+    if (!close_to(a, out[k], kOutAbs, kOutRel)) ++bad_out;
     if (std::isfinite(a)) {
       max_err = std::max(max_err, std::fabs(a - out[k]));
       dot += a * out[k];
       norms += a * a + out[k] * out[k];
     }
   }
-  for (size_t k = 0; k < lse.size(); ++k) bad_lse += !close(got.lse[k], lse[k], kLseAbs, kLseRel);
+  for (size_t k = 0; k < lse.size(); ++k) {
+    bad_lse += !close_to(got.lse[k], lse[k], kLseAbs, kLseRel);
+  }
   const double cos = norms > 0 ? 1 - 2 * dot / norms : 0;
   const bool same = got.out == again.out &&
                     std::memcmp(got.lse.data(), again.lse.data(), got.lse.size() * 4) == 0;

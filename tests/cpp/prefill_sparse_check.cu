@@ -37,7 +37,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda_check.h"
+#include "check_util.h"
 #include "kernels/common/mla_geometry.cuh"
 #include "kernels/sm90/prefill_sparse/prefill_sparse.cuh"
 
@@ -82,14 +82,6 @@ std::vector<Case> all_cases() {
        0.f},
   };
 }
-
-float bf16_to_float(uint16_t bits) {
-  uint32_t u = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-uint16_t float_to_bf16(float x) { return static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(x)).x; }
 
 struct Inputs {
   std::vector<uint16_t> q_bits;   // [s_q, h_q, d_qk]
@@ -207,15 +199,6 @@ Reference reference(const Case& c, const Inputs& in) {
   return ref;
 }
 
-template <typename T>
-T* to_device(const std::vector<T>& host) {
-  T* ptr = nullptr;
-  if (host.empty()) return nullptr;
-  CHECK(cudaMalloc(&ptr, host.size() * sizeof(T)));
-  CHECK(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return ptr;
-}
-
 struct Result {
   std::vector<uint16_t> out;
   std::vector<float> max_logits, lse;
@@ -268,19 +251,13 @@ Result run(const Case& c, const Inputs& in) {
   return r;
 }
 
-bool close(double a, double r, double abs_tol, double rel_tol) {
-  if (std::isinf(r) || std::isnan(r)) return std::isnan(r) ? std::isnan(a) : a == r;
-  if (!std::isfinite(a)) return false;
-  return std::fabs(a - r) < abs_tol || std::fabs(a - r) / (std::fabs(r) + 1e-6) < rel_tol;
-}
-
 bool check(const Case& c, const Reference& ref, const Result& got, const Result& again) {
   long bad_out = 0, bad_max = 0, bad_lse = 0, nan_out = 0, lonely_nonzero = 0;
   double max_err = 0, dot = 0, norms = 0;
   for (size_t k = 0; k < ref.out.size(); ++k) {
     const double a = bf16_to_float(got.out[k]);
     nan_out += std::isnan(a);
-    if (!close(a, ref.out[k], kOutAbs, kOutRel)) ++bad_out;
+    if (!close_to(a, ref.out[k], kOutAbs, kOutRel)) ++bad_out;
     // A lonely row is exactly 0, not merely within tolerance of it.
     if (ref.lonely[k / (size_t(c.h_q) * kDv)] && a != 0) ++lonely_nonzero;
     if (std::isfinite(a)) {
@@ -290,8 +267,8 @@ bool check(const Case& c, const Reference& ref, const Result& got, const Result&
     }
   }
   for (size_t k = 0; k < ref.lse.size(); ++k) {
-    bad_max += !close(got.max_logits[k], ref.max_logits[k], kLseAbs, kLseRel);
-    bad_lse += !close(got.lse[k], ref.lse[k], kLseAbs, kLseRel);
+    bad_max += !close_to(got.max_logits[k], ref.max_logits[k], kLseAbs, kLseRel);
+    bad_lse += !close_to(got.lse[k], ref.lse[k], kLseAbs, kLseRel);
   }
   const double cos = norms > 0 ? 1 - 2 * dot / norms : 0;
   const size_t rows = got.lse.size();
