@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -203,6 +204,14 @@ def kernel_unavailable(cfg: Config, dtype, implementation: str) -> str:
             causal=cfg.causal,
             implementation=implementation,
         )
+
+    return refusal(call, structs)
+
+
+def refusal(call: Callable, structs: tuple) -> str:
+    """Why the op in `call` refuses arguments of these shapes and dtypes ("" when it takes
+    them): its own ValueError, found by tracing, before any input is made."""
+    import jax
 
     try:
         jax.eval_shape(call, *structs)
@@ -365,6 +374,19 @@ def agreement(theirs: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
     return float(np.abs(diff).max()), float(row_err.max())
 
 
+def report_failure(name: str, label: str, error: Exception, reported: set[str]) -> None:
+    """A peer's failure on one config: one line each time, the whole story once per peer (the
+    names in `reported`)."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    print(
+        f"# peer {name} failed on {label}: {type(error).__name__}: {first_line}",
+        file=sys.stderr,
+    )
+    if name not in reported:
+        reported.add(name)
+        traceback.print_exception(error, file=sys.stderr)
+
+
 def flashmla_calls(flash_mla, cfg: Config, qs, k_cache, block_table, seqlens) -> list:
     """One FlashMLA dense decode call per q, sharing one schedule (built on the first call)."""
     # At 9241ae3 get_mla_metadata ignores its arguments and returns (empty schedule, None);
@@ -438,14 +460,14 @@ class TorchPeers:
             )
             ours = np.asarray(our_out, np.float32)
         except Exception as error:
-            self.report("all peers", cfg, error)
+            report_failure("all peers", cfg.label, error, self.reported)
             return results
         for name, module in self.modules.items():
             try:
                 with torch.inference_mode():
                     results[name] = self.measure(name, module, cfg, shared, ours)
             except Exception as error:
-                self.report(name, cfg, error)
+                report_failure(name, cfg.label, error, self.reported)
             torch.cuda.empty_cache()
         return results
 
@@ -464,15 +486,10 @@ class TorchPeers:
             rel_err,
         )
 
-    def report(self, name: str, cfg: Config, error: Exception) -> None:
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        print(
-            f"# peer {name} failed on {cfg.label}: {type(error).__name__}: {first_line}",
-            file=sys.stderr,
-        )
-        if name not in self.reported:  # the whole story once per peer
-            self.reported.add(name)
-            traceback.print_exception(error, file=sys.stderr)
+
+def significant(value: float | None) -> float | None:
+    """`value` to three significant digits: the records' errors."""
+    return None if value is None else float(f"{value:.3g}")
 
 
 def peer_fields(us: float, peers: dict[str, PeerResult]) -> dict:
@@ -485,9 +502,6 @@ def peer_fields(us: float, peers: dict[str, PeerResult]) -> dict:
 
     def rounded(value: float | None) -> float | None:
         return None if value is None else round(value, 2)
-
-    def significant(value: float | None) -> float | None:
-        return None if value is None else float(f"{value:.3g}")
 
     return {
         "flashmla_us": rounded(flashmla.us),
@@ -559,12 +573,18 @@ def print_row(cfg_label: str, main: dict, xla: dict | None) -> None:
     )
 
 
-def select_configs(spec: str) -> list[Config]:
+def in_groups(configs: list, spec: str, groups: tuple[str, ...]) -> list:
+    """The configs of the --configs groups named in `spec`, a comma list ("all": every group);
+    an unknown name ends the run."""
     names = {name.strip() for name in spec.split(",") if name.strip()}
-    unknown = names - {"all", *GROUPS}
+    unknown = names - {"all", *groups}
     if unknown:
-        raise SystemExit(f"unknown --configs {sorted(unknown)}; use all or {', '.join(GROUPS)}")
-    return [c for c in CONFIGS if "all" in names or c.group in names]
+        raise SystemExit(f"unknown --configs {sorted(unknown)}; use all or {', '.join(groups)}")
+    return [c for c in configs if "all" in names or c.group in names]
+
+
+def select_configs(spec: str) -> list[Config]:
+    return in_groups(CONFIGS, spec, GROUPS)
 
 
 def parse_only(spec: str) -> Config:
@@ -582,20 +602,8 @@ def parse_only(spec: str) -> Config:
     return Config("only", b, s_q, h_q, 1, s_k, bool(causal))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--configs", default="all", help="all, or a comma list of " + ", ".join(GROUPS)
-    )
-    parser.add_argument(
-        "--only",
-        type=parse_only,
-        action="append",
-        metavar="B,S_Q,H_Q,S_K,CAUSAL",
-        help="run this configuration (h_kv 1) instead of --configs; repeatable",
-    )
-    parser.add_argument("--implementation", choices=("cuda", "xla"), default="cuda")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+def timing_arguments(parser: argparse.ArgumentParser, peers: str) -> None:
+    """The options of the timing and of the `peers` beside ours, the same in every benchmark."""
     parser.add_argument("--repeats", type=int, default=20, help="op calls per jitted function (R)")
     parser.add_argument("--runs", type=int, default=30, help="timed runs (median)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -603,8 +611,36 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--peers",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="time FlashMLA and FA3's MLA mode side by side (default: when importable)",
+        help=f"time {peers} side by side (default: when importable)",
     )
+
+
+def parser_with_configs(doc: str, groups: tuple[str, ...]) -> argparse.ArgumentParser:
+    """A benchmark's parser, described by the first paragraph of its `doc`, with --configs."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument(
+        "--configs", default="all", help="all, or a comma list of " + ", ".join(groups)
+    )
+    return parser
+
+
+def only_argument(parser, parse_only: Callable, metavar: str, fixed: str) -> None:
+    """--only, a configuration (`fixed` saying what it leaves out) run instead of --configs."""
+    parser.add_argument(
+        "--only",
+        type=parse_only,
+        action="append",
+        metavar=metavar,
+        help=f"run this configuration ({fixed}) instead of --configs; repeatable",
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = parser_with_configs(__doc__, GROUPS)
+    only_argument(parser, parse_only, "B,S_Q,H_Q,S_K,CAUSAL", "h_kv 1")
+    parser.add_argument("--implementation", choices=("cuda", "xla"), default="cuda")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    timing_arguments(parser, "FlashMLA and FA3's MLA mode")
     parser.add_argument("--skip-xla", action="store_true", help="do not time the XLA reference")
     parser.add_argument("--xla-repeats", type=int, default=1)
     parser.add_argument("--xla-runs", type=int, default=5)
@@ -619,19 +655,252 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def peers_importable() -> bool:
-    return any(importlib.util.find_spec(module) is not None for module in PEER_MODULES.values())
+def peers_wanted(args: argparse.Namespace, measure: Callable | None, modules: tuple) -> bool:
+    """Whether peers run: always with a given `measure` (tests), else as --peers / --no-peers
+    say, by default when one of `modules` can be imported. Call it before JAX makes its GPU
+    client, which reads the setting made here for real peers."""
+    if measure is not None:
+        return True
+    importable = any(importlib.util.find_spec(module) is not None for module in modules)
+    want = args.peers if args.peers is not None else importable
+    if want:
+        # Read when JAX creates its GPU client: leave the memory JAX does not use to torch.
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return want
+
+
+def chosen_peers(
+    args: argparse.Namespace,
+    want: bool,
+    measure: Callable | None,
+    device,
+    modules: tuple,
+    build: Callable[[], tuple[Callable | None, str]],
+) -> tuple[Callable | None, str]:
+    """(what measures the peers, None when none runs; the header's note on them). A given
+    `measure` runs as it is; real peers, on a GPU only, come from `build()`, which returns the
+    same pair."""
+    if measure is not None:
+        return measure, "on"
+    if not want:
+        if args.peers is False:
+            return None, "off (--no-peers)"
+        missing = " / ".join(modules)
+        return None, f"off ({missing} not importable: source ../shared/peers/setup_peers.sh)"
+    if device.platform != "gpu":
+        return None, f"off (JAX runs on {device.platform}, not a GPU)"
+    return build()
+
+
+def kernel_name(implementation: str) -> str:
+    """The records' "kernel" of what --implementation times."""
+    return "jax_flashmla" if implementation == "cuda" else "xla_reference"
+
+
+def cannot_run(implementation: str, configs: list, unavailable: Callable[[object], str]) -> bool:
+    """Whether the op cannot take the first config with `implementation` (`unavailable(cfg)`
+    says why, "" when it can); the reason goes to stderr and the run ends before timing."""
+    reason = unavailable(configs[0]) if configs else ""
+    if reason:
+        print(f"cannot benchmark implementation={implementation!r}: {reason}", file=sys.stderr)
+    return bool(reason)
+
+
+def where_and_when() -> tuple:
+    """(JAX's first device, its card name, today's date): whence the records' card and date."""
+    import jax
+
+    device = jax.devices()[0]
+    return device, device.device_kind, datetime.date.today().isoformat()
+
+
+def header_line(device, date: str, inputs: str, main_kernel: str, args) -> str:
+    """The first line of a benchmark's output: versions, card, date, `inputs`, what is timed
+    and how."""
+    import jax
+
+    return (
+        f"# jax {jax.__version__}, {device.device_kind} ({device.platform}), {date}, {inputs}, "
+        f"main = {main_kernel}, R = {args.repeats} (time of R calls - time of R/4, per call), "
+        f"median of {args.runs} runs" + ("" if args.scale == 1 else f", scale 1/{args.scale}")
+    )
+
+
+def torch_peers(args: argparse.Namespace) -> tuple[TorchPeers, str]:
+    """The torch peers and the header's note on which of them were imported."""
+    peers = TorchPeers(
+        repeats=args.repeats, runs=args.runs, warmup=args.warmup, dtype_name=args.dtype
+    )
+    return peers, ", ".join(peers.names) or "none importable"
+
+
+# The sparse benchmarks (bench_decode_sparse.py, bench_prefill_sparse.py): FlashMLA is their
+# only peer, timed and recorded the same way in both.
+
+#: Query head counts FlashMLA's sparse kernels take; fewer heads run zero-padded to the next.
+FLASHMLA_SPARSE_HEADS = (64, 128)
+
+
+def flashmla_heads(h_q: int) -> int | None:
+    """The head count FlashMLA's sparse kernels run `h_q` heads with (None: they cannot)."""
+    return next((heads for heads in FLASHMLA_SPARSE_HEADS if h_q <= heads), None)
+
+
+def padded_heads(q, heads: int):
+    """q [..., h_q, d] with zero heads appended up to `heads` (FlashMLA's head counts)."""
+    import jax.numpy as jnp
+
+    widths = [(0, 0)] * q.ndim
+    widths[-2] = (0, heads - q.shape[-2])
+    return jnp.pad(q, widths)
+
+
+class FlashMLASparsePeer:
+    """Times one of FlashMLA's sparse kernels (commit 9241ae3) on our arrays, shared with torch
+    through DLPack, the way our op is timed; a subclass's measure(cfg, inputs, ours) makes the
+    calls. A config it cannot take (refusal) or fails on is reported and gives a PeerResult
+    without a time."""
+
+    def __init__(self, module, *, repeats: int, runs: int, warmup: int):
+        self.flash_mla = module
+        self.repeats, self.runs, self.warmup = repeats, runs, warmup
+        self.reported: set[str] = set()
+
+    @classmethod
+    def imported(cls, args: argparse.Namespace) -> tuple[FlashMLASparsePeer | None, str]:
+        """(this peer on flash_mla, the header's note), or (None, why it cannot be imported)."""
+        try:
+            module = importlib.import_module("flash_mla")
+        except Exception as error:  # a missing build, torch or CUDA library
+            return None, f"off (cannot import flash_mla: {error!r})"
+        return cls(module, repeats=args.repeats, runs=args.runs, warmup=args.warmup), "on"
+
+    def refusal(self, cfg) -> str:
+        """Why FlashMLA cannot take `cfg` ("" when it can), known before torch is imported."""
+        return ""
+
+    def __call__(self, cfg, inputs, our_out) -> PeerResult:
+        refusal = self.refusal(cfg)
+        if refusal:
+            print(f"# peer flashmla cannot take {cfg.label}: {refusal}", file=sys.stderr)
+            return PeerResult()
+        import torch
+
+        try:
+            with torch.inference_mode():
+                return self.measure(cfg, inputs, np.asarray(our_out, np.float32))
+        except Exception as error:
+            report_failure("flashmla", cfg.label, error, self.reported)
+            return PeerResult()
+        finally:
+            torch.cuda.empty_cache()
+
+    def measure(self, cfg, inputs, ours: np.ndarray) -> PeerResult:
+        raise NotImplementedError
+
+    def padded(self, qs: list, h_q: int) -> list:
+        """The q to time FlashMLA on, zero-padded to the head count it runs `h_q` heads with;
+        made here, before timing, so the copy is not in FlashMLA's time."""
+        import jax
+
+        heads = flashmla_heads(h_q)
+        qs = qs[: self.repeats]
+        if heads != h_q:
+            qs = jax.block_until_ready([padded_heads(q, heads) for q in qs])
+        return qs
+
+    def timed(self, qs: list, call: Callable, h_q: int, ours: np.ndarray) -> PeerResult:
+        """FlashMLA's result from `call(q)` (its output) on each of `qs`, shared with torch: the
+        first call made eagerly (FlashMLA builds its schedule there) and its first `h_q` heads
+        compared with ours, then all of them timed by graph_time_us."""
+        import torch
+
+        calls = [functools.partial(call, torch.from_dlpack(q)) for q in qs]
+        first = calls[0]()
+        torch.cuda.synchronize()
+        theirs = first[..., :h_q, :].float().cpu().numpy()
+        max_abs_diff, rel_err = agreement(theirs, ours)
+        del first, theirs
+
+        us = graph_time_us(calls, repeats=self.repeats, runs=self.runs, warmup=self.warmup)
+        return PeerResult(us, max_abs_diff, rel_err)
+
+
+def flashmla_beside(
+    measure: Callable | None,
+    cfg,
+    inputs,
+    many_calls: Callable,
+    first_args: tuple,
+    disagreements: list[str],
+) -> PeerResult:
+    """FlashMLA's result on `cfg` (one without a time when no peer runs), checked against our
+    output for the first q, `many_calls(*first_args)`'s first; a disagreement is noted."""
+    if measure is None:
+        return PeerResult()
+    import jax
+
+    our_out = jax.block_until_ready(many_calls(*first_args)[0][0])
+    peer = measure(cfg, inputs, our_out)
+    del our_out
+    note_disagreement(disagreements, "flashmla", cfg.label, peer)
+    return peer
+
+
+def flashmla_fields(us: float, work: float, moved: float, peer: PeerResult, h_q: int) -> dict:
+    """A sparse record's fields from "us" to "side_by_side": our time of a call of `work`
+    FLOPs and `moved` bytes, FlashMLA's beside it (run with flashmla_heads(h_q) heads)."""
+    ran = peer.us is not None
+    return {
+        "us": round(us, 2),
+        "tflops": round(work / (us * 1e6), 2),
+        "gbps": round(moved / (us * 1e3), 1),
+        "flashmla_us": round(peer.us, 2) if ran else None,
+        "flashmla_tflops": round(work / (peer.us * 1e6), 2) if ran else None,
+        "flashmla_h_q": flashmla_heads(h_q) if ran else None,
+        "ratio": round(peer.us / us, 3) if ran else None,
+        "peer_max_abs_diff": significant(peer.max_abs_diff),
+        "peer_rel_err": significant(peer.rel_err),
+        "side_by_side": ran,
+    }
+
+
+SPARSE_HEADER = (
+    f"{'config':<44} {'us':>9} {'TFLOPS':>7} {'GB/s':>8} {'FlashMLA':>9} {'TFLOPS':>7} "
+    f"{'ratio':>6} {'FM err':>8}"
+)
+
+
+def print_sparse_row(label: str, rec: dict) -> None:
+    """One line of SPARSE_HEADER's table."""
+    print(
+        f"{label:<44} {rec['us']:>9.1f} {rec['tflops']:>7.1f} {rec['gbps']:>8.1f} "
+        f"{fmt(rec['flashmla_us'], '>9.1f')} {fmt(rec['flashmla_tflops'], '>7.1f')} "
+        f"{fmt(rec['ratio'], '>6.3f')} {fmt(rec['peer_rel_err'], '>8.1e')}",
+        flush=True,
+    )
+
+
+def sparse_args(parser: argparse.ArgumentParser, argv, scale_help: str) -> argparse.Namespace:
+    """The sparse benchmarks' options after their own (--configs, --only, ...), parsed and
+    checked."""
+    parser.add_argument("--implementation", choices=("cuda", "xla"), default="cuda")
+    timing_arguments(parser, "FlashMLA")
+    parser.add_argument("--scale", type=int, default=1, help=scale_help)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.runs < 1 or args.warmup < 0:
+        parser.error("--repeats and --runs must be >= 1, --warmup >= 0")
+    if args.scale < 1:
+        parser.error("--scale must be >= 1")
+    return args
 
 
 def main(argv=None, measure_peers: PeerMeasure | None = None) -> int:
     """Run the benchmark; `measure_peers` replaces the torch peers (tests)."""
     args = parse_args(argv)
-    want_peers = measure_peers is not None or (
-        args.peers if args.peers is not None else peers_importable()
-    )
-    if want_peers and measure_peers is None:
-        # Read when JAX creates its GPU client: leave the memory JAX does not use to torch.
-        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    want_peers = peers_wanted(args, measure_peers, tuple(PEER_MODULES.values()))
     import jax
     import jax.numpy as jnp
 
@@ -640,37 +909,25 @@ def main(argv=None, measure_peers: PeerMeasure | None = None) -> int:
     dtype = jnp.dtype(args.dtype)
     configs = args.only or select_configs(args.configs)
     configs = [c.scaled(args.scale) for c in configs]
-    main_kernel = "jax_flashmla" if args.implementation == "cuda" else "xla_reference"
+    main_kernel = kernel_name(args.implementation)
     time_xla = args.implementation == "cuda" and not args.skip_xla
-
-    reason = kernel_unavailable(configs[0], dtype, args.implementation) if configs else ""
-    if reason:
-        print(f"cannot benchmark implementation={args.implementation!r}: {reason}", file=sys.stderr)
+    if cannot_run(
+        args.implementation,
+        configs,
+        lambda cfg: kernel_unavailable(cfg, dtype, args.implementation),
+    ):
         return 1
 
-    device = jax.devices()[0]
-    card = device.device_kind
-    date = datetime.date.today().isoformat()
-    peers_note = "on"
-    if want_peers and measure_peers is None:
-        if device.platform != "gpu":
-            want_peers, peers_note = False, f"off (JAX runs on {device.platform}, not a GPU)"
-        else:
-            measure_peers = TorchPeers(
-                repeats=args.repeats, runs=args.runs, warmup=args.warmup, dtype_name=args.dtype
-            )
-            peers_note = f"{', '.join(measure_peers.names) or 'none importable'}"
-    elif not want_peers:
-        peers_note = (
-            "off (--no-peers)"
-            if args.peers is False
-            else "off (flash_mla / fa3_mla not importable: source ../shared/peers/setup_peers.sh)"
-        )
-    print(
-        f"# jax {jax.__version__}, {card} ({device.platform}), {date}, {args.dtype}, "
-        f"main = {main_kernel}, R = {args.repeats} (time of R calls - time of R/4, per call), "
-        f"median of {args.runs} runs" + ("" if args.scale == 1 else f", scale 1/{args.scale}")
+    device, card, date = where_and_when()
+    measure_peers, peers_note = chosen_peers(
+        args,
+        want_peers,
+        measure_peers,
+        device,
+        tuple(PEER_MODULES.values()),
+        lambda: torch_peers(args),
     )
+    print(header_line(device, date, args.dtype, main_kernel, args))
     print(
         f"# peers side by side (same process, same arrays; ratio = peer us / our us): "
         f"{peers_note}; err = largest relative error of an output row against ours"
@@ -696,7 +953,7 @@ def main(argv=None, measure_peers: PeerMeasure | None = None) -> int:
             warmup=args.warmup,
         )
         peers: dict[str, PeerResult] = {}
-        if want_peers:
+        if measure_peers is not None:
             call_once = jitted_calls(cfg, args.implementation)
             our_out = call_once(qs[:1], k_cache, block_table, seqlens, *metadata)[0][0]
             peers = measure_peers(cfg, inputs, jax.block_until_ready(our_out))

@@ -50,11 +50,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import importlib.util
-import os
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,7 +72,8 @@ def _sibling(name: str):
     return sys.modules[name]
 
 
-#: The dense benchmark: its timing method, peer result and output comparison are shared.
+#: The dense benchmark: its timing method, peer result and output comparison are shared, and
+#: what both sparse benchmarks do with FlashMLA.
 dense = _sibling("bench_decode")
 PeerResult = dense.PeerResult
 
@@ -83,8 +81,6 @@ BYTES_PER_VALUE = 2  # bf16 q and out
 S_Q = 2
 S_K = 32768
 LAYOUTS = ("V32", "MODEL1")
-#: Query head counts FlashMLA's sparse decode takes; fewer heads run zero-padded to the next.
-FLASHMLA_HEADS = (64, 128)
 #: FlashMLA wants each MODEL1 block's bytes padded to a multiple of this (docs/ops.md).
 FLASHMLA_BLOCK_ALIGN = 576
 
@@ -148,11 +144,6 @@ def bytes_moved(cfg: Config) -> float:
     cache = cfg.b * cfg.s_q * cfg.topk * FP8_LAYOUTS[cfg.layout].bytes_per_token
     q_and_out = cfg.b * cfg.s_q * cfg.h_q * (cfg.d_qk + HEAD_DIM_V) * BYTES_PER_VALUE
     return cache + q_and_out
-
-
-def flashmla_heads(h_q: int) -> int | None:
-    """The head count FlashMLA runs `h_q` heads with (None: it cannot)."""
-    return next((heads for heads in FLASHMLA_HEADS if h_q <= heads), None)
 
 
 def draw_indices(cfg: Config, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,11 +246,7 @@ def kernel_unavailable(cfg: Config, implementation: str) -> str:
         ),
         jax.ShapeDtypeStruct((cfg.b, cfg.s_q, cfg.topk), jnp.int32),
     )
-    try:
-        jax.eval_shape(op_call(implementation), *structs)
-    except ValueError as error:
-        return str(error)
-    return ""
+    return dense.refusal(op_call(implementation), structs)
 
 
 def jitted_calls(implementation: str):
@@ -287,13 +274,6 @@ def time_op(many_calls, inputs: Inputs, metadata, *, repeats: int, runs: int, wa
     )
 
 
-def padded_heads(q, heads: int):
-    """q [b, s_q, h_q, d] with zero heads appended up to `heads` (FlashMLA's head counts)."""
-    import jax.numpy as jnp
-
-    return jnp.pad(q, ((0, 0), (0, 0), (0, heads - q.shape[2]), (0, 0)))
-
-
 def padded_blocks(cache, align: int = FLASHMLA_BLOCK_ALIGN):
     """uint8 [num_blocks, stride]: each block's bytes, zero-padded to a multiple of `align`
     (FlashMLA's MODEL1 cache)."""
@@ -305,28 +285,14 @@ def padded_blocks(cache, align: int = FLASHMLA_BLOCK_ALIGN):
     return jnp.pad(raw, ((0, 0), (0, stride - raw.shape[1])))
 
 
-class FlashMLAPeer:
-    """Times FlashMLA's sparse decode (commit 9241ae3) on our arrays, shared with torch through
-    DLPack, the way time_op times our op. A config it fails on is reported and gives a
+class FlashMLAPeer(dense.FlashMLASparsePeer):
+    """Times FlashMLA's sparse decode on our arrays: the q, the cache (MODEL1's blocks padded
+    as FlashMLA wants them) and the indices. A config it fails on is reported and gives a
     PeerResult without a time."""
 
     def __init__(self, module, *, repeats: int, runs: int, warmup: int):
-        self.flash_mla = module
-        self.repeats, self.runs, self.warmup = repeats, runs, warmup
-        self.reported = False
+        super().__init__(module, repeats=repeats, runs=runs, warmup=warmup)
         self.noted_copy = False
-
-    def __call__(self, cfg: Config, inputs: Inputs, our_out) -> PeerResult:
-        import torch
-
-        try:
-            with torch.inference_mode():
-                return self.measure(cfg, inputs, np.asarray(our_out, np.float32))
-        except Exception as error:
-            self.report(cfg, error)
-            return PeerResult()
-        finally:
-            torch.cuda.empty_cache()
 
     def cache_bytes(self, cache):
         """torch uint8 view of the FP8 cache's bytes: the same buffer, or, where this torch
@@ -359,65 +325,35 @@ class FlashMLAPeer:
         return blocks.view(num_blocks, page, 1, token_bytes).view(torch.float8_e4m3fn)
 
     def measure(self, cfg: Config, inputs: Inputs, ours: np.ndarray) -> PeerResult:
-        import jax
         import torch
 
-        heads = flashmla_heads(cfg.h_q)
-        if heads is None:
-            raise ValueError(f"FlashMLA's sparse decode takes h_q {FLASHMLA_HEADS}; got {cfg.h_q}")
-        qs = inputs.qs[: self.repeats]
-        if heads != cfg.h_q:
-            qs = jax.block_until_ready([padded_heads(q, heads) for q in qs])
+        if dense.flashmla_heads(cfg.h_q) is None:
+            takes = dense.FLASHMLA_SPARSE_HEADS
+            raise ValueError(f"FlashMLA's sparse decode takes h_q {takes}; got {cfg.h_q}")
+        qs = self.padded(inputs.qs, cfg.h_q)
         cache = self.flashmla_cache(cfg, inputs.cache)
         indices = torch.from_dlpack(inputs.indices)
         # At 9241ae3 get_mla_metadata takes no arguments; the schedule is built on the first call.
         sched_meta, _ = self.flash_mla.get_mla_metadata()
 
-        def call_on(q):
-            def call():
-                out, _ = self.flash_mla.flash_mla_with_kvcache(
-                    q,
-                    cache,
-                    None,
-                    None,
-                    HEAD_DIM_V,
-                    sched_meta,
-                    None,
-                    is_fp8_kvcache=True,
-                    indices=indices,
-                )
-                return out
+        def call(q):
+            out, _ = self.flash_mla.flash_mla_with_kvcache(
+                q,
+                cache,
+                None,
+                None,
+                HEAD_DIM_V,
+                sched_meta,
+                None,
+                is_fp8_kvcache=True,
+                indices=indices,
+            )
+            return out
 
-            return call
-
-        calls = [call_on(torch.from_dlpack(q)) for q in qs]
-        first = calls[0]()  # eager: FlashMLA builds its schedule here
-        torch.cuda.synchronize()
-        theirs = first[:, :, : cfg.h_q].float().cpu().numpy()
-        max_abs_diff, rel_err = dense.agreement(theirs, ours)
-        del first
-
-        us = dense.graph_time_us(calls, repeats=self.repeats, runs=self.runs, warmup=self.warmup)
-        return PeerResult(us, max_abs_diff, rel_err)
-
-    def report(self, cfg: Config, error: Exception) -> None:
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        print(
-            f"# peer flashmla failed on {cfg.label}: {type(error).__name__}: {first_line}",
-            file=sys.stderr,
-        )
-        if not self.reported:  # the whole story once
-            self.reported = True
-            traceback.print_exception(error, file=sys.stderr)
+        return self.timed(qs, call, cfg.h_q, ours)
 
 
 def record(kernel: str, cfg: Config, us: float, peer: PeerResult, card: str, date: str) -> dict:
-    work = flops(cfg)
-    ran = peer.us is not None
-
-    def significant(value: float | None) -> float | None:
-        return None if value is None else float(f"{value:.3g}")
-
     return {
         "kernel": kernel,
         "layout": cfg.layout,
@@ -430,51 +366,19 @@ def record(kernel: str, cfg: Config, us: float, peer: PeerResult, card: str, dat
         "d_qk": cfg.d_qk,
         "page": KERNEL_PAGE_SIZE,
         "dtype": "bfloat16",
-        "us": round(us, 2),
-        "tflops": round(work / (us * 1e6), 2),
-        "gbps": round(bytes_moved(cfg) / (us * 1e3), 1),
-        "flashmla_us": round(peer.us, 2) if ran else None,
-        "flashmla_tflops": round(work / (peer.us * 1e6), 2) if ran else None,
-        "flashmla_h_q": flashmla_heads(cfg.h_q) if ran else None,
-        "ratio": round(peer.us / us, 3) if ran else None,
-        "peer_max_abs_diff": significant(peer.max_abs_diff),
-        "peer_rel_err": significant(peer.rel_err),
-        "side_by_side": ran,
+        **dense.flashmla_fields(us, flops(cfg), bytes_moved(cfg), peer, cfg.h_q),
         "card": card,
         "date": date,
     }
 
 
-HEADER = (
-    f"{'config':<44} {'us':>9} {'TFLOPS':>7} {'GB/s':>8} {'FlashMLA':>9} {'TFLOPS':>7} "
-    f"{'ratio':>6} {'FM err':>8}"
-)
-
-
-def print_row(cfg: Config, rec: dict) -> None:
-    fmt = dense.fmt
-    print(
-        f"{cfg.label:<44} {rec['us']:>9.1f} {rec['tflops']:>7.1f} {rec['gbps']:>8.1f} "
-        f"{fmt(rec['flashmla_us'], '>9.1f')} {fmt(rec['flashmla_tflops'], '>7.1f')} "
-        f"{fmt(rec['ratio'], '>6.3f')} {fmt(rec['peer_rel_err'], '>8.1e')}",
-        flush=True,
-    )
-
-
 def select_configs(groups: str, layouts: str) -> list[Config]:
-    group_names = {name.strip() for name in groups.split(",") if name.strip()}
-    unknown = group_names - {"all", *GROUPS}
-    if unknown:
-        raise SystemExit(f"unknown --configs {sorted(unknown)}; use all or {', '.join(GROUPS)}")
+    configs = dense.in_groups(CONFIGS, groups, GROUPS)
     layout_names = {name.strip() for name in layouts.split(",") if name.strip()}
     unknown = layout_names - set(LAYOUTS)
     if unknown:
         raise SystemExit(f"unknown --layouts {sorted(unknown)}; use {', '.join(LAYOUTS)}")
-    return [
-        c
-        for c in CONFIGS
-        if ("all" in group_names or c.group in group_names) and c.layout in layout_names
-    ]
+    return [c for c in configs if c.layout in layout_names]
 
 
 def parse_only(spec: str) -> Config:
@@ -500,95 +404,39 @@ def parse_only(spec: str) -> Config:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--configs", default="all", help="all, or a comma list of " + ", ".join(GROUPS)
-    )
+    parser = dense.parser_with_configs(__doc__, GROUPS)
     parser.add_argument(
         "--layouts", default=",".join(LAYOUTS), help="a comma list of " + ", ".join(LAYOUTS)
     )
-    parser.add_argument(
-        "--only",
-        type=parse_only,
-        action="append",
-        metavar="LAYOUT,B,H_Q,TOPK",
-        help="run this configuration (s_q 2, s_k 32768) instead of --configs; repeatable",
-    )
-    parser.add_argument("--implementation", choices=("cuda", "xla"), default="cuda")
-    parser.add_argument("--repeats", type=int, default=20, help="op calls per jitted function (R)")
-    parser.add_argument("--runs", type=int, default=30, help="timed runs (median)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument(
-        "--peers",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="time FlashMLA side by side (default: when importable)",
-    )
-    parser.add_argument("--scale", type=int, default=1, help="divide b, s_k and topk (smoke tests)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.runs < 1 or args.warmup < 0:
-        parser.error("--repeats and --runs must be >= 1, --warmup >= 0")
-    if args.scale < 1:
-        parser.error("--scale must be >= 1")
-    return args
+    dense.only_argument(parser, parse_only, "LAYOUT,B,H_Q,TOPK", f"s_q {S_Q}, s_k {S_K}")
+    return dense.sparse_args(parser, argv, "divide b, s_k and topk (smoke tests)")
 
 
 def main(argv=None, measure_peer: PeerMeasure | None = None) -> int:
     """Run the benchmark; `measure_peer` replaces FlashMLA (tests)."""
     args = parse_args(argv)
-    want_peer = measure_peer is not None or (
-        args.peers if args.peers is not None else importlib.util.find_spec("flash_mla") is not None
-    )
-    if want_peer and measure_peer is None:
-        # Read when JAX creates its GPU client: leave the memory JAX does not use to torch.
-        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    import jax
+    want_peer = dense.peers_wanted(args, measure_peer, ("flash_mla",))
 
     configs = args.only or select_configs(args.configs, args.layouts)
     configs = [c.scaled(args.scale) for c in configs]
-    main_kernel = "jax_flashmla" if args.implementation == "cuda" else "xla_reference"
-
-    reason = kernel_unavailable(configs[0], args.implementation) if configs else ""
-    if reason:
-        print(f"cannot benchmark implementation={args.implementation!r}: {reason}", file=sys.stderr)
+    main_kernel = dense.kernel_name(args.implementation)
+    if dense.cannot_run(
+        args.implementation, configs, lambda cfg: kernel_unavailable(cfg, args.implementation)
+    ):
         return 1
 
-    device = jax.devices()[0]
-    card = device.device_kind
-    date = datetime.date.today().isoformat()
-    peer_note = "on"
-    if want_peer and measure_peer is None:
-        if device.platform != "gpu":
-            want_peer, peer_note = False, f"off (JAX runs on {device.platform}, not a GPU)"
-        else:
-            try:
-                module = importlib.import_module("flash_mla")
-            except Exception as error:  # a missing build, torch or CUDA library
-                want_peer, peer_note = False, f"off (cannot import flash_mla: {error!r})"
-            else:
-                measure_peer = FlashMLAPeer(
-                    module, repeats=args.repeats, runs=args.runs, warmup=args.warmup
-                )
-    elif not want_peer:
-        peer_note = (
-            "off (--no-peers)"
-            if args.peers is False
-            else "off (flash_mla not importable: source ../shared/peers/setup_peers.sh)"
-        )
-    print(
-        f"# jax {jax.__version__}, {card} ({device.platform}), {date}, bf16 q, FP8 cache page "
-        f"{KERNEL_PAGE_SIZE}, main = {main_kernel}, R = {args.repeats} (time of R calls - time "
-        f"of R/4, per call), median of {args.runs} runs"
-        + ("" if args.scale == 1 else f", scale 1/{args.scale}")
+    device, card, date = dense.where_and_when()
+    measure_peer, peer_note = dense.chosen_peers(
+        args, want_peer, measure_peer, device, ("flash_mla",), lambda: FlashMLAPeer.imported(args)
     )
+    inputs_note = f"bf16 q, FP8 cache page {KERNEL_PAGE_SIZE}"
+    print(dense.header_line(device, date, inputs_note, main_kernel, args))
     print(
         f"# FlashMLA side by side (same process, same arrays; ratio = FlashMLA us / our us; "
         f"q padded to 64 or 128 heads for it): {peer_note}; err = largest relative error of an "
         "output row against ours"
     )
-    print(HEADER)
+    print(dense.SPARSE_HEADER)
     records = []
     disagreements = []
     many_calls = jitted_calls(args.implementation)
@@ -598,15 +446,17 @@ def main(argv=None, measure_peer: PeerMeasure | None = None) -> int:
         us = time_op(
             many_calls, inputs, metadata, repeats=args.repeats, runs=args.runs, warmup=args.warmup
         )
-        peer = PeerResult()
-        if want_peer:
-            our_out = many_calls(inputs.qs[:1], inputs.cache, inputs.indices, *metadata)[0][0]
-            peer = measure_peer(cfg, inputs, jax.block_until_ready(our_out))
-            del our_out
-            dense.note_disagreement(disagreements, "flashmla", cfg.label, peer)
+        peer = dense.flashmla_beside(
+            measure_peer,
+            cfg,
+            inputs,
+            many_calls,
+            (inputs.qs[:1], inputs.cache, inputs.indices, *metadata),
+            disagreements,
+        )
         rec = record(main_kernel, cfg, us, peer, card, date)
         records.append(rec)
-        print_row(cfg, rec)
+        dense.print_sparse_row(cfg.label, rec)
         del inputs, metadata
         dense.save_records(records, args.json)  # after every config
     return dense.finish(records, args.json, disagreements)

@@ -11,11 +11,25 @@ same arrays; > 1 means we are faster. A run without peers has no ratio: the plot
 
 from __future__ import annotations
 
-import argparse
-import json
+import importlib.util
 import math
 import sys
 from pathlib import Path
+
+
+def _sibling(name: str):
+    """The module `name`.py of this folder (which `python -P` leaves off sys.path)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+#: The records of one kernel, the title and file and the command line, shared with the other
+#: plots.
+side_by_side = _sibling("plot_side_by_side")
 
 #: (record key, legend) of each bar of a configuration.
 BARS = (("ratio", "FlashMLA time / ours"), ("fa3_ratio", "FA3 MLA time / ours"))
@@ -27,20 +41,8 @@ def config_label(record: dict) -> str:
 
 
 def plot(records: list[dict], out: Path, kernel: str | None = None, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kernels = list(dict.fromkeys(r["kernel"] for r in records))
-    if not kernels:
-        raise SystemExit("no records to plot")
-    if kernel is None:
-        kernel = "jax_flashmla" if "jax_flashmla" in kernels else kernels[0]
-    rows = [r for r in records if r["kernel"] == kernel]
-    if not rows:
-        raise SystemExit(f"no records of kernel {kernel!r}; the file has {kernels}")
-
+    plt = side_by_side.pyplot()
+    kernel, rows = side_by_side.kernel_rows(records, kernel)
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows) + 3), 6))
     width = 0.8 / len(BARS)
     measured = False
@@ -70,31 +72,14 @@ def plot(records: list[dict], out: Path, kernel: str | None = None, title: str =
     ax.grid(True, axis="y", alpha=0.3)
     if measured:
         ax.legend(fontsize=8, loc="best")
-    cards = ", ".join(sorted({str(r.get("card")) for r in rows}))
-    dates = ", ".join(sorted({str(r.get("date")) for r in rows}))
-    dtype = ", ".join(sorted({r["dtype"] for r in rows}))
-    ax.set_title(
-        title or f"dense MLA decode side by side, {kernel} ({dtype}), {cards}, {dates}",
-        fontsize=10,
+    title = title or side_by_side.default_title(
+        "dense MLA decode", kernel, rows, lambda r: r["dtype"]
     )
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return side_by_side.save(plt, fig, ax, title, out)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", type=Path, help="records written by bench_decode.py --json")
-    parser.add_argument("--out", type=Path, help="PNG path (default: the JSON path, .png)")
-    parser.add_argument("--kernel", help='records to plot (default "jax_flashmla")')
-    parser.add_argument("--title", default="")
-    args = parser.parse_args(argv)
-    records = json.loads(args.json.read_text())
-    out = plot(records, args.out or args.json.with_suffix(".png"), args.kernel, args.title)
-    print(f"wrote {out}")
-    return 0
+    return side_by_side.main(argv, __doc__, "bench_decode.py", plot)
 
 
 if __name__ == "__main__":

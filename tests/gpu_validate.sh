@@ -16,6 +16,8 @@
 #                                            # (~230 s)
 #   bash tests/gpu_validate.sh bench-sparse  # build; benchmarks/bench_decode_sparse.py and its
 #                                            # plot (~60 s on an H100)
+#   bash tests/gpu_validate.sh bench-prefill-sparse  # build; benchmarks/bench_prefill_sparse.py
+#                                                    # and its plot (not yet timed)
 # The benchmarks time FlashMLA and FA3's MLA mode beside ours when their setup script is found:
 # ${JFM_PEERS:-../shared/peers}/setup_peers.sh. Only the repository travels to a GPU machine:
 # copy the peers folder into an ignored folder of the checkout (e.g. .peers), carry it and set
@@ -48,9 +50,9 @@
 # Logs and results go to ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}: quick_tests.log,
 # quick_sparse_tests.log, quick_prefill_sparse_tests.log, NAME.txt and NAME_memcheck.txt for
 # each C++ test NAME (decode_check, decode_sparse_check, prefill_sparse_check, graph_capture,
-# graph_capture_sparse), decode_dense.{json,txt,png}, decode_sparse.{json,txt,png}, the full
-# matrix shard logs, memcheck_{decode,rules,schedule,graphs,sparse}.log. Exit status non-zero if
-# any step failed.
+# graph_capture_sparse), decode_dense.{json,txt,png}, decode_sparse.{json,txt,png},
+# prefill_sparse.{json,txt,png}, the full matrix shard logs,
+# memcheck_{decode,rules,schedule,graphs,sparse}.log. Exit status non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}
@@ -166,6 +168,10 @@ case "${1:-}" in
     step build build
     peers
     step "bench, sparse decode" bench decode_sparse decode_sparse ;;
+  bench-prefill-sparse)
+    step build build
+    peers
+    step "bench, sparse prefill" bench prefill_sparse prefill_sparse ;;
   matrix)
     step build build
     step "full matrix, small batches" env LOG_DIR="$logs/full_small" bash tests/gpu_full_matrix.sh small
@@ -189,7 +195,7 @@ case "${1:-}" in
     step build build
     step "memcheck, quick sparse decode tests" memcheck sparse quick \
       tests/test_gpu_decode_sparse.py ;;
-  *) echo "usage: $0 kernel|sparse|prefill-sparse|bench|bench-sparse|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
+  *) echo "usage: $0 kernel|sparse|prefill-sparse|bench|bench-sparse|bench-prefill-sparse|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
      exit 2 ;;
 esac
 exit $status

@@ -207,19 +207,17 @@ def test_committed_h200_results_have_every_key():
     assert records and all(set(r) >= KEYS for r in records)
 
 
-# The sparse decode benchmark (bench_decode_sparse.py) and its plot.
+# The sparse benchmarks (bench_decode_sparse.py, bench_prefill_sparse.py) and their plots:
+# FlashMLA is their only peer, timed and recorded the same way in both.
 
-SPARSE_KEYS = {
+#: The fields of every sparse record: the shape, our time, FlashMLA's beside it, where and when.
+SPARSE_COMMON_KEYS = {
     "kernel",
-    "layout",
-    "b",
     "s_q",
     "h_q",
     "h_kv",
-    "s_k",
     "topk",
     "d_qk",
-    "page",
     "dtype",
     "us",
     "tflops",
@@ -234,6 +232,8 @@ SPARSE_KEYS = {
     "card",
     "date",
 }
+SPARSE_KEYS = SPARSE_COMMON_KEYS | {"layout", "b", "s_k", "page"}
+PREFILL_SPARSE_KEYS = SPARSE_COMMON_KEYS | {"s_kv", "d_v"}
 SPARSE_SMOKE_ARGS = [
     "--scale",
     "64",
@@ -259,21 +259,128 @@ def sparse_counts(record: dict) -> tuple[int, int]:
     return work, moved
 
 
-def check_counting(record: dict) -> None:
-    """tflops and gbps follow from us and the sparse counts."""
-    work, moved = sparse_counts(record)
+def prefill_sparse_counts(record: dict) -> tuple[int, int]:
+    """(FLOPs, bytes) of a sparse prefill record: every query token reads its topk bf16 kv
+    rows; q read and out written in bf16."""
+    s_q, h_q, topk, d_qk = record["s_q"], record["h_q"], record["topk"], record["d_qk"]
+    work = s_q * h_q * topk * 2 * (d_qk + 512)
+    moved = s_q * topk * d_qk * 2 + s_q * h_q * (d_qk + 512) * 2
+    return work, moved
+
+
+#: Each sparse benchmark's record keys and counts.
+SPARSE_RECORDS = {
+    "bench_decode_sparse": (SPARSE_KEYS, sparse_counts),
+    "bench_prefill_sparse": (PREFILL_SPARSE_KEYS, prefill_sparse_counts),
+}
+
+
+def check_record(script: str, record: dict, flashmla_us: float | None) -> None:
+    """What every record of a smoke run of `script` holds: its keys, tflops and gbps that
+    follow from us and the counts, and FlashMLA's fields: none where it did not run, else its
+    `flashmla_us` and the error of an output 1.001 times ours."""
+    keys, counts = SPARSE_RECORDS[script]
+    assert set(record) == keys, record
+    assert record["kernel"] == "xla_reference"
+    assert record["us"] > 0
+    assert record["card"] and record["date"]
+    work, moved = counts(record)
     # us is rounded to 0.01 in the record, TFLOPS and GB/s are computed before rounding.
     rounding = 0.006 / record["us"] + 1e-3
     assert record["tflops"] == pytest.approx(work / (record["us"] * 1e6), rel=rounding, abs=0.006)
     assert record["gbps"] == pytest.approx(moved / (record["us"] * 1e3), rel=rounding, abs=0.06)
+    if flashmla_us is None:
+        assert record["side_by_side"] is False
+        assert record["flashmla_us"] is None and record["ratio"] is None
+        assert record["flashmla_tflops"] is None and record["flashmla_h_q"] is None
+        assert record["peer_rel_err"] is None
+        return
+    assert record["side_by_side"] is True
+    assert record["flashmla_us"] == flashmla_us
+    assert record["ratio"] == pytest.approx(flashmla_us / record["us"], abs=1e-3)
+    assert record["flashmla_tflops"] == pytest.approx(work / (flashmla_us * 1e6), abs=0.006)
+    assert 0 < record["peer_rel_err"] == pytest.approx(1e-3, rel=1e-2)
+    assert record["peer_max_abs_diff"] > 0
 
 
-def test_bench_decode_sparse_smoke_without_peers(tmp_path):
-    out = tmp_path / "decode_sparse.json"
-    bench = load("bench_decode_sparse")
+def check_decode_sparse_inputs(cfg, inputs, ours: np.ndarray) -> None:
+    assert ours.shape == (cfg.b, cfg.s_q, cfg.h_q, 512)
+    token_bytes = {"V32": 656, "MODEL1": 584}[cfg.layout]
+    assert inputs.cache.shape[1:] == (64, 1, token_bytes)
+    assert str(inputs.cache.dtype) == "float8_e4m3fn"
+    assert inputs.indices.shape == (cfg.b, cfg.s_q, cfg.topk)
+    assert [q.shape for q in inputs.qs] == [(cfg.b, cfg.s_q, cfg.h_q, cfg.d_qk)] * 2
+
+
+def check_prefill_sparse_inputs(cfg, inputs, ours: np.ndarray) -> None:
+    assert ours.shape == (cfg.s_q, cfg.h_q, 512)
+    assert inputs.kv.shape == (cfg.s_kv, 1, cfg.d_qk) and str(inputs.kv.dtype) == "bfloat16"
+    assert inputs.indices.shape == (cfg.s_q, 1, cfg.topk)
+    assert str(inputs.indices.dtype) == "int32"
+    assert [q.shape for q in inputs.qs] == [(cfg.s_q, cfg.h_q, cfg.d_qk)] * 2
+
+
+def fake_flashmla(script: str, flashmla_us: float, scale_theirs: float, seen: list):
+    """A FlashMLA measurement for `script` that reports `flashmla_us` and compares
+    `scale_theirs` times our output with ours; it checks the arrays it is handed."""
+    check_inputs = {
+        "bench_decode_sparse": check_decode_sparse_inputs,
+        "bench_prefill_sparse": check_prefill_sparse_inputs,
+    }[script]
+
+    def measure(cfg, inputs, our_out):
+        bench = sys.modules[script]
+        ours = np.asarray(our_out, np.float32)
+        check_inputs(cfg, inputs, ours)
+        seen.append(cfg)
+        diff, rel = bench.dense.agreement(ours * scale_theirs, ours)
+        return bench.PeerResult(flashmla_us, diff, rel)
+
+    return measure
+
+
+def check_plot(tmp_path, name: str, records_path: Path, *argv: str):
+    """Runs plot script `name` on the records; it writes a PNG. Returns the script."""
+    png = tmp_path / f"{name}.png"
+    plot = load(name)
+    assert plot.main([str(records_path), "--out", str(png), *argv]) == 0
+    assert png.stat().st_size > 1000
+    return plot
+
+
+def run_without_peers(tmp_path, script: str) -> tuple[Path, list[dict]]:
+    """(the JSON, its records) of `script` on its heads group with --no-peers, each record
+    checked; torch is left alone."""
+    out = tmp_path / "sparse.json"
+    bench = load(script)
     argv = [*SPARSE_SMOKE_ARGS, "--no-peers", "--configs", "heads", "--json", str(out)]
     assert bench.main(argv) == 0
     records = json.loads(out.read_text())
+    for record in records:
+        check_record(script, record, None)
+    assert "torch" not in sys.modules
+    return out, records
+
+
+def run_side_by_side(tmp_path, script: str, only: list[str]) -> tuple[Path, list, list[dict]]:
+    """(the JSON, the configs FlashMLA was handed, the records) of `script` on the --only
+    configs, beside a fake FlashMLA of 50 us whose output is 1.001 times ours; each record
+    checked."""
+    out = tmp_path / "sparse.json"
+    bench = load(script)
+    seen = []
+    argv = [*SPARSE_SMOKE_ARGS, *(arg for spec in only for arg in ("--only", spec))]
+    measure = fake_flashmla(script, 50.0, 1.001, seen)
+    assert bench.main([*argv, "--json", str(out)], measure_peer=measure) == 0
+    records = json.loads(out.read_text())
+    assert len(records) == len(only)
+    for record in records:
+        check_record(script, record, 50.0)
+    return out, seen, records
+
+
+def test_bench_decode_sparse_smoke_without_peers(tmp_path):
+    out, records = run_without_peers(tmp_path, "bench_decode_sparse")
     # The heads group, both layouts, scaled by 64: b 2, s_k 512, topk 2048 / 64 -> 64.
     assert [(r["layout"], r["h_q"]) for r in records] == [
         ("V32", 16),
@@ -282,84 +389,111 @@ def test_bench_decode_sparse_smoke_without_peers(tmp_path):
         ("MODEL1", 32),
     ]
     for record in records:
-        assert set(record) == SPARSE_KEYS, record
-        assert record["kernel"] == "xla_reference"
         assert (record["b"], record["s_q"], record["s_k"], record["topk"]) == (2, 2, 512, 64)
         assert (record["h_kv"], record["page"], record["dtype"]) == (1, 64, "bfloat16")
-        assert record["us"] > 0
-        check_counting(record)
-        assert record["side_by_side"] is False
-        assert record["flashmla_us"] is None and record["ratio"] is None
-        assert record["flashmla_tflops"] is None and record["flashmla_h_q"] is None
-        assert record["peer_rel_err"] is None
-        assert record["card"] and record["date"]
-    assert "torch" not in sys.modules
-    png = tmp_path / "decode_sparse.png"
-    plot = load("plot_decode_sparse")
-    assert plot.main([str(out), "--out", str(png)]) == 0
-    assert png.stat().st_size > 1000
+    check_plot(tmp_path, "plot_decode_sparse", out)
 
 
-def fake_flashmla(flashmla_us: float, scale_theirs: float, seen: list):
-    """A FlashMLA measurement that reports `flashmla_us` and compares `scale_theirs` times our
-    output with ours; it checks the arrays it is handed."""
-
-    def measure(cfg, inputs, our_out):
-        bench = sys.modules["bench_decode_sparse"]
-        ours = np.asarray(our_out, np.float32)
-        assert ours.shape == (cfg.b, cfg.s_q, cfg.h_q, 512)
-        token_bytes = {"V32": 656, "MODEL1": 584}[cfg.layout]
-        assert inputs.cache.shape[1:] == (64, 1, token_bytes)
-        assert str(inputs.cache.dtype) == "float8_e4m3fn"
-        assert inputs.indices.shape == (cfg.b, cfg.s_q, cfg.topk)
-        assert [q.shape for q in inputs.qs] == [(cfg.b, cfg.s_q, cfg.h_q, cfg.d_qk)] * 2
-        seen.append(cfg)
-        diff, rel = bench.dense.agreement(ours * scale_theirs, ours)
-        return bench.PeerResult(flashmla_us, diff, rel)
-
-    return measure
+def test_bench_prefill_sparse_smoke_without_peers(tmp_path):
+    out, records = run_without_peers(tmp_path, "bench_prefill_sparse")
+    # The heads group scaled by 64: s_q 64, topk 2048 / 64 -> 64, s_kv 32768 / 64.
+    assert [r["h_q"] for r in records] == [16, 32]
+    for record in records:
+        assert (record["s_q"], record["s_kv"], record["topk"], record["d_qk"]) == (64, 512, 64, 576)
+        assert (record["h_kv"], record["d_v"], record["dtype"]) == (1, 512, "bfloat16")
+    check_plot(tmp_path, "plot_prefill_sparse", out)
 
 
 def test_bench_decode_sparse_side_by_side_records_and_plot(tmp_path):
-    out = tmp_path / "decode_sparse.json"
-    bench = load("bench_decode_sparse")
-    seen = []
-    argv = [*SPARSE_SMOKE_ARGS, "--only", "V32,128,16,2048", "--only", "MODEL1,148,128,16384"]
-    status = bench.main([*argv, "--json", str(out)], measure_peer=fake_flashmla(50.0, 1.001, seen))
-    assert status == 0
+    only = ["V32,128,16,2048", "MODEL1,148,128,16384"]
+    out, seen, records = run_side_by_side(tmp_path, "bench_decode_sparse", only)
     assert [(c.layout, c.b, c.s_q, c.h_q, c.topk, c.s_k) for c in seen] == [
         ("V32", 2, 2, 16, 64, 512),
         ("MODEL1", 2, 2, 128, 256, 512),
     ]
-    records = json.loads(out.read_text())
-    assert len(records) == 2
-    for record in records:
-        assert set(record) == SPARSE_KEYS, record
-        check_counting(record)
-        assert record["side_by_side"] is True
-        assert record["flashmla_us"] == 50.0
-        assert record["ratio"] == pytest.approx(50.0 / record["us"], abs=1e-3)
-        work, _ = sparse_counts(record)
-        assert record["flashmla_tflops"] == pytest.approx(work / 50e6, abs=0.006)
-        assert 0 < record["peer_rel_err"] == pytest.approx(1e-3, rel=1e-2)
-        assert record["peer_max_abs_diff"] > 0
     # FlashMLA takes 64 or 128 heads: 16 heads run padded to 64.
     assert [r["flashmla_h_q"] for r in records] == [64, 128]
-    png = tmp_path / "decode_sparse.png"
-    plot = load("plot_decode_sparse")
-    assert plot.main([str(out), "--out", str(png), "--kernel", "xla_reference"]) == 0
-    assert png.stat().st_size > 1000
+    plot = check_plot(tmp_path, "plot_decode_sparse", out, "--kernel", "xla_reference")
     assert plot.config_label(records[0]) == "V32 b2 h16 topk64 (FlashMLA h64)"
 
 
-def test_bench_decode_sparse_fails_when_flashmla_disagrees(tmp_path, capsys):
-    out = tmp_path / "decode_sparse.json"
-    bench = load("bench_decode_sparse")
-    argv = [*SPARSE_SMOKE_ARGS, "--only", "MODEL1,128,32,2048", "--json", str(out)]
-    assert bench.main(argv, measure_peer=fake_flashmla(50.0, 1.5, [])) == 1
+def test_bench_prefill_sparse_side_by_side_records_and_plot(tmp_path):
+    only = ["576,16,2048,32768", "512,64,512,131072"]
+    out, seen, records = run_side_by_side(tmp_path, "bench_prefill_sparse", only)
+    assert [(c.d_qk, c.h_q, c.topk, c.s_q, c.s_kv) for c in seen] == [
+        (576, 16, 64, 64, 512),
+        (512, 64, 64, 64, 2048),
+    ]
+    # FlashMLA takes 64 or 128 heads: 16 heads run padded to 64.
+    assert [r["flashmla_h_q"] for r in records] == [64, 64]
+    plot = check_plot(tmp_path, "plot_prefill_sparse", out, "--kernel", "xla_reference")
+    assert plot.config_label(records[0]) == "d576 h16 topk64 s_kv512 (FlashMLA h64)"
+    assert plot.config_label(records[1]) == "d512 h64 topk64 s_kv2048"
+
+
+@pytest.mark.parametrize(
+    "script, only",
+    [("bench_decode_sparse", "MODEL1,128,32,2048"), ("bench_prefill_sparse", "512,32,1024,8192")],
+)
+def test_bench_sparse_fails_when_flashmla_disagrees(script, only, tmp_path, capsys):
+    out = tmp_path / "sparse.json"
+    bench = load(script)
+    argv = [*SPARSE_SMOKE_ARGS, "--only", only, "--json", str(out)]
+    assert bench.main(argv, measure_peer=fake_flashmla(script, 50.0, 1.5, [])) == 1
     assert "DISAGREES" in capsys.readouterr().err
     (record,) = json.loads(out.read_text())  # written all the same
     assert record["peer_rel_err"] == pytest.approx(0.5, rel=1e-2)
+
+
+def test_flashmla_sparse_heads_and_padding():
+    """FlashMLA's sparse kernels take 64 or 128 heads: fewer run with q zero-padded to 64,
+    decode's q [b, s_q, h, d] and prefill's [s_q, h, d] alike."""
+    import jax
+    import jax.numpy as jnp
+
+    dense = load("bench_decode")
+    assert [dense.flashmla_heads(h) for h in (1, 16, 64, 65, 128, 129)] == [
+        64,
+        64,
+        64,
+        128,
+        128,
+        None,
+    ]
+    for shape in ((2, 2, 16, 512), (4, 16, 576)):
+        q = jax.random.normal(jax.random.key(0), shape).astype(jnp.bfloat16)
+        padded = np.asarray(dense.padded_heads(q, 64), np.float32)
+        assert padded.shape == (*shape[:-2], 64, shape[-1])
+        np.testing.assert_array_equal(padded[..., :16, :], np.asarray(q, np.float32))
+        assert not padded[..., 16:, :].any()
+
+
+def test_sparse_plot_marks_a_config_flashmla_did_not_run(tmp_path, monkeypatch):
+    """Both sparse plots draw our bar alone, marked, where FlashMLA ran other configs but not
+    this one."""
+    side_by_side = load("plot_side_by_side")
+    figures = []
+    monkeypatch.setattr(side_by_side.pyplot(), "close", figures.append)  # keeps the figure
+    records = [
+        {"kernel": "jax_flashmla", "tflops": 100.0, "flashmla_tflops": None, "ratio": None},
+        {"kernel": "jax_flashmla", "tflops": 100.0, "flashmla_tflops": 90.0, "ratio": 0.9},
+    ]
+    out = side_by_side.flashmla_tflops(
+        records,
+        tmp_path / "marked.png",
+        label=lambda r: str(r["ratio"]),
+        what="sparse",
+        detail=lambda r: "",
+        script="bench.py",
+    )
+    assert out.stat().st_size > 1000
+    (figure,) = figures
+    # After the bars' value labels, what stands above each config: the mark, then the ratio.
+    texts = [text.get_text() for text in figure.axes[0].texts]
+    assert texts[-2:] == ["no FlashMLA", "0.90"] and texts.count("no FlashMLA") == 1
+
+
+# The sparse decode benchmark alone.
 
 
 def test_bench_decode_sparse_configs():
@@ -403,14 +537,6 @@ def test_bench_decode_sparse_counting():
     model1 = bench.parse_only("MODEL1,148,64,16384")
     assert bench.flops(model1) == 148 * 2 * 64 * 16384 * 2 * (512 + 512)
     assert bench.bytes_moved(model1) == 148 * 2 * 16384 * 584 + 148 * 2 * 64 * 1024 * 2
-    assert [bench.flashmla_heads(h) for h in (1, 16, 64, 65, 128, 129)] == [
-        64,
-        64,
-        64,
-        128,
-        128,
-        None,
-    ]
 
 
 def test_bench_decode_sparse_indices_select_each_request_own_tokens():
@@ -434,21 +560,15 @@ def test_bench_decode_sparse_indices_select_each_request_own_tokens():
     assert set(indices[0, 0]) != set(indices[0, 1])
 
 
-def test_bench_decode_sparse_flashmla_views():
-    """What FlashMLA is handed: q padded with zero heads, and MODEL1 blocks padded to a
-    multiple of 576 bytes whose first page * 584 bytes are the block's bytes."""
+def test_bench_decode_sparse_flashmla_cache():
+    """What FlashMLA is handed for MODEL1: blocks padded to a multiple of 576 bytes whose first
+    page * 584 bytes are the block's bytes."""
     import jax
     import jax.numpy as jnp
 
     import jax_flashmla as fm
 
     bench = load("bench_decode_sparse")
-    q = jax.random.normal(jax.random.key(0), (2, 2, 16, 512)).astype(jnp.bfloat16)
-    padded = np.asarray(bench.padded_heads(q, 64), np.float32)
-    assert padded.shape == (2, 2, 64, 512)
-    np.testing.assert_array_equal(padded[:, :, :16], np.asarray(q, np.float32))
-    assert not padded[:, :, 16:].any()
-
     values = jax.random.normal(jax.random.key(1), (3, 64, 1, 512)) / 10
     cache = fm.quantize_k_cache(values.astype(jnp.bfloat16), layout="MODEL1")
     blocks = np.asarray(bench.padded_blocks(cache))
@@ -467,3 +587,94 @@ def test_bench_decode_sparse_flashmla_views():
         np.asarray(fm.dequantize_k_cache(again), np.float32),
         np.asarray(fm.dequantize_k_cache(cache), np.float32),
     )
+
+
+# The sparse prefill benchmark alone.
+
+
+def test_bench_prefill_sparse_exits_when_the_kernel_cannot_run(tmp_path, capsys, monkeypatch):
+    from jax_flashmla._src import platform
+
+    bench = load("bench_prefill_sparse")
+    cfg = bench.parse_only("576,128,2048,8192").scaled(64)
+    assert bench.kernel_unavailable(cfg, "xla") == ""
+    if platform.device_unsupported_reason() or platform.extension_unavailable_reason():
+        assert "implementation='cuda' is unavailable" in bench.kernel_unavailable(cfg, "cuda")
+    # The default is the kernel, asked for explicitly; without it the script says why.
+    monkeypatch.setattr(bench, "kernel_unavailable", lambda cfg, implementation: implementation)
+    out = tmp_path / "prefill_sparse.json"
+    argv = ["--scale", "64", "--only", "576,128,2048,8192", "--json", str(out)]
+    assert bench.main(argv) == 1
+    assert "cannot benchmark implementation='cuda': cuda" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bench_prefill_sparse_configs():
+    bench = load("bench_prefill_sparse")
+    by_group = {g: [c for c in bench.CONFIGS if c.group == g] for g in bench.GROUPS}
+    shapes = {g: [(c.d_qk, c.h_q, c.topk, c.s_kv) for c in cs] for g, cs in by_group.items()}
+    assert shapes == {
+        "v32": [(576, 128, 2048, s_kv) for s_kv in (8192, 16384, 32768, 65536, 131072)],
+        "model1_h64": [(512, 64, 512, s_kv) for s_kv in (8192, 32768, 131072)],
+        "model1_h128": [(512, 128, 1024, s_kv) for s_kv in (8192, 16384, 32768, 65536)],
+        "heads": [(576, 16, 2048, 32768), (576, 32, 2048, 32768)],
+    }
+    assert len(bench.CONFIGS) == 14 and {c.s_q for c in bench.CONFIGS} == {4096}
+    assert [c.h_q for c in bench.select_configs("heads")] == [16, 32]
+    assert len(bench.select_configs("v32,model1_h64")) == 8
+    with pytest.raises(SystemExit):
+        bench.select_configs("v32,peak")
+    cfg = bench.parse_only("512,64,512,131072")
+    assert cfg == bench.Config("only", d_qk=512, h_q=64, topk=512, s_kv=131072, s_q=4096)
+    for bad in ("576,128,2048", "640,128,2048,8192", "576,128,100,8192", "576,0,2048,8192"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--only", bad])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "576,128,2048,1024"])  # fewer tokens than topk
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--scale", "0"])
+    # Scaled down, topk stays a positive multiple of 64 within s_kv.
+    small = bench.parse_only("576,128,2048,8192").scaled(1024)
+    assert (small.s_q, small.topk, small.s_kv) == (4, 64, 64)
+    assert bench.parse_only("576,128,2048,131072").scaled(16) == bench.Config(
+        "only", 576, 128, 128, 8192, s_q=256
+    )
+
+
+def test_bench_prefill_sparse_counting():
+    bench = load("bench_prefill_sparse")
+    v32 = bench.parse_only("576,128,2048,131072")
+    assert bench.flops(v32) == 4096 * 128 * 2048 * 2 * (576 + 512)
+    assert bench.bytes_moved(v32) == 4096 * 2048 * 576 * 2 + 4096 * 128 * (576 + 512) * 2
+    model1 = bench.parse_only("512,64,512,8192")
+    assert bench.flops(model1) == 4096 * 64 * 512 * 2 * 1024
+    assert bench.bytes_moved(model1) == 4096 * 512 * 512 * 2 + 4096 * 64 * 1024 * 2
+    assert bench.softmax_scale(576) == 576**-0.5
+
+
+def test_bench_prefill_sparse_flashmla_constraints():
+    """FlashMLA's sparse prefill takes 64 or 128 heads (test_flashmla_sparse_heads_and_padding)
+    and, on Hopper, topk a multiple of 128: the others are reported, not run."""
+    bench = load("bench_prefill_sparse")
+    assert all(bench.flashmla_refusal(c) == "" for c in bench.CONFIGS)
+    assert "h_q" in bench.flashmla_refusal(bench.parse_only("576,256,2048,8192"))
+    refused = bench.parse_only("576,128,2048,8192").scaled(64)  # topk 64
+    assert "topk" in bench.flashmla_refusal(refused)
+    peer = bench.FlashMLAPeer(None, repeats=2, runs=1, warmup=0)
+    result = peer(refused, None, None)  # refused before torch or FlashMLA is touched
+    assert result.us is None and result.rel_err is None
+    assert "torch" not in sys.modules
+
+
+@pytest.mark.parametrize("s_kv", [128, 1000, 131072])
+def test_bench_prefill_sparse_indices_are_distinct_per_token(s_kv):
+    bench = load("bench_prefill_sparse")
+    cfg = bench.Config("only", 576, 16, 128, s_kv, s_q=32)
+    indices = bench.draw_indices(cfg, seed=3)
+    assert indices.shape == (32, 1, 128) and indices.dtype == np.int32
+    rows = indices[:, 0]
+    assert rows.min() >= 0 and rows.max() < s_kv
+    assert all(len(set(row)) == 128 for row in rows)  # distinct tokens
+    assert all(not np.array_equal(np.sort(row), row) for row in rows)  # an indexer's order
+    assert len({tuple(np.sort(row)) for row in rows}) == (1 if s_kv == 128 else 32)
+    np.testing.assert_array_equal(bench.draw_indices(cfg, seed=3), indices)  # seeded
