@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -61,20 +60,11 @@ from jax_flashmla._src.geometry import HEAD_DIM_V, KERNEL_PAGE_SIZE
 from jax_flashmla.ops.decode import TOPK_MULTIPLE
 from jax_flashmla.ops.quant import FP8_LAYOUTS
 
-
-def _sibling(name: str):
-    """The module `name`.py of this folder (which `python -P` leaves off sys.path)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 #: The dense benchmark: its timing method, peer result and output comparison are shared, and
 #: what both sparse benchmarks do with FlashMLA.
-dense = _sibling("bench_decode")
+sys.path.insert(0, str(Path(__file__).parent))  # `python -P` leaves this folder off
+import bench_decode as dense
+
 PeerResult = dense.PeerResult
 
 BYTES_PER_VALUE = 2  # bf16 q and out

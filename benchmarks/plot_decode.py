@@ -11,25 +11,14 @@ same arrays; > 1 means we are faster. A run without peers has no ratio: the plot
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
-
-def _sibling(name: str):
-    """The module `name`.py of this folder (which `python -P` leaves off sys.path)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 #: The records of one kernel, the title and file and the command line, shared with the other
 #: plots.
-side_by_side = _sibling("plot_side_by_side")
+sys.path.insert(0, str(Path(__file__).parent))  # `python -P` leaves this folder off
+import plot_side_by_side as side_by_side
 
 #: (record key, legend) of each bar of a configuration.
 BARS = (("ratio", "FlashMLA time / ours"), ("fa3_ratio", "FA3 MLA time / ours"))

@@ -10,23 +10,12 @@ of plot_side_by_side.flashmla_tflops, which plot_decode_sparse.py draws too.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import sys
 from pathlib import Path
 
-
-def _sibling(name: str):
-    """The module `name`.py of this folder (which `python -P` leaves off sys.path)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 #: The plot, its title and file and the command line, shared with the other plots.
-side_by_side = _sibling("plot_side_by_side")
+sys.path.insert(0, str(Path(__file__).parent))  # `python -P` leaves this folder off
+import plot_side_by_side as side_by_side
 
 
 def config_label(record: dict) -> str:

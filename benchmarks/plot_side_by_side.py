@@ -2,7 +2,7 @@
 line, and the bars of our TFLOPS beside FlashMLA's that both sparse benchmarks draw.
 
 Not a script: plot_decode.py, plot_decode_sparse.py and plot_prefill_sparse.py load it (as
-their _sibling, since `python -P` leaves this folder off sys.path).
+their folder to sys.path, which `python -P` leaves off).
 """
 
 from __future__ import annotations

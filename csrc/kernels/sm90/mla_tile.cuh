@@ -267,6 +267,22 @@ __device__ __forceinline__ void share_row_sums(bool score_wg, const AccumulatorR
   }
 }
 
+// share_row_sums, and the row maxima too through `shared_max` (ordered by the same barrier),
+// for a value warpgroup that needs each row's lse (to apply an attention sink).
+__device__ __forceinline__ void share_row_sums_and_maxima(bool score_wg, const AccumulatorRows& t,
+                                                          float* shared_sum, float* shared_max,
+                                                          SoftmaxRows& rows) {
+  if (score_wg && t.lane % 4 == 0) {
+    shared_max[t.rows[0]] = rows.max[0];
+    shared_max[t.rows[1]] = rows.max[1];
+  }
+  share_row_sums(score_wg, t, shared_sum, rows);
+  if (!score_wg) {
+    rows.max[0] = shared_max[t.rows[0]];
+    rows.max[1] = shared_max[t.rows[1]];
+  }
+}
+
 // Writes row h of this thread's half of O (columns col0 ...), each value times `factor`: fp32
 // to `dst` (a partial row) or packed to the 16-bit output row.
 __device__ __forceinline__ void store_partial_row(float* dst, const float (&o)[kAccumulators],

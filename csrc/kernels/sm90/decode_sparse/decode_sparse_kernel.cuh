@@ -355,18 +355,8 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
                                                SoftmaxRows& rows,
                                                const float (&o)[kAccumulators]) {
   const SparseDecodeParams& p = args.params;
-  // The value warpgroup needs the row maxima too: its rows' lse sets the sink factor. The
-  // barrier in share_row_sums orders these stores before the loads.
-  float* shared_max = smem.row_max[request_parity];
-  if (score_wg && t.lane % 4 == 0) {
-    shared_max[t.rows[0]] = rows.max[0];
-    shared_max[t.rows[1]] = rows.max[1];
-  }
-  share_row_sums(score_wg, t, smem.row_sum[request_parity], rows);
-  if (!score_wg) {
-    rows.max[0] = shared_max[t.rows[0]];
-    rows.max[1] = shared_max[t.rows[1]];
-  }
+  share_row_sums_and_maxima(score_wg, t, smem.row_sum[request_parity],
+                            smem.row_max[request_parity], rows);
   request_parity ^= 1;
   const int col0 = score_wg ? 0 : kHalfV;
 #pragma unroll

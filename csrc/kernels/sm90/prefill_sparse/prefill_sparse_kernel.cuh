@@ -173,16 +173,7 @@ __device__ __forceinline__ void finish_token(const KernelArgs& args, SharedStora
                                              const float (&logit_max)[2],
                                              const float (&o)[kAccumulators]) {
   const SparsePrefillParams& p = args.params;
-  if (score_wg && t.lane % 4 == 0) {
-    smem.row_max[t.rows[0]] = rows.max[0];
-    smem.row_max[t.rows[1]] = rows.max[1];
-  }
-  // The barrier in share_row_sums orders the stores of the maxima before the loads below.
-  share_row_sums(score_wg, t, smem.row_sum, rows);
-  if (!score_wg) {
-    rows.max[0] = smem.row_max[t.rows[0]];
-    rows.max[1] = smem.row_max[t.rows[1]];
-  }
+  share_row_sums_and_maxima(score_wg, t, smem.row_sum, smem.row_max, rows);
   const int col0 = score_wg ? 0 : kHalfV;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -205,7 +196,7 @@ __device__ __forceinline__ void finish_token(const KernelArgs& args, SharedStora
 }
 
 // WG1 (score_wg) and WG2: the token's blocks, then its epilogue. One instance per warpgroup,
-// so that each is compiled within its own register budget.
+// so that each is compiled within its own register count (setmaxnreg).
 template <int kHeadDimQK, bool score_wg>
 __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage& smem,
                                           int64_t token, int head_tile, int blocks) {
