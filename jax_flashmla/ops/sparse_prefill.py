@@ -38,9 +38,7 @@ def flash_mla_sparse_fwd(
       d_v: static int, 512.
       attn_sink: float32 [h_q], optional: out *= 1 / (1 + exp(attn_sink - lse)).
       topk_length: int32 [s_q], optional: only the first topk_length[i] indices of token i count.
-      implementation: None, "cuda" or "xla" (see `flash_mla_with_kvcache`). Until the Hopper
-        kernel has passed its GPU test suite, None runs the reference and only "cuda" runs the
-        kernel.
+      implementation: None, "cuda" or "xla" (see `flash_mla_with_kvcache`).
 
     Returns:
       out: bfloat16 [s_q, h_q, d_v] (0 for a query with no valid index).
@@ -95,8 +93,6 @@ def flash_mla_sparse_fwd(
             OP, "topk_length", topk_length, dtypes=checks.INT32, shape=(s_q,), shape_doc="[s_q]"
         )
     reason = family.launch_limit_error(s_q=s_q, h_q=h_q, topk=indices.shape[2])
-    if implementation is None and not family.RUNS_BY_DEFAULT:
-        implementation = "xla"
     use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
     optional = {"attn_sink": (attn_sink, "h"), "topk_length": (topk_length, "t")}
     present = [name for name, (value, _) in optional.items() if value is not None]

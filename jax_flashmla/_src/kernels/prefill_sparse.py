@@ -13,11 +13,6 @@ from jax_flashmla.reference import sparse_prefill
 #: CUDA's limit on the y grid dimension (head tiles).
 GRID_Y_MAX = 65535
 
-#: Whether implementation=None picks the kernel. Off until the kernel has passed its GPU test
-#: suite (tests/test_gpu_prefill_sparse.py) and memcheck on a Hopper GPU: until then only
-#: implementation="cuda" runs it, and the default stays on the reference.
-RUNS_BY_DEFAULT = False
-
 
 class SparsePrefillKernel(KernelPrimitive):
     """(q, kv, indices, attn_sink, topk_length) -> (out, max_logits, lse).
