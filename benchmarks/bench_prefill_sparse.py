@@ -1,7 +1,8 @@
-"""Sparse MLA prefill benchmark: jax_flashmla's kernel side by side with FlashMLA.
+"""Sparse MLA prefill benchmark: jax_flashmla's kernels side by side with FlashMLA.
 
 Times `flash_mla_sparse_fwd` (DeepSeek Sparse Attention prefill: each query token attends the
-`topk` tokens of a bf16 KV array an indexer selected) at s_q = 4096, h_kv 1, d_v 512, with the
+`topk` tokens of a bf16 KV array an indexer selected), forward and backward (--directions), at
+s_q = 4096, h_kv 1, d_v 512, with the
 models of FlashMLA's sparse-prefill performance cases (d_qk, h_q, topk) and two of ours:
   v32          d_qk 576, h_q 128, topk 2048, s_kv in {8192, 16384, 32768, 65536, 131072}
   model1_h64   d_qk 512, h_q 64, topk 512, s_kv in {8192, 32768, 131072}
@@ -14,16 +15,23 @@ one per call; for each query token, `topk` distinct positions of [0, s_kv) in ra
 indexer's order, not the array's), int32 [s_q, 1, topk]. sm_scale = d_qk ** -0.5. Every slot
 selects a token (no -1, no topk_length, no attention sink).
 
-Counting (docs/ops.md; the bytes as FlashMLA's test script counts them, every index valid):
-  FLOPs = s_q * h_q * topk * 2 * (d_qk + 512)
-  bytes = s_q * topk * d_qk * 2 + s_q * h_q * (d_qk + 512) * 2
-(the selected kv rows in bf16, once per query token; q read and out written in bf16).
+Counting (docs/ops.md; the forward's bytes as FlashMLA's test script counts them, every index
+valid):
+  forward   FLOPs = s_q * h_q * topk * 2 * (d_qk + 512)
+            bytes = s_q * topk * d_qk * 2 + s_q * h_q * (d_qk + 512) * 2
+            (the selected kv rows in bf16, once per query token; q read and out written)
+  backward  FLOPs = s_q * h_q * topk * (6 * d_qk + 4 * 512)
+            bytes = s_q * topk * d_qk * (2 + 4) + s_q * h_q * (2 * d_qk + 2 * 512) * 2
+            (the selected kv rows read in bf16 and added to dkv in float32, once per query
+            token; q, out and d_out read and dq written in bf16)
 
 Timing: the whole user-visible call, exactly as bench_decode.py: one jitted function of n
 calls, each on its own q, all on the same kv and indices, returning every output; the median
 over --runs timed runs for n = R and n = R / 4, and the time of one call is their difference
-divided by the difference in n. The kernel is opt-in until it has passed its GPU test suite
-(implementation=None runs the reference): --implementation cuda, the default, asks for it.
+divided by the difference in n. The backward is timed the same way on the pullbacks of n
+forward calls (jax.vjp, made before timing), each given its own cotangents of out and lse: the
+whole backward call (XLA's folding of the sink and lse terms, the kernel, dkv rounded to bf16).
+--implementation cuda (the default) or xla.
 
 Peer (--peers; on by default where `flash_mla` can be imported, after `source
 ../shared/peers/setup_peers.sh` on the GPU machine): right after our op, FlashMLA's sparse
@@ -35,7 +43,7 @@ its users must (the padded q are made before timing, so the padding copy is not 
 time), and only the real heads are compared. Its Hopper kernel takes topk a multiple of 128: a
 config it cannot take is reported and left without FlashMLA columns. FlashMLA's output for the
 first q is checked against ours; a disagreement makes the script exit with status 1 (after
-writing the JSON).
+writing the JSON). FlashMLA has no backward: backward records have no FlashMLA columns.
 
 Examples:
   source ../shared/peers/setup_peers.sh &&
@@ -69,6 +77,7 @@ S_Q = 4096
 TOPK_MULTIPLE = 64
 #: FlashMLA's Hopper sparse prefill takes topk a multiple of this (two blocks of 64 slots).
 FLASHMLA_TOPK_MULTIPLE = 128
+DIRECTIONS = ("fwd", "bwd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,11 +127,17 @@ class Inputs:
 PeerMeasure = Callable[[Config, Inputs, object], PeerResult]
 
 
-def flops(cfg: Config) -> float:
+def flops(cfg: Config, direction: str = "fwd") -> float:
+    if direction == "bwd":
+        return cfg.s_q * cfg.h_q * cfg.topk * (6 * cfg.d_qk + 4 * HEAD_DIM_V)
     return cfg.s_q * cfg.h_q * cfg.topk * 2 * (cfg.d_qk + HEAD_DIM_V)
 
 
-def bytes_moved(cfg: Config) -> float:
+def bytes_moved(cfg: Config, direction: str = "fwd") -> float:
+    if direction == "bwd":
+        kv_rows = cfg.s_q * cfg.topk * cfg.d_qk * (BYTES_PER_VALUE + 4)  # read; dkv float32
+        rows = cfg.s_q * cfg.h_q * (2 * cfg.d_qk + 2 * HEAD_DIM_V) * BYTES_PER_VALUE
+        return kv_rows + rows
     kv_rows = cfg.s_q * cfg.topk * cfg.d_qk * BYTES_PER_VALUE
     q_and_out = cfg.s_q * cfg.h_q * (cfg.d_qk + HEAD_DIM_V) * BYTES_PER_VALUE
     return kv_rows + q_and_out
@@ -220,6 +235,44 @@ def jitted_calls(implementation: str):
     return many_calls
 
 
+def backward_calls():
+    """The timed backward: one jitted program applying n pullbacks of the op (each holding its
+    forward's residuals) to their cotangents, returning every gradient."""
+    import jax
+
+    @jax.jit
+    def many_backwards(pullbacks, cotangents):
+        return [pullback(ct) for pullback, ct in zip(pullbacks, cotangents, strict=True)]
+
+    return many_backwards
+
+
+def time_backward(implementation: str, inputs: Inputs, *, repeats: int, runs: int, warmup: int):
+    """Median time of one backward call in microseconds: pullbacks of `repeats` forward calls,
+    cotangents of out and lse ~ N(0, 1) (bf16, float32), bench_decode.py's method."""
+    import jax
+    import jax.numpy as jnp
+
+    call = op_call(implementation)
+    pullbacks, cotangents = [], []
+    key = jax.random.key(1)
+    for i, q in enumerate(inputs.qs):
+        (out, lse), pullback = jax.vjp(
+            lambda q, kv: call(q, kv, inputs.indices)[0::2], q, inputs.kv
+        )
+        k_out, k_lse = jax.random.split(jax.random.fold_in(key, i))
+        d_out = jax.random.normal(k_out, out.shape).astype(jnp.bfloat16)
+        pullbacks.append(pullback)
+        cotangents.append((d_out, jax.random.normal(k_lse, lse.shape)))
+    return dense.jax_time_us(
+        backward_calls(),
+        lambda n: (pullbacks[:n], cotangents[:n]),
+        repeats=repeats,
+        runs=runs,
+        warmup=warmup,
+    )
+
+
 def time_op(many_calls, inputs: Inputs, *, repeats: int, runs: int, warmup: int) -> float:
     """Median time of one call of our op in microseconds (bench_decode.py's method)."""
     return dense.jax_time_us(
@@ -253,9 +306,12 @@ class FlashMLAPeer(dense.FlashMLASparsePeer):
         return self.timed(qs, call, cfg.h_q, ours)
 
 
-def record(kernel: str, cfg: Config, us: float, peer: PeerResult, card: str, date: str) -> dict:
+def record(
+    kernel: str, cfg: Config, direction: str, us: float, peer: PeerResult, card: str, date: str
+) -> dict:
     return {
         "kernel": kernel,
+        "direction": direction,
         "s_q": cfg.s_q,
         "s_kv": cfg.s_kv,
         "h_q": cfg.h_q,
@@ -264,7 +320,9 @@ def record(kernel: str, cfg: Config, us: float, peer: PeerResult, card: str, dat
         "d_qk": cfg.d_qk,
         "d_v": HEAD_DIM_V,
         "dtype": "bfloat16",
-        **dense.flashmla_fields(us, flops(cfg), bytes_moved(cfg), peer, cfg.h_q),
+        **dense.flashmla_fields(
+            us, flops(cfg, direction), bytes_moved(cfg, direction), peer, cfg.h_q
+        ),
         "card": card,
         "date": date,
     }
@@ -293,9 +351,26 @@ def parse_only(spec: str) -> Config:
     return Config("only", d_qk, h_q, topk, s_kv)
 
 
+def parse_directions(spec: str) -> tuple[str, ...]:
+    """--directions fwd,bwd (either or both)."""
+    chosen = tuple(dict.fromkeys(d.strip() for d in spec.split(",")))
+    if not chosen or any(d not in DIRECTIONS for d in chosen):
+        raise argparse.ArgumentTypeError(
+            f"--directions wants a comma-separated subset of {','.join(DIRECTIONS)}, got {spec!r}"
+        )
+    return chosen
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = dense.parser_with_configs(__doc__, GROUPS)
     dense.only_argument(parser, parse_only, "D_QK,H_Q,TOPK,S_KV", f"s_q {S_Q}")
+    parser.add_argument(
+        "--directions",
+        type=parse_directions,
+        default=DIRECTIONS,
+        metavar="fwd,bwd",
+        help="the forward, the backward or both (default)",
+    )
     return dense.sparse_args(parser, argv, "divide s_q, s_kv and topk (smoke tests)")
 
 
@@ -321,26 +396,32 @@ def main(argv=None, measure_peer: PeerMeasure | None = None) -> int:
     print(
         f"# FlashMLA side by side (same process, same arrays; ratio = FlashMLA us / our us; "
         f"q padded to 64 heads for it, topk a multiple of {FLASHMLA_TOPK_MULTIPLE}): "
-        f"{peer_note}; err = largest relative error of an output row against ours"
+        f"{peer_note}; err = largest relative error of an output row against ours; "
+        f"directions {','.join(args.directions)}"
     )
     print(dense.SPARSE_HEADER)
     records = []
     disagreements = []
     many_calls = jitted_calls(args.implementation)
+    timing = {"repeats": args.repeats, "runs": args.runs, "warmup": args.warmup}
     for cfg in configs:
         inputs = make_inputs(cfg, args.seed, args.repeats)
-        us = time_op(many_calls, inputs, repeats=args.repeats, runs=args.runs, warmup=args.warmup)
-        peer = dense.flashmla_beside(
-            measure_peer,
-            cfg,
-            inputs,
-            many_calls,
-            (inputs.qs[:1], inputs.kv, inputs.indices),
-            disagreements,
-        )
-        rec = record(main_kernel, cfg, us, peer, card, date)
-        records.append(rec)
-        dense.print_sparse_row(cfg.label, rec)
+        if "fwd" in args.directions:
+            us = time_op(many_calls, inputs, **timing)
+            peer = dense.flashmla_beside(
+                measure_peer,
+                cfg,
+                inputs,
+                many_calls,
+                (inputs.qs[:1], inputs.kv, inputs.indices),
+                disagreements,
+            )
+            records.append(record(main_kernel, cfg, "fwd", us, peer, card, date))
+            dense.print_sparse_row(f"{cfg.label} fwd", records[-1])
+        if "bwd" in args.directions:
+            us = time_backward(args.implementation, inputs, **timing)
+            records.append(record(main_kernel, cfg, "bwd", us, PeerResult(), card, date))
+            dense.print_sparse_row(f"{cfg.label} bwd", records[-1])
         del inputs
         dense.save_records(records, args.json)  # after every config
     return dense.finish(records, args.json, disagreements)

@@ -1,4 +1,5 @@
-"""Plot bench_prefill_sparse.py's JSON: our TFLOPS and FlashMLA's per configuration.
+"""Plot bench_prefill_sparse.py's JSON: our TFLOPS and FlashMLA's per configuration and
+direction (FlashMLA has no backward).
 
 The bars, the ratios above them and what marks a config or a run without FlashMLA are those
 of plot_side_by_side.flashmla_tflops, which plot_decode_sparse.py draws too.
@@ -20,7 +21,7 @@ import plot_side_by_side as side_by_side
 
 def config_label(record: dict) -> str:
     label = f"d{record['d_qk']} h{record['h_q']} topk{record['topk']} s_kv{record['s_kv']}"
-    return label + side_by_side.padded_note(record)
+    return f"{label} {record['direction']}" + side_by_side.padded_note(record)
 
 
 #: plot(records, out, kernel=None, title=""): the shared TFLOPS bars, for this benchmark.

@@ -9,15 +9,18 @@
 #                                        # graph_capture sparse, plain and under memcheck
 #                                        # (~10 s); quick sparse GPU tests (100-150 s on an
 #                                        # H100)
-#   bash tests/gpu_validate.sh prefill-sparse  # build; the C++ test prefill_sparse_check,
-#                                              # plain and under memcheck; quick sparse
-#                                              # prefill GPU tests (not yet timed)
+#   bash tests/gpu_validate.sh prefill-sparse  # build; the C++ test prefill_sparse_check
+#                                              # (forward and backward), plain and under
+#                                              # memcheck; quick sparse prefill GPU tests,
+#                                              # forward (~25 s on an H100) and gradient
+#                                              # (~3 min)
 #   bash tests/gpu_validate.sh bench         # build; benchmarks/bench_decode.py and its plot
 #                                            # (~230 s)
 #   bash tests/gpu_validate.sh bench-sparse  # build; benchmarks/bench_decode_sparse.py and its
 #                                            # plot (~60 s on an H100)
 #   bash tests/gpu_validate.sh bench-prefill-sparse  # build; benchmarks/bench_prefill_sparse.py
-#                                                    # and its plot (not yet timed)
+#                                                    # and its plot (forward alone: ~120 s on
+#                                                    # an H100; the backward not yet timed)
 # The benchmarks time FlashMLA and FA3's MLA mode beside ours when their setup script is found:
 # ${JFM_PEERS:-../shared/peers}/setup_peers.sh. Only the repository travels to a GPU machine:
 # copy the peers folder into an ignored folder of the checkout (e.g. .peers), carry it and set
@@ -66,7 +69,8 @@ QUICK_FILES=(tests/test_gpu_decode_dense.py tests/test_gpu_schedule.py
              tests/test_gpu_decode_rescale.py tests/test_gpu_command_buffers.py
              tests/test_gpu_decode_inputs.py tests/test_gpu_sharding.py)
 SPARSE_QUICK_FILES=(tests/test_gpu_decode_sparse.py)
-PREFILL_SPARSE_QUICK_FILES=(tests/test_gpu_prefill_sparse.py)
+PREFILL_SPARSE_QUICK_FILES=(tests/test_gpu_prefill_sparse.py
+                            tests/test_gpu_prefill_sparse_grad.py)
 step() {  # step NAME COMMAND...: runs, logs the time and the exit status
   local name=$1 t0=$SECONDS
   shift

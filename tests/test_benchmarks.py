@@ -131,7 +131,7 @@ def test_bench_decode_fails_when_a_peer_disagrees(tmp_path, capsys):
     argv = [*SMOKE_ARGS, "--only", "128,1,16,1024,0", "--json", str(out)]
     assert bench.main(argv, measure_peers=fake_peers(50.0, 1.5, [])) == 1
     assert "DISAGREES" in capsys.readouterr().err
-    (record,) = json.loads(out.read_text())  # written all the same
+    record = json.loads(out.read_text())[0]  # written all the same (the forward's record)
     assert record["peer_rel_err"] == pytest.approx(0.5, rel=1e-2)
 
 
@@ -233,7 +233,7 @@ SPARSE_COMMON_KEYS = {
     "date",
 }
 SPARSE_KEYS = SPARSE_COMMON_KEYS | {"layout", "b", "s_k", "page"}
-PREFILL_SPARSE_KEYS = SPARSE_COMMON_KEYS | {"s_kv", "d_v"}
+PREFILL_SPARSE_KEYS = SPARSE_COMMON_KEYS | {"s_kv", "d_v", "direction"}
 SPARSE_SMOKE_ARGS = [
     "--scale",
     "64",
@@ -261,8 +261,14 @@ def sparse_counts(record: dict) -> tuple[int, int]:
 
 def prefill_sparse_counts(record: dict) -> tuple[int, int]:
     """(FLOPs, bytes) of a sparse prefill record: every query token reads its topk bf16 kv
-    rows; q read and out written in bf16."""
+    rows (and the backward adds to their float32 dkv); the forward reads q and writes out, the
+    backward reads q, out and d_out and writes dq, in bf16."""
     s_q, h_q, topk, d_qk = record["s_q"], record["h_q"], record["topk"], record["d_qk"]
+    if record["direction"] == "bwd":
+        work = s_q * h_q * topk * (6 * d_qk + 4 * 512)
+        moved = s_q * topk * d_qk * 6 + s_q * h_q * (2 * d_qk + 2 * 512) * 2
+        return work, moved
+    assert record["direction"] == "fwd"
     work = s_q * h_q * topk * 2 * (d_qk + 512)
     moved = s_q * topk * d_qk * 2 + s_q * h_q * (d_qk + 512) * 2
     return work, moved
@@ -348,12 +354,12 @@ def check_plot(tmp_path, name: str, records_path: Path, *argv: str):
     return plot
 
 
-def run_without_peers(tmp_path, script: str) -> tuple[Path, list[dict]]:
-    """(the JSON, its records) of `script` on its heads group with --no-peers, each record
-    checked; torch is left alone."""
+def run_without_peers(tmp_path, script: str, *extra: str) -> tuple[Path, list[dict]]:
+    """(the JSON, its records) of `script` on its heads group with --no-peers (and `extra`
+    arguments), each record checked; torch is left alone."""
     out = tmp_path / "sparse.json"
     bench = load(script)
-    argv = [*SPARSE_SMOKE_ARGS, "--no-peers", "--configs", "heads", "--json", str(out)]
+    argv = [*SPARSE_SMOKE_ARGS, *extra, "--no-peers", "--configs", "heads", "--json", str(out)]
     assert bench.main(argv) == 0
     records = json.loads(out.read_text())
     for record in records:
@@ -362,14 +368,16 @@ def run_without_peers(tmp_path, script: str) -> tuple[Path, list[dict]]:
     return out, records
 
 
-def run_side_by_side(tmp_path, script: str, only: list[str]) -> tuple[Path, list, list[dict]]:
+def run_side_by_side(
+    tmp_path, script: str, only: list[str], *extra: str
+) -> tuple[Path, list, list[dict]]:
     """(the JSON, the configs FlashMLA was handed, the records) of `script` on the --only
-    configs, beside a fake FlashMLA of 50 us whose output is 1.001 times ours; each record
-    checked."""
+    configs (and `extra` arguments), beside a fake FlashMLA of 50 us whose output is 1.001
+    times ours; each record checked."""
     out = tmp_path / "sparse.json"
     bench = load(script)
     seen = []
-    argv = [*SPARSE_SMOKE_ARGS, *(arg for spec in only for arg in ("--only", spec))]
+    argv = [*SPARSE_SMOKE_ARGS, *extra, *(arg for spec in only for arg in ("--only", spec))]
     measure = fake_flashmla(script, 50.0, 1.001, seen)
     assert bench.main([*argv, "--json", str(out)], measure_peer=measure) == 0
     records = json.loads(out.read_text())
@@ -396,8 +404,14 @@ def test_bench_decode_sparse_smoke_without_peers(tmp_path):
 
 def test_bench_prefill_sparse_smoke_without_peers(tmp_path):
     out, records = run_without_peers(tmp_path, "bench_prefill_sparse")
-    # The heads group scaled by 64: s_q 64, topk 2048 / 64 -> 64, s_kv 32768 / 64.
-    assert [r["h_q"] for r in records] == [16, 32]
+    # The heads group scaled by 64: s_q 64, topk 2048 / 64 -> 64, s_kv 32768 / 64; forward and
+    # backward of each.
+    assert [(r["h_q"], r["direction"]) for r in records] == [
+        (16, "fwd"),
+        (16, "bwd"),
+        (32, "fwd"),
+        (32, "bwd"),
+    ]
     for record in records:
         assert (record["s_q"], record["s_kv"], record["topk"], record["d_qk"]) == (64, 512, 64, 576)
         assert (record["h_kv"], record["d_v"], record["dtype"]) == (1, 512, "bfloat16")
@@ -419,7 +433,9 @@ def test_bench_decode_sparse_side_by_side_records_and_plot(tmp_path):
 
 def test_bench_prefill_sparse_side_by_side_records_and_plot(tmp_path):
     only = ["576,16,2048,32768", "512,64,512,131072"]
-    out, seen, records = run_side_by_side(tmp_path, "bench_prefill_sparse", only)
+    out, seen, records = run_side_by_side(
+        tmp_path, "bench_prefill_sparse", only, "--directions", "fwd"
+    )
     assert [(c.d_qk, c.h_q, c.topk, c.s_q, c.s_kv) for c in seen] == [
         (576, 16, 64, 64, 512),
         (512, 64, 64, 64, 2048),
@@ -427,8 +443,25 @@ def test_bench_prefill_sparse_side_by_side_records_and_plot(tmp_path):
     # FlashMLA takes 64 or 128 heads: 16 heads run padded to 64.
     assert [r["flashmla_h_q"] for r in records] == [64, 64]
     plot = check_plot(tmp_path, "plot_prefill_sparse", out, "--kernel", "xla_reference")
-    assert plot.config_label(records[0]) == "d576 h16 topk64 s_kv512 (FlashMLA h64)"
-    assert plot.config_label(records[1]) == "d512 h64 topk64 s_kv2048"
+    assert plot.config_label(records[0]) == "d576 h16 topk64 s_kv512 fwd (FlashMLA h64)"
+    assert plot.config_label(records[1]) == "d512 h64 topk64 s_kv2048 fwd"
+
+
+def test_bench_prefill_sparse_backward_has_no_peer(tmp_path):
+    """FlashMLA has no backward: beside it, only the forward record has its columns."""
+    out = tmp_path / "sparse.json"
+    bench = load("bench_prefill_sparse")
+    seen = []
+    measure = fake_flashmla("bench_prefill_sparse", 50.0, 1.001, seen)
+    argv = [*SPARSE_SMOKE_ARGS, "--only", "512,64,512,8192", "--directions", "bwd,fwd"]
+    assert bench.main([*argv, "--json", str(out)], measure_peer=measure) == 0
+    records = json.loads(out.read_text())
+    assert [r["direction"] for r in records] == ["fwd", "bwd"]  # the forward first, always
+    assert len(seen) == 1
+    check_record("bench_prefill_sparse", records[0], 50.0)
+    check_record("bench_prefill_sparse", records[1], None)
+    plot = check_plot(tmp_path, "plot_prefill_sparse", out, "--kernel", "xla_reference")
+    assert plot.config_label(records[1]) == "d512 h64 topk64 s_kv128 bwd"
 
 
 @pytest.mark.parametrize(
@@ -441,7 +474,7 @@ def test_bench_sparse_fails_when_flashmla_disagrees(script, only, tmp_path, caps
     argv = [*SPARSE_SMOKE_ARGS, "--only", only, "--json", str(out)]
     assert bench.main(argv, measure_peer=fake_flashmla(script, 50.0, 1.5, [])) == 1
     assert "DISAGREES" in capsys.readouterr().err
-    (record,) = json.loads(out.read_text())  # written all the same
+    record = json.loads(out.read_text())[0]  # written all the same (the forward's record)
     assert record["peer_rel_err"] == pytest.approx(0.5, rel=1e-2)
 
 
@@ -646,6 +679,15 @@ def test_bench_prefill_sparse_counting():
     v32 = bench.parse_only("576,128,2048,131072")
     assert bench.flops(v32) == 4096 * 128 * 2048 * 2 * (576 + 512)
     assert bench.bytes_moved(v32) == 4096 * 2048 * 576 * 2 + 4096 * 128 * (576 + 512) * 2
+    assert bench.flops(v32, "bwd") == 4096 * 128 * 2048 * (6 * 576 + 4 * 512)
+    assert bench.bytes_moved(v32, "bwd") == (
+        4096 * 2048 * 576 * 6 + 4096 * 128 * (2 * 576 + 2 * 512) * 2
+    )
+    assert bench.parse_args([]).directions == ("fwd", "bwd")
+    assert bench.parse_args(["--directions", "bwd"]).directions == ("bwd",)
+    for bad in ("", "fwd,back", "up"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--directions", bad])
     model1 = bench.parse_only("512,64,512,8192")
     assert bench.flops(model1) == 4096 * 64 * 512 * 2 * 1024
     assert bench.bytes_moved(model1) == 4096 * 512 * 512 * 2 + 4096 * 64 * 1024 * 2

@@ -36,17 +36,6 @@ def sparse_decode_case(rng):
     return "flash_mla_with_kvcache", fn, (q, sink)
 
 
-def sparse_prefill_case(rng):
-    q = jnp.asarray(rng.normal(size=(4, 16, 576)) / 10, jnp.bfloat16)
-    kv = jnp.asarray(rng.normal(size=(20, 1, 576)) / 10, jnp.bfloat16)
-    indices = jnp.asarray(rng.integers(-1, 20, (4, 1, 64)), jnp.int32)
-    return (
-        "flash_mla_sparse_fwd",
-        lambda q, kv: fm.flash_mla_sparse_fwd(q, kv, indices, 0.1),
-        (q, kv),
-    )
-
-
 def combine_case(rng):
     partial_o = jnp.asarray(rng.normal(size=(5, 1, 4, 16)), jnp.float32)
     partial_lse = jnp.asarray(rng.normal(size=(5, 1, 4)), jnp.float32)
@@ -61,7 +50,6 @@ def combine_case(rng):
 CASES = {
     "dense decode": decode_case,
     "sparse decode": sparse_decode_case,
-    "sparse prefill": sparse_prefill_case,
     "combine": combine_case,
 }
 

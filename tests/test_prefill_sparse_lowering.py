@@ -6,7 +6,8 @@ the reference).
 implementation="cuda" lowers to one custom call @jax_flashmla_prefill_sparse_sm90 with operands
 (q, kv, indices, attn_sink, topk_length), an absent optional operand as a zero-sized array
 (float32[0], int32[0]), and results (out bf16 [s_q, h_q, 512], max_logits f32 [s_q, h_q], lse
-f32 [s_q, h_q]); so does implementation=None; "xla" never does.
+f32 [s_q, h_q]); so does implementation=None; "xla" never does. Its gradient adds one custom
+call @jax_flashmla_prefill_sparse_backward_sm90 (the backward kernel).
 """
 
 from __future__ import annotations
@@ -202,3 +203,40 @@ def test_kernel_primitive_runs_its_reference_on_cpu(rng, sink, lengths):
         assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, got.dtype)
         od.assert_same_up_to_rounding(got, want, name=name)
         od.check_close(got, ref, name=name, **tol)
+
+
+@pytest.mark.parametrize("sink", [False, True], ids=["no-sink", "sink"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["no-lengths", "lengths"])
+@pytest.mark.parametrize("d_qk", [512, 576])
+def test_gradient_lowers_to_the_backward_kernel(d_qk, sink, lengths):
+    """jax.grad under "cuda" lowers to the forward kernel and one backward custom call with
+    operands (q, kv, indices, topk_length or int32[0], d_out bf16, lse, row_shift) and results
+    (dq bf16 [s_q, h_q, d_qk], dkv float32 [s_kv, 1, d_qk]), the softmax scale as attribute;
+    under "xla" there is no custom call at all."""
+    args = structs(d_qk=d_qk, sink=sink, lengths=lengths)
+
+    def loss(implementation):
+        def fn(q, kv, indices, attn_sink, topk_length):
+            out, _, lse = prefill_call(implementation)(q, kv, indices, attn_sink, topk_length)
+            return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0, lse))
+
+        argnums = (0, 1, 3) if sink else (0, 1)
+        return jax.grad(fn, argnums=argnums)
+
+    texts = {}
+    for implementation in ("cuda", "xla"):
+        with platform.assume_device():
+            traced = jax.jit(loss(implementation)).trace(*args)
+            texts[implementation] = traced.lower(lowering_platforms=("cuda",)).as_text()
+    calls = custom_calls(texts["cuda"])
+    (backward,) = [c for c in calls if "@jax_flashmla_prefill_sparse_backward_sm90" in c]
+    assert sum(f"@{TARGET}" in c for c in calls) == 1
+    operands = re.search(r"\(tensor<.*?\)\s*->", backward.split(":")[-1]).group(0)
+    lengths_type = "tensor<3xi32>" if lengths else "tensor<0xi32>"
+    assert operands.startswith(
+        f"(tensor<3x64x{d_qk}xbf16>, tensor<300x1x{d_qk}xbf16>, tensor<3x1x128xi32>, "
+        f"{lengths_type}, tensor<3x64x512xbf16>, tensor<3x64xf32>, tensor<3x64xf32>)"
+    ), operands
+    assert f"(tensor<3x64x{d_qk}xbf16>, tensor<300x1x{d_qk}xf32>)" in backward.split("->")[-1]
+    assert "softmax_scale = 2.500000e-01 : f32" in backward
+    assert custom_calls(texts["xla"]) == []

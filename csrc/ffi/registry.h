@@ -16,7 +16,8 @@
 #define JFM_FFI_TARGETS_SM90(X)                                     \
   X("jax_flashmla_decode_dense_sm90", JaxFlashmlaDecodeDenseSm90)   \
   X("jax_flashmla_decode_sparse_sm90", JaxFlashmlaDecodeSparseSm90) \
-  X("jax_flashmla_prefill_sparse_sm90", JaxFlashmlaPrefillSparseSm90)
+  X("jax_flashmla_prefill_sparse_sm90", JaxFlashmlaPrefillSparseSm90) \
+  X("jax_flashmla_prefill_sparse_backward_sm90", JaxFlashmlaPrefillSparseBackwardSm90)
 #else
 #define JFM_FFI_TARGETS_SM90(X)
 #endif

@@ -1,10 +1,10 @@
 """Forward-only ops: differentiating one raises an error that says where gradients are.
 
-The decode, sparse prefill and combine ops have no derivative rules (their kernels have no
-backward). Each public op passes its arrays through `forward_only`, a `jax.custom_jvp` whose
-rule raises: jax.grad, jax.jvp, jax.vjp and jax.linearize all reach that rule as soon as a
-differentiated value flows into the op, on the kernel path and on the reference path alike.
-jit, vmap, shard_map, pmap and the sharding rules see the wrapped function unchanged.
+The decode and combine ops have no derivative rules (their kernels have no backward). Each
+public op passes its arrays through `forward_only`, a `jax.custom_jvp` whose rule raises:
+jax.grad, jax.jvp, jax.vjp and jax.linearize all reach that rule as soon as a differentiated
+value flows into the op, on the kernel path and on the reference path alike. jit, vmap,
+shard_map, pmap and the sharding rules see the wrapped function unchanged.
 
 JAX never differentiates integer inputs, so get_mla_metadata (whose only array is int32) needs
 no wrapper: jax.grad rejects an integer argument itself, and jax.jvp / jax.vjp give float0
@@ -19,6 +19,7 @@ import jax
 
 #: The ops of this package that have gradients.
 DIFFERENTIABLE_OPS = (
+    "flash_mla_sparse_fwd",
     "flash_attn_varlen_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_kvpacked_func",

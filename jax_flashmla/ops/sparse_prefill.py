@@ -1,14 +1,20 @@
-"""flash_mla_sparse_fwd: sparse (top-k) MLA prefill attention over a BF16 KV array."""
+"""flash_mla_sparse_fwd: sparse (top-k) MLA prefill attention over a BF16 KV array, with its
+gradient."""
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jax_flashmla._src import checks, platform, sharding
-from jax_flashmla._src.forward_only import forward_only
 from jax_flashmla._src.geometry import HEAD_DIM_V, SPARSE_HEAD_DIMS_QK
 from jax_flashmla._src.kernels import prefill_sparse as family
+from jax_flashmla._src.kernels import prefill_sparse_backward
+from jax_flashmla.reference import sparse_prefill as reference
 
 OP = "flash_mla_sparse_fwd"
 
@@ -27,7 +33,11 @@ def flash_mla_sparse_fwd(
     """Sparse MLA prefill: query token i attends the keys kv[indices[i, 0, :topk_length[i]]].
 
     There is no batch axis: batch by concatenating tokens and offsetting indices.
-    Forward-only: differentiating the op raises a TypeError.
+    Differentiable with respect to q, kv and attn_sink through out and lse (jax.grad,
+    jax.vjp); max_logits carries no gradient (see Raises). A query with nothing selected gets
+    zero gradients. On a Hopper GPU the gradient runs on its own kernel, whose dkv is summed
+    with atomic additions (its last bits may differ between runs); elsewhere it is JAX's
+    derivative of the reference.
 
     Args:
       q: bfloat16 [s_q, h_q, d_qk], d_qk 512 or 576.
@@ -47,7 +57,8 @@ def flash_mla_sparse_fwd(
 
     Raises:
       TypeError: an array argument is not an array (or None where None is allowed) or has a
-        wrong dtype; sm_scale / d_v are not Python numbers.
+        wrong dtype; sm_scale / d_v are not Python numbers; a gradient is asked through
+        max_logits (wrap it in jax.lax.stop_gradient).
       ValueError: wrong ranks or shapes, d_qk not 512 or 576, d_v not 512, kv with
         h_kv != 1, or implementation "cuda" where no kernel can take these inputs.
     """
@@ -94,25 +105,169 @@ def flash_mla_sparse_fwd(
         )
     reason = family.launch_limit_error(s_q=s_q, h_q=h_q, topk=indices.shape[2])
     use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
-    optional = {"attn_sink": (attn_sink, "h"), "topk_length": (topk_length, "t")}
-    present = [name for name, (value, _) in optional.items() if value is not None]
+    return _sparse_prefill(_Config(scale, use_kernel), q, kv, indices, attn_sink, topk_length)
 
-    def compute(q, kv, indices, *rest):
-        given = dict(zip(present, rest, strict=True))
-        operands = family.with_placeholders(
-            q, kv, indices, given.get("attn_sink"), given.get("topk_length")
+
+class _Config(NamedTuple):
+    scale: float
+    use_kernel: bool
+
+
+# The dims of every array the forward and the backward take: query tokens t and heads h may be
+# sharded; kv is replicated.
+_DIMS = {
+    "q": "t h d",
+    "kv": "n k d",
+    "indices": "t k x",
+    "attn_sink": "h",
+    "topk_length": "t",
+    "out": "t h v",
+    "lse": "t h",
+    "d_out": "t h v",
+    "d_lse": "t h",
+}
+_SHARDABLE = frozenset("th")
+
+
+def _partitioned(fn, named, out_dims, local_fn=None):
+    """sharding.partitioned_call over the named arrays that are present (not None)."""
+    present = [name for name, value in named.items() if value is not None]
+
+    def call(*arrays):
+        return fn(**dict(zip(present, arrays, strict=True)))
+
+    def local(axes):
+        sharded = local_fn(axes)
+        return lambda *arrays: sharded(**dict(zip(present, arrays, strict=True)))
+
+    return sharding.partitioned_call(
+        OP,
+        call,
+        tuple(named[name] for name in present),
+        tuple(_DIMS[name] for name in present),
+        out_dims,
+        shardable=_SHARDABLE,
+        local_fn=None if local_fn is None else local,
+    )
+
+
+def _forward(config, q, kv, indices, attn_sink, topk_length):
+    def compute(q, kv, indices, attn_sink=None, topk_length=None):
+        return family.prefill_sparse(
+            q,
+            kv,
+            indices,
+            family.sink_placeholder(attn_sink),
+            family.lengths_placeholder(topk_length),
+            use_kernel=config.use_kernel,
+            sm_scale=config.scale,
         )
-        return family.prefill_sparse(*operands, use_kernel=use_kernel, sm_scale=scale)
 
-    def partitioned(*arrays):
-        # Query tokens t and heads h may be sharded; kv is replicated.
-        return sharding.partitioned_call(
-            OP,
-            compute,
-            arrays,
-            ("t h d", "n k d", "t k x", *(optional[n][1] for n in present)),
-            ("t h v", "t h", "t h"),
-            shardable=frozenset("th"),
+    named = {
+        "q": q,
+        "kv": kv,
+        "indices": indices,
+        "attn_sink": attn_sink,
+        "topk_length": topk_length,
+    }
+    return _partitioned(compute, named, ("t h v", "t h", "t h"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse_prefill(config, q, kv, indices, attn_sink, topk_length):
+    return _forward(config, q, kv, indices, attn_sink, topk_length)
+
+
+def _sparse_prefill_fwd(config, q, kv, indices, attn_sink, topk_length):
+    # symbolic_zeros: every array argument comes wrapped (CustomVJPPrimal).
+    arrays = [None if x is None else x.value for x in (q, kv, indices, attn_sink, topk_length)]
+    out, max_logits, lse = _forward(config, *arrays)
+    return (out, max_logits, lse), (*arrays, out, lse)
+
+
+def _gradients(config, q, kv, indices, out, lse, d_out, d_lse, attn_sink=None, topk_length=None):
+    """dq, dkv (float32) and d_sink (float32, or None without a sink) of one shard."""
+    if not config.use_kernel:
+        # JAX's derivative of the reference, in float32 (the reference computes in it).
+        def forward(q, kv, sink):
+            return reference.sparse_prefill(
+                q, kv, indices, config.scale, attn_sink=sink, topk_length=topk_length
+            )
+
+        f32 = (q.astype(jnp.float32), kv.astype(jnp.float32), attn_sink)
+        (_, max_logits, _), pullback = jax.vjp(forward, *f32)
+        cotangents = (d_out.astype(jnp.float32), jnp.zeros_like(max_logits), d_lse)
+        return pullback(cotangents)
+    # The kernel takes the sink and lse's cotangent folded in (prefill_sparse_backward.cuh):
+    # with f = 1 / (1 + exp(sink - lse)) and D = sum(d_out * out), it gets f * d_out and
+    # d_lse - f * D; d_sink = -sum over tokens of (1 - f) D.
+    lonely = lse == jnp.inf
+    d_rows = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    factor = jnp.ones_like(lse)
+    if attn_sink is not None:
+        factor = jnp.where(lonely, 1.0, jax.nn.sigmoid(jnp.where(lonely, 0.0, lse - attn_sink)))
+    row_shift = jnp.where(lonely, 0.0, d_lse - factor * d_rows)
+    dq, dkv = prefill_sparse_backward.prefill_sparse_backward(
+        q,
+        kv,
+        indices,
+        family.lengths_placeholder(topk_length),
+        (factor[..., None] * d_out.astype(jnp.float32)).astype(jnp.bfloat16),
+        lse,
+        row_shift,
+        use_kernel=True,
+        sm_scale=config.scale,
+    )
+    d_sink = None if attn_sink is None else -jnp.sum((1.0 - factor) * d_rows, axis=0)
+    return dq, dkv, d_sink
+
+
+def _sparse_prefill_bwd(config, residuals, cotangents):
+    q, kv, indices, attn_sink, topk_length, out, lse = residuals
+    d_out, d_max_logits, d_lse = cotangents
+    if not isinstance(d_max_logits, SymbolicZero):
+        raise TypeError(
+            f"{OP}: max_logits has no gradient; wrap it in jax.lax.stop_gradient where it "
+            "enters what is differentiated (out and lse are differentiable)"
         )
+    if isinstance(d_out, SymbolicZero):
+        d_out = jnp.zeros(out.shape, out.dtype)
+    if isinstance(d_lse, SymbolicZero):
+        d_lse = jnp.zeros(lse.shape, lse.dtype)
 
-    return forward_only(OP, partitioned)(q, kv, indices, *(optional[n][0] for n in present))
+    def finish(sum_axes):
+        # kv is replicated: each shard holds part of dkv, and of d_sink where tokens are
+        # split; both are summed in float32 and rounded once.
+        def grads(**arrays):
+            dq, dkv, d_sink = _gradients(config, **arrays)
+            if sum_axes:
+                dkv = jax.lax.psum(dkv, sum_axes["kv"])
+                if d_sink is not None and sum_axes["sink"]:
+                    d_sink = jax.lax.psum(d_sink, sum_axes["sink"])
+            results = (dq.astype(q.dtype), dkv.astype(kv.dtype))
+            return results if d_sink is None else (*results, d_sink)
+
+        return grads
+
+    def local(axes):
+        tokens = axes.get("t", ())
+        return finish({"kv": tokens + axes.get("h", ()), "sink": tokens})
+
+    named = {
+        "q": q,
+        "kv": kv,
+        "indices": indices,
+        "out": out,
+        "lse": lse,
+        "d_out": d_out,
+        "d_lse": d_lse,
+        "attn_sink": attn_sink,
+        "topk_length": topk_length,
+    }
+    out_dims = ("t h d", "n k d") + (() if attn_sink is None else ("h",))
+    grads = _partitioned(finish(None), named, out_dims, local_fn=local)
+    d_sink = None if attn_sink is None else grads[2]
+    return grads[0], grads[1], None, d_sink, None
+
+
+_sparse_prefill.defvjp(_sparse_prefill_fwd, _sparse_prefill_bwd, symbolic_zeros=True)

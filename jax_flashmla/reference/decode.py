@@ -40,11 +40,14 @@ def _attend(
     Returns out [..., m, dv] fp32, lse [..., m] fp32 (+inf for a row with no valid key) and
     max_logits [..., m] fp32 (-inf for such a row). The sink scales `out` only.
     """
-    q = q.astype(jnp.float32)
-    k = k.astype(jnp.float32)
-    # A key nobody may see can hold NaN; zero it in V, as 0 * NaN would still be NaN.
-    key_seen = jnp.any(valid, axis=-2)
-    v = jnp.where(key_seen[..., None], v.astype(jnp.float32), 0.0)
+    # float32, or float64 for float64 inputs (a finite-difference check of the gradient).
+    compute = jnp.promote_types(jnp.result_type(q, k, v), jnp.float32)
+    q = q.astype(compute)
+    # A key nobody may see can hold NaN; zero it in K and V, as 0 * NaN would still be NaN
+    # (in V's product here, in K's product in the gradient).
+    key_seen = jnp.any(valid, axis=-2)[..., None]
+    k = jnp.where(key_seen, k.astype(compute), 0.0)
+    v = jnp.where(key_seen, v.astype(compute), 0.0)
 
     logits = jnp.einsum("...md,...nd->...mn", q, k, precision=_HIGHEST) * scale
     # `where`, not a multiply by the mask: NaN/Inf logits of unread keys must vanish.
@@ -52,7 +55,9 @@ def _attend(
     # `initial` keeps an empty key axis (topk = 0) legal.
     max_logits = jnp.max(logits, axis=-1, initial=-jnp.inf)
     lonely = max_logits == -jnp.inf
-    shift = jnp.where(lonely, 0.0, max_logits)
+    # The shift cancels out of every result: no gradient flows through it (nor through a tie
+    # of maxima).
+    shift = jax.lax.stop_gradient(jnp.where(lonely, 0.0, max_logits))
     probs = jnp.exp(logits - shift[..., None])  # masked entries: exp(-inf) = 0
     denom = jnp.sum(probs, axis=-1)  # >= 1 for any row with a valid key
     lse = jnp.where(lonely, jnp.inf, shift + jnp.log(jnp.where(lonely, 1.0, denom)))
@@ -60,9 +65,11 @@ def _attend(
     out = jnp.einsum("...mn,...nd->...md", probs, v, precision=_HIGHEST)
     out = out / jnp.where(lonely, 1.0, denom)[..., None]
     if sink is not None:
-        # out *= 1 / (1 + exp(sink - lse)): sink = -inf -> 1, +inf -> 0. On lonely rows this
-        # may be NaN ((+inf) - (+inf)); the `where` below discards it.
-        out = out * (1.0 / (1.0 + jnp.exp(sink.astype(jnp.float32) - lse)))[..., None]
+        # out *= 1 / (1 + exp(sink - lse)) = sigmoid(lse - sink): sink = -inf -> 1, +inf -> 0,
+        # with a finite derivative at both. Lonely rows (lse = +inf) take 0 instead of
+        # (+inf) - sink, which may be NaN and would poison the gradient; `where` below zeroes
+        # their out anyway.
+        out = out * jax.nn.sigmoid(jnp.where(lonely, 0.0, lse - sink.astype(lse.dtype)))[..., None]
     out = jnp.where(lonely[..., None], 0.0, out)
     return out, lse, max_logits
 

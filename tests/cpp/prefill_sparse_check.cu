@@ -13,6 +13,15 @@
 // kernel forgets to write fails. Buffers are allocated at their exact sizes, so memcheck sees
 // any access past them. Each case runs twice and must give the same bits.
 //
+// Then the backward kernel on the same cases: d_out ~ N(0, 1) and the cotangent of lse ~ N(0, 1),
+// folded with the sink as the ops module does (prefill_sparse_backward.cuh: d_out times the
+// sink factor in bfloat16, row_shift = dlse - f * sum(d_out * out) from the float64 forward),
+// the forward's lse from the float64 reference; dq and dkv against a float64 reference of the
+// same formulas: relative L2 error <= 2^-7 and every element within 2^-5 of the tensor's largest
+// magnitude (docs/ops.md, sparse prefill gradient); dq of a lonely query and dkv rows that no
+// counted valid slot selects (NaN in kv) exactly 0; dq poisoned with NaN before the launch and
+// bitwise repeatable, dkv (atomic float32 sums) within rounding.
+//
 // Then the parameter checks: sizes, head dims, topk, alignment and scales the kernel cannot
 // take give a message from sparse_prefill_params_error and cudaErrorInvalidValue from the
 // launch, with nothing written and nothing left in the last-error slot; s_q 0 launches
@@ -40,6 +49,7 @@
 #include "check_util.h"
 #include "kernels/common/mla_geometry.cuh"
 #include "kernels/sm90/prefill_sparse/prefill_sparse.cuh"
+#include "kernels/sm90/prefill_sparse/prefill_sparse_backward.cuh"
 
 namespace {
 
@@ -285,6 +295,199 @@ bool check(const Case& c, const Reference& ref, const Result& got, const Result&
   return ok;
 }
 
+// ---- Backward ------------------------------------------------------------------------------
+
+constexpr double kGradRelL2 = 1.0 / 128, kGradOfPeak = 1.0 / 32;
+
+struct BackwardInputs {
+  std::vector<uint16_t> d_out_bits;  // [s_q, h_q, 512]: f * d_out in bfloat16
+  std::vector<float> lse, row_shift;  // [s_q, h_q]
+};
+
+BackwardInputs make_backward_inputs(const Case& c, const Inputs& in, const Reference& ref,
+                                    uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> gauss(0.0, 1.0);
+  BackwardInputs b;
+  const size_t rows = size_t(c.s_q) * c.h_q;
+  b.d_out_bits.resize(rows * kDv);
+  b.lse.resize(rows);
+  b.row_shift.resize(rows);
+  for (size_t r = 0; r < rows; ++r) {
+    const int h = static_cast<int>(r % c.h_q);
+    const double lse = ref.lse[r];
+    const bool lonely = std::isinf(lse);
+    double f = 1.0;
+    if (!in.sink.empty() && !lonely) f = 1.0 / (1.0 + std::exp(double(in.sink[h]) - lse));
+    double d_rows = 0;
+    for (int d = 0; d < kDv; ++d) {
+      const double g = gauss(rng);
+      d_rows += g * ref.out[r * kDv + d];
+      b.d_out_bits[r * kDv + d] = float_to_bf16(static_cast<float>(f * g));
+    }
+    b.lse[r] = static_cast<float>(lse);
+    b.row_shift[r] = lonely ? 0.f : static_cast<float>(gauss(rng) - f * d_rows);
+  }
+  return b;
+}
+
+struct Gradients {
+  std::vector<double> dq, dkv;  // [s_q, h_q, d_qk], [s_kv, d_qk]
+};
+
+// float64 reference of prefill_sparse_backward.cuh's formulas.
+Gradients backward_reference(const Case& c, const Inputs& in, const BackwardInputs& b) {
+  Gradients g;
+  g.dq.assign(size_t(c.s_q) * c.h_q * c.d_qk, 0.0);
+  g.dkv.assign(size_t(c.s_kv) * c.d_qk, 0.0);
+  std::vector<double> q(c.d_qk), d_out(kDv);
+  for (int t = 0; t < c.s_q; ++t) {
+    const int32_t* slots = &in.indices[size_t(t) * c.topk];
+    for (int h = 0; h < c.h_q; ++h) {
+      const size_t r = size_t(t) * c.h_q + h;
+      if (std::isinf(b.lse[r])) continue;
+      for (int d = 0; d < c.d_qk; ++d) q[d] = bf16_to_float(in.q_bits[r * c.d_qk + d]);
+      for (int d = 0; d < kDv; ++d) d_out[d] = bf16_to_float(b.d_out_bits[r * kDv + d]);
+      for (int k = 0; k < in.counted[t]; ++k) {
+        if (slots[k] < 0 || slots[k] >= c.s_kv) continue;
+        const uint16_t* row = &in.kv_bits[size_t(slots[k]) * c.d_qk];
+        double dot = 0, d_prob = 0;
+        for (int d = 0; d < c.d_qk; ++d) dot += q[d] * bf16_to_float(row[d]);
+        for (int d = 0; d < kDv; ++d) d_prob += d_out[d] * bf16_to_float(row[d]);
+        const double prob = std::exp(dot * in.softmax_scale - double(b.lse[r]));
+        const double d_score = in.softmax_scale * prob * (d_prob + b.row_shift[r]);
+        double* dq = &g.dq[r * c.d_qk];
+        double* dkv = &g.dkv[size_t(slots[k]) * c.d_qk];
+        for (int d = 0; d < c.d_qk; ++d) {
+          dq[d] += d_score * bf16_to_float(row[d]);
+          dkv[d] += d_score * q[d] + (d < kDv ? prob * d_out[d] : 0.0);
+        }
+      }
+    }
+  }
+  return g;
+}
+
+struct BackwardResult {
+  std::vector<uint16_t> dq;
+  std::vector<float> dkv;
+};
+
+// One backward launch on fresh buffers, dq and dkv poisoned first.
+BackwardResult run_backward(const Case& c, const Inputs& in, const BackwardInputs& b) {
+  const int64_t rows = int64_t{c.s_q} * c.h_q;
+  std::vector<void*> allocations;
+  const auto keep = [&](auto* ptr) {
+    if (ptr != nullptr) allocations.push_back(const_cast<void*>(static_cast<const void*>(ptr)));
+    return ptr;
+  };
+  const auto alloc = [&](size_t bytes) {
+    void* ptr = nullptr;
+    if (bytes == 0) return ptr;
+    CHECK(cudaMalloc(&ptr, bytes));
+    CHECK(cudaMemset(ptr, 0xFF, bytes));  // NaN in bfloat16 and float32
+    allocations.push_back(ptr);
+    return ptr;
+  };
+  jfm::SparsePrefillBackwardParams p;
+  p.q = keep(to_device(in.q_bits));
+  p.kv = keep(to_device(in.kv_bits));
+  p.indices = keep(to_device(in.indices));
+  p.topk_length = keep(to_device(in.lengths));
+  p.d_out = keep(to_device(b.d_out_bits));
+  p.lse = keep(to_device(b.lse));
+  p.row_shift = keep(to_device(b.row_shift));
+  p.dq = alloc(rows * c.d_qk * 2);
+  p.dkv = static_cast<float*>(alloc(size_t(c.s_kv) * c.d_qk * 4));
+  p.s_q = c.s_q;
+  p.s_kv = c.s_kv;
+  p.h_q = c.h_q;
+  p.d_qk = c.d_qk;
+  p.topk = c.topk;
+  p.softmax_scale = in.softmax_scale;
+  if (const char* error = jfm::sparse_prefill_backward_params_error(p)) {
+    std::fprintf(stderr, "%s: backward params: %s\n", c.name.c_str(), error);
+    std::exit(1);
+  }
+  CHECK(jfm::launch_sparse_prefill_backward(p, nullptr));
+  CHECK(cudaDeviceSynchronize());
+  BackwardResult result;
+  result.dq.resize(rows * c.d_qk);
+  result.dkv.resize(size_t(c.s_kv) * c.d_qk);
+  CHECK(cudaMemcpy(result.dq.data(), p.dq, result.dq.size() * 2, cudaMemcpyDeviceToHost));
+  if (!result.dkv.empty()) {
+    CHECK(cudaMemcpy(result.dkv.data(), p.dkv, result.dkv.size() * 4, cudaMemcpyDeviceToHost));
+  }
+  for (void* ptr : allocations) CHECK(cudaFree(ptr));
+  return result;
+}
+
+// Relative L2 error and largest error over the largest reference magnitude; counts non-finite
+// values.
+struct GradientError {
+  double rel_l2 = 0, of_peak = 0;
+  long non_finite = 0;
+  bool ok() const { return non_finite == 0 && rel_l2 <= kGradRelL2 && of_peak <= kGradOfPeak; }
+};
+
+template <typename Get>
+GradientError gradient_error(const std::vector<double>& want, Get got) {
+  GradientError e;
+  double diff2 = 0, norm2 = 0, peak = 0, worst = 0;
+  for (size_t k = 0; k < want.size(); ++k) {
+    const double a = got(k);
+    if (!std::isfinite(a)) {
+      ++e.non_finite;
+      continue;
+    }
+    diff2 += (a - want[k]) * (a - want[k]);
+    norm2 += want[k] * want[k];
+    peak = std::max(peak, std::fabs(want[k]));
+    worst = std::max(worst, std::fabs(a - want[k]));
+  }
+  e.rel_l2 = norm2 > 0 ? std::sqrt(diff2 / norm2) : std::sqrt(diff2);
+  e.of_peak = peak > 0 ? worst / peak : worst;
+  return e;
+}
+
+bool check_backward(const Case& c, const Inputs& in, const Gradients& want,
+                    const BackwardResult& got, const BackwardResult& again) {
+  const GradientError dq =
+      gradient_error(want.dq, [&](size_t k) { return double(bf16_to_float(got.dq[k])); });
+  const GradientError dkv = gradient_error(want.dkv, [&](size_t k) { return double(got.dkv[k]); });
+  // Exact zeros: dq of lonely queries, dkv of rows nothing selects.
+  long stray = 0;
+  for (int t = 0; t < c.s_q; ++t) {
+    bool lonely = true;
+    const int32_t* slots = &in.indices[size_t(t) * c.topk];
+    for (int k = 0; k < in.counted[t]; ++k) lonely &= slots[k] < 0 || slots[k] >= c.s_kv;
+    if (!lonely) continue;
+    for (size_t k = 0; k < size_t(c.h_q) * c.d_qk; ++k) {
+      stray += bf16_to_float(got.dq[size_t(t) * c.h_q * c.d_qk + k]) != 0.f;
+    }
+  }
+  std::vector<char> used(c.s_kv, 0);
+  for (int t = 0; t < c.s_q; ++t) {
+    const int32_t* slots = &in.indices[size_t(t) * c.topk];
+    for (int k = 0; k < in.counted[t]; ++k) {
+      if (slots[k] >= 0 && slots[k] < c.s_kv) used[slots[k]] = 1;
+    }
+  }
+  for (size_t k = 0; k < got.dkv.size(); ++k) stray += !used[k / c.d_qk] && got.dkv[k] != 0.f;
+  const bool same_dq = got.dq == again.dq;
+  const GradientError dkv_again =
+      gradient_error(std::vector<double>(got.dkv.begin(), got.dkv.end()),
+                     [&](size_t k) { return double(again.dkv[k]); });
+  const bool dkv_close = dkv_again.rel_l2 <= 1e-6;
+  const bool ok = dq.ok() && dkv.ok() && stray == 0 && same_dq && dkv_close;
+  std::printf("%s backward %s: dq rel L2 %.2e, max %.2e of peak, dkv rel L2 %.2e, max %.2e of "
+              "peak, non-finite %ld, stray nonzero %ld, dq repeat %s, dkv repeat rel %.1e\n",
+              ok ? "PASS" : "FAIL", c.name.c_str(), dq.rel_l2, dq.of_peak, dkv.rel_l2,
+              dkv.of_peak, dq.non_finite + dkv.non_finite, stray,
+              same_dq ? "bitwise equal" : "DIFFERS", dkv_again.rel_l2);
+  return ok;
+}
+
 // A parameter check: what it changes in valid parameters, and whether the result must still
 // be accepted (launching nothing).
 struct ParamsCase {
@@ -399,8 +602,13 @@ int main(int argc, char** argv) {
     const Result got = run(c, in);
     const Result again = run(c, in);
     all_ok &= check(c, ref, got, again);
+    const BackwardInputs b = make_backward_inputs(c, in, ref, 101 + static_cast<uint32_t>(ci));
+    const Gradients want = backward_reference(c, in, b);
+    const BackwardResult grads = run_backward(c, in, b);
+    const BackwardResult grads_again = run_backward(c, in, b);
+    all_ok &= check_backward(c, in, want, grads, grads_again);
     std::fflush(stdout);
-    ++runs;
+    runs += 2;
   }
   all_ok &= check_params(filter, runs);
   if (runs == 0) {

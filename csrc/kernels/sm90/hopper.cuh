@@ -1,5 +1,5 @@
 // Thin wrappers over the Hopper (sm_90a) instructions the kernels use: mbarriers, asynchronous
-// copies, TMA tensor loads, wgmma shared-memory descriptors and fences, named barriers, register
+// copies, vector atomic additions, TMA tensor loads, wgmma shared-memory descriptors and fences, named barriers, register
 // reallocation.
 // Device-only; include from kernel translation units compiled for sm_90a.
 #pragma once
@@ -75,6 +75,13 @@ __device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
 // Waits until every cp.async this thread issued has landed.
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
+// ---- Global reductions ------------------------------------------------------------------
+// dst[0] += a, dst[1] += b as one atomic vector addition in L2 (dst 8-byte aligned; relaxed,
+// nothing returned).
+__device__ __forceinline__ void red_add_f32x2(float* dst, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(a), "f"(b) : "memory");
 }
 
 // ---- TMA ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Sparse (top-k) MLA prefill over a BF16 KV array (the Hopper kernel), and its launch limits."""
+"""Sparse (top-k) MLA prefill over a BF16 KV array (the Hopper kernel), and the launch limits of
+both directions' kernels (the backward's family: prefill_sparse_backward.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ GRID_Y_MAX = 65535
 class SparsePrefillKernel(KernelPrimitive):
     """(q, kv, indices, attn_sink, topk_length) -> (out, max_logits, lse).
 
-    An absent optional operand is a zero-sized array (see `with_placeholders`): attn_sink and
-    topk_length of length 0.
+    An absent optional operand is a zero-sized array (`sink_placeholder`,
+    `lengths_placeholder`): attn_sink and topk_length of length 0.
     """
 
     name = "jax_flashmla_prefill_sparse"
@@ -53,15 +54,14 @@ class SparsePrefillKernel(KernelPrimitive):
 prefill_sparse = SparsePrefillKernel()
 
 
-def with_placeholders(q, kv, indices, attn_sink, topk_length) -> tuple[jax.Array, ...]:
-    """The family's operands, absent (None) optional ones as zero-sized arrays."""
-    return (
-        q,
-        kv,
-        indices,
-        jnp.zeros((0,), jnp.float32) if attn_sink is None else attn_sink,
-        jnp.zeros((0,), jnp.int32) if topk_length is None else topk_length,
-    )
+def sink_placeholder(attn_sink: jax.Array | None) -> jax.Array:
+    """attn_sink as the kernels take it: float32[0] when absent."""
+    return jnp.zeros((0,), jnp.float32) if attn_sink is None else attn_sink
+
+
+def lengths_placeholder(topk_length: jax.Array | None) -> jax.Array:
+    """topk_length as the kernels take it: int32[0] when absent."""
+    return jnp.zeros((0,), jnp.int32) if topk_length is None else topk_length
 
 
 def launch_limit_error(*, s_q: int, h_q: int, topk: int) -> str:

@@ -1,4 +1,4 @@
-// Launcher of the sparse prefill: checks, the query tensor map, the kernel.
+// Launchers of the sparse prefill, forward and backward: checks, tensor maps, the kernels.
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
@@ -15,25 +15,48 @@ namespace {
 
 constexpr int64_t kMaxGridY = 65535;
 
+// The query-side rules both directions share.
+const char* shape_error(int64_t s_q, int64_t s_kv, int64_t h_q, int64_t d_qk, int64_t topk,
+                        const int32_t* indices, const void* kv, float softmax_scale) {
+  if (s_q < 0 || s_kv < 0 || h_q < 1) return "sizes must be positive (s_q, s_kv may be 0)";
+  if (d_qk != kHeadDimQK && d_qk != kHeadDimLatent) return "d_qk must be 576 or 512";
+  if (topk < 64 || topk % 64 != 0 || topk > INT_MAX) {
+    return "topk must be a positive multiple of 64 and <= 2^31 - 1";
+  }
+  if (indices == nullptr) return "indices are missing";
+  if (s_q > INT_MAX) return "s_q must be <= 2^31 - 1 (grid x, TMA coordinates)";
+  if ((h_q + kQueryTileRows - 1) / kQueryTileRows > kMaxGridY) {
+    return "h_q must be <= 65535 * 64 (grid y)";
+  }
+  if (s_kv > 0 && kv == nullptr) return "kv is missing";
+  if (!std::isfinite(softmax_scale)) return "softmax_scale must be finite";
+  return nullptr;
+}
+
+bool misaligned(const void* ptr, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes != 0;
+}
+
+// A map over a [s_q, h_q, dims] bf16 tensor: one box is up to 64 heads of one query token,
+// 64 dims.
+bool encode_token_map(CUtensorMap* map, const void* base, int64_t s_q, int64_t h_q, int64_t dims,
+                      int32_t box_rows) {
+  const cuuint64_t row_bytes = static_cast<cuuint64_t>(dims) * 2;
+  return sm90::encode_map_16bit<3>(
+      map, base,
+      {static_cast<cuuint64_t>(dims), static_cast<cuuint64_t>(h_q), static_cast<cuuint64_t>(s_q)},
+      {row_bytes, row_bytes * h_q}, {64, static_cast<cuuint32_t>(box_rows), 1});
+}
+
 }  // namespace
 
 const char* sparse_prefill_params_error(const SparsePrefillParams& p) {
-  if (p.s_q < 0 || p.s_kv < 0 || p.h_q < 1) return "sizes must be positive (s_q, s_kv may be 0)";
-  if (p.d_qk != kHeadDimQK && p.d_qk != kHeadDimLatent) return "d_qk must be 576 or 512";
-  if (p.topk < 64 || p.topk % 64 != 0 || p.topk > INT_MAX) {
-    return "topk must be a positive multiple of 64 and <= 2^31 - 1";
-  }
-  if (p.indices == nullptr) return "indices are missing";
-  if (p.s_q > INT_MAX) return "s_q must be <= 2^31 - 1 (grid x, TMA coordinates)";
-  if ((p.h_q + kQueryTileRows - 1) / kQueryTileRows > kMaxGridY) {
-    return "h_q must be <= 65535 * 64 (grid y)";
-  }
-  const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16; };
-  if (misaligned(p.q) || misaligned(p.kv) || misaligned(p.out)) {
+  const char* error =
+      shape_error(p.s_q, p.s_kv, p.h_q, p.d_qk, p.topk, p.indices, p.kv, p.softmax_scale);
+  if (error != nullptr) return error;
+  if (misaligned(p.q, 16) || misaligned(p.kv, 16) || misaligned(p.out, 16)) {
     return "q, kv and out must be 16-byte aligned";
   }
-  if (p.s_kv > 0 && p.kv == nullptr) return "kv is missing";
-  if (!std::isfinite(p.softmax_scale)) return "softmax_scale must be finite";
   return nullptr;
 }
 
@@ -45,17 +68,50 @@ cudaError_t launch_sparse_prefill(const SparsePrefillParams& p, cudaStream_t str
   args.params = p;
   args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
   args.q_box_rows = static_cast<int32_t>(std::min<int64_t>(p.h_q, kQueryTileRows));
-  const cuuint64_t row_bytes = static_cast<cuuint64_t>(p.d_qk) * 2;
-  // q [s_q, h_q, d_qk]: one box is up to 64 heads of one query token, 64 dims.
-  if (!sm90::encode_map_16bit<3>(
-          &args.q_map, p.q,
-          {static_cast<cuuint64_t>(p.d_qk), static_cast<cuuint64_t>(p.h_q),
-           static_cast<cuuint64_t>(p.s_q)},
-          {row_bytes, row_bytes * p.h_q}, {64, static_cast<cuuint32_t>(args.q_box_rows), 1})) {
+  if (!encode_token_map(&args.q_map, p.q, p.s_q, p.h_q, p.d_qk, args.q_box_rows)) {
     return cudaErrorInvalidValue;
   }
   return p.d_qk == kHeadDimQK ? sm90::prefill_sparse::launch_typed<kHeadDimQK>(args, stream)
                               : sm90::prefill_sparse::launch_typed<kHeadDimLatent>(args, stream);
+}
+
+const char* sparse_prefill_backward_params_error(const SparsePrefillBackwardParams& p) {
+  const char* error =
+      shape_error(p.s_q, p.s_kv, p.h_q, p.d_qk, p.topk, p.indices, p.kv, p.softmax_scale);
+  if (error != nullptr) return error;
+  if (p.s_q > 0 && (p.d_out == nullptr || p.lse == nullptr || p.row_shift == nullptr ||
+                    p.dq == nullptr)) {
+    return "d_out, lse, row_shift and dq are missing";
+  }
+  if (p.s_kv > 0 && p.dkv == nullptr) return "dkv is missing";
+  if (misaligned(p.q, 16) || misaligned(p.kv, 16) || misaligned(p.d_out, 16) ||
+      misaligned(p.dq, 16) || misaligned(p.dkv, 16)) {
+    return "q, kv, d_out, dq and dkv must be 16-byte aligned";
+  }
+  return nullptr;
+}
+
+cudaError_t launch_sparse_prefill_backward(const SparsePrefillBackwardParams& p,
+                                           cudaStream_t stream) {
+  if (sparse_prefill_backward_params_error(p) != nullptr) return cudaErrorInvalidValue;
+  if (p.s_kv > 0) {
+    const cudaError_t zeroed =
+        cudaMemsetAsync(p.dkv, 0, static_cast<size_t>(p.s_kv) * p.d_qk * sizeof(float), stream);
+    if (zeroed != cudaSuccess) return zeroed;
+  }
+  if (p.s_q == 0) return cudaSuccess;
+
+  sm90::prefill_sparse::BackwardArgs args{};
+  args.params = p;
+  args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  args.q_box_rows = static_cast<int32_t>(std::min<int64_t>(p.h_q, kQueryTileRows));
+  if (!encode_token_map(&args.q_map, p.q, p.s_q, p.h_q, p.d_qk, args.q_box_rows) ||
+      !encode_token_map(&args.d_out_map, p.d_out, p.s_q, p.h_q, kHeadDimV, args.q_box_rows)) {
+    return cudaErrorInvalidValue;
+  }
+  return p.d_qk == kHeadDimQK
+             ? sm90::prefill_sparse::launch_backward_typed<kHeadDimQK>(args, stream)
+             : sm90::prefill_sparse::launch_backward_typed<kHeadDimLatent>(args, stream);
 }
 
 }  // namespace jfm

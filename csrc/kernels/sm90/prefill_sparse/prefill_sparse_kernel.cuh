@@ -24,21 +24,17 @@
 #include "kernels/sm90/hopper.cuh"
 #include "kernels/sm90/mla_tile.cuh"
 #include "kernels/sm90/prefill_sparse/prefill_sparse_args.cuh"
+#include "kernels/sm90/prefill_sparse/prefill_sparse_gather.cuh"
 
 namespace jfm::sm90::prefill_sparse {
 
 using Element = __nv_bfloat16;
 
-constexpr int kBlockSlots = 64;   // selected rows per KV block (one 64-row chunk high)
 constexpr int kStageChunks = 9;   // the K chunks of d_qk 576
 constexpr int kPChunk = 8;        // where P goes once S is computed
 constexpr int kStageBytes = kStageChunks * kChunkBytes;
 constexpr int kStages = 2;
 constexpr int kThreads = 384;
-constexpr int kLoaderThreads = 128;
-constexpr int kRowThreads = 8;  // loader threads per row: 8 x 16 bytes = 64 dims of one chunk
-constexpr int kPasses = kBlockSlots * kRowThreads / kLoaderThreads;  // rows per thread: 4
-constexpr int kWarpSlots = kBlockSlots / 4;                          // rows per loader warp
 // Registers per thread after the split: the CTA keeps what it was launched with, 168 per thread
 // (384 threads, one CTA per SM), so the loaders must give up as many as the math warpgroups
 // take, or setmaxnreg.inc waits forever. The score warpgroup holds O (128), S (32), P (16) and
@@ -69,44 +65,8 @@ struct alignas(1024) SharedStorage {
 // attending masks.
 constexpr uint32_t kStageArrivals = kLoaderThreads + 4;
 
-// Slots of token `token` that count: clamp(topk_length[token], 0, topk), or topk.
-__device__ __forceinline__ int counted_slots(const SparsePrefillParams& p, int64_t token) {
-  const int topk = static_cast<int>(p.topk);
-  return p.topk_length == nullptr ? topk : min(max(p.topk_length[token], 0), topk);
-}
-
-// ---- Load role ------------------------------------------------------------------------------
-
-__device__ __forceinline__ int32_t load_index(const int32_t* address) {
-  int32_t v;
-  asm volatile("ld.global.nc.L1::no_allocate.s32 %0, [%1];" : "=r"(v) : "l"(address));
-  return v;
-}
-
-// The row of a block that loader thread (warp, lane) copies in pass `pass`.
-__device__ __forceinline__ int loader_row(int warp, int lane, int pass) {
-  return warp * kWarpSlots + pass * 4 + lane / kRowThreads;
-}
-
-// This thread's slot indices of block `blk`, -1 where a slot does not count.
-struct BlockSlots {
-  int32_t index[kPasses];
-};
-
-__device__ __forceinline__ BlockSlots block_slots(const int32_t* token_indices, int counted,
-                                                  int blk, int warp, int lane) {
-  BlockSlots b;
-#pragma unroll
-  for (int pass = 0; pass < kPasses; ++pass) {
-    const int slot = blk * kBlockSlots + loader_row(warp, lane, pass);
-    b.index[pass] = slot < counted ? load_index(token_indices + slot) : -1;
-  }
-  return b;
-}
-
 // WG0: the query tile (thread 0, TMA), then the token's blocks of 64 slots through the stage
-// ring. Thread j of a row copies 16-byte unit j of each 64-dim chunk, into unit j ^ (row % 8)
-// of that chunk's row.
+// ring (prefill_sparse_gather.cuh).
 template <int kHeadDimQK>
 __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage& smem,
                                           int64_t token, int head_tile, int blocks,
@@ -114,7 +74,6 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
   constexpr int kQKChunks = kHeadDimQK / kChunkElems;
   const SparsePrefillParams& p = args.params;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int j = lane % kRowThreads;
   if (tid == 0) {
     prefetch_tensor_map(&args.q_map);
     mbarrier_arrive_expect_tx(&smem.q_full, kQKChunks * 128 * args.q_box_rows);
@@ -124,34 +83,15 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
     }
   }
   const int32_t* token_indices = p.indices + token * p.topk;
-  const auto* kv = static_cast<const uint8_t*>(p.kv) + j * 16;
-  const int64_t row_bytes = kHeadDimQK * 2;
+  const auto* kv = static_cast<const uint8_t*>(p.kv);
   BlockSlots slots = block_slots(token_indices, counted, 0, warp, lane);
   for (int blk = 0; blk < blocks; ++blk) {
     const int stage = blk % kStages;
     BlockSlots next = slots;
     if (blk + 1 < blocks) next = block_slots(token_indices, counted, blk + 1, warp, lane);
     mbarrier_wait(&smem.kv_empty[stage], (blk / kStages % 2) ^ 1);
-    const uint32_t stage_base = smem_address(smem.kv[stage]);
-    uint32_t attending = 0;
-#pragma unroll
-    for (int pass = 0; pass < kPasses; ++pass) {
-      const int row = loader_row(warp, lane, pass);
-      const int32_t index = slots.index[pass];
-      const bool selects = index >= 0 && index < p.s_kv;
-      // A slot that selects nothing reads no byte: its row is zero-filled from row 0's address.
-      const uint8_t* src = kv + (selects ? index : 0) * row_bytes;
-      const uint32_t dst = stage_base + row * 128 + ((j ^ (row % 8)) << 4);
-#pragma unroll
-      for (int c = 0; c < kQKChunks; ++c) {
-        cp_async_16(dst + c * kChunkBytes, src + c * 128, selects ? 16 : 0);
-      }
-      // Lanes 0, 8, 16, 24 speak for the 4 rows of this pass.
-      const uint32_t ballot = __ballot_sync(0xffffffffu, selects);
-      const uint32_t four = (ballot & 1u) | ((ballot >> 7) & 2u) | ((ballot >> 14) & 4u) |
-                            ((ballot >> 21) & 8u);
-      attending |= four << (4 * pass);
-    }
+    const uint32_t attending = gather_block<kHeadDimQK>(kv, p.s_kv, slots,
+                                                        smem_address(smem.kv[stage]), warp, lane);
     cp_async_arrive(&smem.kv_full[stage]);
     if (lane == 0) {
       smem.attending[stage][warp] = static_cast<uint16_t>(attending);
@@ -260,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int64_t token = blockIdx.x;
   const int head_tile = blockIdx.y;
-  const int counted = counted_slots(args.params, token);
+  const int counted = counted_slots(args.params.topk_length, args.params.topk, token);
   const int blocks = (counted + kBlockSlots - 1) / kBlockSlots;
 
   if (threadIdx.x == 0) {

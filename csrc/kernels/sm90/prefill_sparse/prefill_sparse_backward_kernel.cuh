@@ -1,0 +1,415 @@
+// The backward kernel of the sparse prefill for sm_90a (the math: prefill_sparse_backward.cuh).
+// Included by one translation unit per head dim.
+//
+// One CTA per (query token, tile of 64 query heads); roles (384 threads, three warpgroups), one
+// device function each:
+//   load_role (WG0): q and d_out of the tile by TMA (one thread), then every block of 64
+//     selected rows into the one kv stage (prefill_sparse_gather.cuh), with the block's kv row
+//     numbers and attending mask beside it (double-buffered: the math warpgroups still add
+//     into the previous block's rows while the next block lands).
+//   score_role (WG1): S = Q K^T, P = exp(S - lse) under the mask, published to WG2; takes
+//     back scale * dS; dq[:, 0:256] (and the RoPE dims 512:576) += dS K.
+//   value_role (WG2): dP = d_out V^T; with P, scale * dS = scale * P (dP + shift), published to
+//     WG1; dq[:, 256:512] += dS K.
+//   Both then free the stage for the next block and add the block's dkv rows in chunks of 64
+//   dims, dkv[rows, chunk] += dS^T Q[:, chunk] (+ P^T d_out[:, chunk] for the first 512 dims),
+//   with vector atomic additions (add_dkv_chunk): WG1 chunks 0-3, WG2 chunks 4-7 and the RoPE
+//   chunk. finish_dq writes dq.
+// P and dS pass through shared memory as 64 x 64 bf16 tiles (heads x slots): read back with
+// ldmatrix as wgmma A fragments for dq, and transposed by wgmma (MN-major A) for dkv.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/common/launch.cuh"
+#include "kernels/sm90/hopper.cuh"
+#include "kernels/sm90/mla_tile.cuh"
+#include "kernels/sm90/prefill_sparse/prefill_sparse_args.cuh"
+#include "kernels/sm90/prefill_sparse/prefill_sparse_gather.cuh"
+
+namespace jfm::sm90::prefill_sparse::backward {
+
+using Element = __nv_bfloat16;
+
+constexpr int kQChunks = kHeadDimQK / kChunkElems;      // 9: q tile and kv stage, d_qk 576
+constexpr int kVChunks = kHeadDimV / kChunkElems;       // 8: d_out tile, the V dims
+constexpr int kThreads = 384;
+constexpr float kLog2e = 1.4426950408889634f;
+// Registers: launched with 168 per thread (384 threads, one CTA per SM); WG1 holds dq[:, 0:256]
+// and the RoPE dims (160), S (32) and P; WG2 dq[:, 256:512] (128), dP (32) and P / dS; the
+// loaders indices and addresses. With 200 for WG2 ptxas spills; with these, nothing.
+constexpr uint32_t kLaunchRegisters = 168;
+constexpr uint32_t kScoreRegisters = 224;
+constexpr uint32_t kValueRegisters = 208;
+constexpr uint32_t kLoaderRegisters = 72;
+static_assert(128 * (kScoreRegisters + kValueRegisters + kLoaderRegisters) <=
+                  kThreads * kLaunchRegisters,
+              "the math warpgroups take no more registers than the loaders give up");
+
+// Named barriers of the math warpgroups (0 is __syncthreads).
+constexpr uint32_t kBarP = 1;          // WG1 published P
+constexpr uint32_t kBarDs = 2;         // WG2 published scale * dS
+constexpr uint32_t kBarBlockDone = 3;  // both finished with the P and dS tiles of a block
+
+struct alignas(1024) SharedStorage {
+  uint8_t q[kQChunks * kChunkBytes];
+  uint8_t d_out[kVChunks * kChunkBytes];
+  uint8_t kv[kQChunks * kChunkBytes];
+  uint8_t p[kChunkBytes];   // P, bf16 [heads x slots]
+  uint8_t ds[kChunkBytes];  // scale * dS, bf16 [heads x slots]
+  int32_t rows[2][kBlockSlots];  // per block parity: the kv row of each slot, -1 for none
+  uint16_t attending[2][4];      // per block parity and loader warp: bit t = its slot t selects
+  uint64_t kv_full;
+  uint64_t kv_empty;
+  uint64_t inputs_full;  // q and d_out
+};
+
+// Arrivals that complete a block: every loader thread's copies, then the 16 threads that store
+// the block's row numbers (lanes 0, 8, 16, 24 of each loader warp; lane 0 also its mask).
+constexpr uint32_t kBlockArrivals = kLoaderThreads + 16;
+
+// ---- Load role ------------------------------------------------------------------------------
+
+template <int kHeadDimQK>
+__device__ __forceinline__ void load_role(const BackwardArgs& args, SharedStorage& smem,
+                                          int64_t token, int head_tile, int blocks,
+                                          int counted) {
+  constexpr int kQKChunks = kHeadDimQK / kChunkElems;
+  const SparsePrefillBackwardParams& p = args.params;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (tid == 0) {
+    prefetch_tensor_map(&args.q_map);
+    prefetch_tensor_map(&args.d_out_map);
+    mbarrier_arrive_expect_tx(&smem.inputs_full,
+                              (kQKChunks + kVChunks) * 128 * args.q_box_rows);
+    const int head0 = head_tile * kQueryTileRows, t = static_cast<int>(token);
+    for (int c = 0; c < kQKChunks; ++c) {
+      tma_load_3d(smem.q + c * kChunkBytes, &args.q_map, &smem.inputs_full, c * kChunkElems,
+                  head0, t, kCacheEvictNormal);
+    }
+    for (int c = 0; c < kVChunks; ++c) {
+      tma_load_3d(smem.d_out + c * kChunkBytes, &args.d_out_map, &smem.inputs_full,
+                  c * kChunkElems, head0, t, kCacheEvictNormal);
+    }
+  }
+  const int32_t* token_indices = p.indices + token * p.topk;
+  const auto* kv = static_cast<const uint8_t*>(p.kv);
+  BlockSlots slots = block_slots(token_indices, counted, 0, warp, lane);
+  for (int blk = 0; blk < blocks; ++blk) {
+    const int parity = blk % 2;
+    BlockSlots next = slots;
+    if (blk + 1 < blocks) next = block_slots(token_indices, counted, blk + 1, warp, lane);
+    mbarrier_wait(&smem.kv_empty, parity ^ 1);
+    const uint32_t attending =
+        gather_block<kHeadDimQK>(kv, p.s_kv, slots, smem_address(smem.kv), warp, lane);
+    cp_async_arrive(&smem.kv_full);
+    if (lane % kRowThreads == 0) {
+#pragma unroll
+      for (int pass = 0; pass < kPasses; ++pass) {
+        const int32_t index = slots.index[pass];
+        smem.rows[parity][loader_row(warp, lane, pass)] = selects_row(index, p.s_kv) ? index : -1;
+      }
+      if (lane == 0) smem.attending[parity][warp] = static_cast<uint16_t>(attending);
+      mbarrier_arrive(&smem.kv_full);  // releases the stores above
+    }
+    slots = next;
+  }
+  cp_async_wait_all();  // no thread leaves with copies in flight
+}
+
+// ---- Math warpgroups ------------------------------------------------------------------------
+
+using RopeMmaRS = GMMA::MMA_64x64x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::MN>;
+using TransposedMmaSS = GMMA::MMA_64x64x16_F32BF16BF16_SS<GMMA::Major::MN, GMMA::Major::MN>;
+
+// Two 16-bit values of a packed register as floats.
+__device__ __forceinline__ float2 unpack(uint32_t packed) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed));
+}
+
+// P of one block (A-fragment layout, packed bf16): exp2(s * scale_log2 - lse_log2) where the
+// slot attends (bit 8 i + e of `mine` for column 8 i + quad_col + e), else 0.
+__device__ __forceinline__ void block_probabilities(const float (&s)[32], uint64_t mine,
+                                                    float scale_log2,
+                                                    const float (&lse_log2)[2],
+                                                    uint32_t (&packed)[16]) {
+#pragma unroll
+  for (int m = 0; m < 16; ++m) {
+    const int group = m / 2, h = m % 2;
+    const bool a0 = (mine >> (group * 8)) & 1, a1 = (mine >> (group * 8 + 1)) & 1;
+    const float p0 = a0 ? fast_exp2(s[2 * m] * scale_log2 - lse_log2[h]) : 0.f;
+    const float p1 = a1 ? fast_exp2(s[2 * m + 1] * scale_log2 - lse_log2[h]) : 0.f;
+    packed[m] = ElementTraits<Element>::pack(p0, p1);
+  }
+}
+
+// A 64 x 64 bf16 tile (A-fragment layout) to shared memory, made visible to the other math
+// warpgroup's ldmatrix and to both warpgroups' wgmma, then announced on `barrier`.
+__device__ __forceinline__ void publish_tile(uint8_t* tile, const uint32_t (&packed)[16],
+                                             const AccumulatorRows& t, uint32_t barrier) {
+#pragma unroll
+  for (int k16 = 0; k16 < 4; ++k16) {
+    stmatrix_x4(tile + p_offset(t, k16), packed[4 * k16], packed[4 * k16 + 1],
+                packed[4 * k16 + 2], packed[4 * k16 + 3]);
+  }
+  fence_proxy_async_smem();
+  named_barrier_arrive(barrier, kConsumerThreads);
+}
+
+// The tile the other math warpgroup published on `barrier`, in the A-fragment layout.
+__device__ __forceinline__ void receive_tile(const uint8_t* tile, const AccumulatorRows& t,
+                                             uint32_t barrier, uint32_t (&packed)[16]) {
+  named_barrier_sync(barrier, kConsumerThreads);
+#pragma unroll
+  for (int k16 = 0; k16 < 4; ++k16) ldmatrix_x4(tile + p_offset(t, k16), packed + 4 * k16);
+}
+
+// dq[:, rope dims] += dS K[:, 512:576] (d_qk 576): dS from registers, K's RoPE chunk from the
+// stage. Issued only; the caller commits and waits.
+__device__ __forceinline__ void issue_rope_dq(const uint32_t (&ds)[16], const uint8_t* rope,
+                                              float (&dq_rope)[32]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint64_t b = smem_desc_sw128(smem_address(rope) + k * 2048, kChunkBytes, 1024);
+    mma_rs<RopeMmaRS>(ds + 4 * k, b, dq_rope, std::make_index_sequence<32>{});
+  }
+}
+
+// dkv[rows, 64 c : 64 c + 64] += (scale dS)^T Q[:, chunk c] (+ P^T d_out[:, chunk c] when
+// kWithValue), for the block's slots that select a row: accumulators 64 slots x 64 dims, both
+// operands transposed from the [heads x ...] tiles, then one vector atomic addition per pair of
+// columns.
+template <bool kWithValue>
+__device__ __forceinline__ void add_dkv_chunk(const SharedStorage& smem, int c,
+                                              const int32_t* rows, const AccumulatorRows& t,
+                                              float* dkv, int64_t d_qk) {
+  float acc[32];
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint64_t a = smem_desc_sw128(smem_address(smem.ds) + k * 2048, kChunkBytes, 1024);
+    const uint64_t b =
+        smem_desc_sw128(smem_address(smem.q + c * kChunkBytes) + k * 2048, kChunkBytes, 1024);
+    mma_ss<TransposedMmaSS>(a, b, acc, k > 0, std::make_index_sequence<32>{});
+  }
+  if constexpr (kWithValue) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint64_t a = smem_desc_sw128(smem_address(smem.p) + k * 2048, kChunkBytes, 1024);
+      const uint64_t b = smem_desc_sw128(smem_address(smem.d_out + c * kChunkBytes) + k * 2048,
+                                         kChunkBytes, 1024);
+      mma_ss<TransposedMmaSS>(a, b, acc, true, std::make_index_sequence<32>{});
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int32_t row = rows[t.rows[h]];
+    if (row < 0) continue;
+    float* dst = dkv + row * d_qk + c * kChunkElems + t.quad_col;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) red_add_f32x2(dst + i * 8, acc[i * 4 + h * 2], acc[i * 4 + h * 2 + 1]);
+  }
+}
+
+// Writes `n` columns of this thread's dq accumulators (fp32, n / 2 per thread) to the bf16 dq
+// rows starting at column `col0`, for the heads of the tile below h_q.
+template <int kColumns>
+__device__ __forceinline__ void finish_dq(const SparsePrefillBackwardParams& p, int64_t token,
+                                          int head_tile, int col0, const AccumulatorRows& t,
+                                          const float* dq) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int head = head_tile * kQueryTileRows + t.rows[h];
+    if (head >= p.h_q) continue;  // a padding row of the last tile
+    Element* dst = static_cast<Element*>(p.dq) + (token * p.h_q + head) * p.d_qk + col0 + t.quad_col;
+#pragma unroll
+    for (int i = 0; i < kColumns / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(dst + i * 8) =
+          ElementTraits<Element>::pack(dq[i * 4 + h * 2], dq[i * 4 + h * 2 + 1]);
+    }
+  }
+}
+
+// The attending mask of the block with parity `parity` (64 bits, bit t: slot t selects a row).
+__device__ __forceinline__ uint64_t block_mask(const SharedStorage& smem, int parity) {
+  return *reinterpret_cast<const uint64_t*>(smem.attending[parity]);
+}
+
+// Waits for block `blk` in the stage and makes its rows (cp.async, generic proxy) visible to
+// wgmma (async proxy).
+__device__ __forceinline__ void wait_block(SharedStorage& smem, int blk) {
+  mbarrier_wait(&smem.kv_full, blk % 2);
+  fence_proxy_async_smem();
+}
+
+// WG1.
+template <int kHeadDimQK>
+__device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStorage& smem,
+                                           int64_t token, int head_tile, int blocks) {
+  constexpr int kQKChunks = kHeadDimQK / kChunkElems;
+  constexpr bool kRope = kHeadDimQK > kHeadDimLatent;  // the RoPE dims of d_qk 576
+  const SparsePrefillBackwardParams& p = args.params;
+  const AccumulatorRows t = accumulator_rows();
+  float dq[kAccumulators];  // dq[:, 0:256]
+  float dq_rope[32];        // dq[:, 512:576]
+#pragma unroll
+  for (int i = 0; i < kAccumulators; ++i) dq[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) dq_rope[i] = 0.f;
+  float lse_log2[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int head = head_tile * kQueryTileRows + t.rows[h];
+    // A padding row gets P = 0.
+    lse_log2[h] = head < p.h_q ? p.lse[token * p.h_q + head] * kLog2e : INFINITY;
+  }
+  mbarrier_wait(&smem.inputs_full, 0);
+  for (int blk = 0; blk < blocks; ++blk) {
+    const int parity = blk % 2;
+    wait_block(smem, blk);
+    const uint64_t attending = block_mask(smem, parity);
+    if (attending == 0) {  // WG2 skips it too
+      mbarrier_arrive(&smem.kv_empty);
+      continue;
+    }
+    uint32_t packed[16];
+    {
+      float s[32];
+      issue_scores<Element, kQKChunks>(smem.q, smem.kv, s);
+      wgmma_wait<0>();
+      block_probabilities(s, attending >> t.quad_col, args.scale_log2, lse_log2, packed);
+    }
+    publish_tile(smem.p, packed, t, kBarP);
+    receive_tile(smem.ds, t, kBarDs, packed);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint64_t b = smem_desc_sw128(smem_address(smem.kv) + k * 2048, kChunkBytes, 1024);
+      mma_rs<typename ElementTraits<Element>::ValueMmaRS>(
+          packed + 4 * k, b, dq, std::make_index_sequence<kAccumulators>{});
+    }
+    if constexpr (kRope) issue_rope_dq(packed, smem.kv + (kQChunks - 1) * kChunkBytes, dq_rope);
+    wgmma_commit();
+    wgmma_wait<0>();
+    mbarrier_arrive(&smem.kv_empty);
+    const int32_t* rows = smem.rows[parity];
+#pragma unroll 1
+    for (int c = 0; c < 4; ++c) add_dkv_chunk<true>(smem, c, rows, t, p.dkv, p.d_qk);
+    named_barrier_sync(kBarBlockDone, kConsumerThreads);
+  }
+  finish_dq<kHalfV>(p, token, head_tile, 0, t, dq);
+  if constexpr (kRope) finish_dq<kHeadDimRope>(p, token, head_tile, kHeadDimLatent, t, dq_rope);
+}
+
+// WG2.
+template <int kHeadDimQK>
+__device__ __forceinline__ void value_role(const BackwardArgs& args, SharedStorage& smem,
+                                           int64_t token, int head_tile, int blocks) {
+  constexpr bool kRope = kHeadDimQK > kHeadDimLatent;  // the RoPE dims of d_qk 576
+  const SparsePrefillBackwardParams& p = args.params;
+  const AccumulatorRows t = accumulator_rows();
+  float dq[kAccumulators];  // dq[:, 256:512]
+#pragma unroll
+  for (int i = 0; i < kAccumulators; ++i) dq[i] = 0.f;
+  float shift[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int head = head_tile * kQueryTileRows + t.rows[h];
+    shift[h] = head < p.h_q ? p.row_shift[token * p.h_q + head] : 0.f;
+  }
+  const float scale = p.softmax_scale;
+  mbarrier_wait(&smem.inputs_full, 0);
+  for (int blk = 0; blk < blocks; ++blk) {
+    const int parity = blk % 2;
+    wait_block(smem, blk);
+    if (block_mask(smem, parity) == 0) {
+      mbarrier_arrive(&smem.kv_empty);
+      continue;
+    }
+    uint32_t packed[16];
+    {
+      float dp[32];
+      issue_scores<Element, kVChunks>(smem.d_out, smem.kv, dp);
+      wgmma_wait<0>();
+      receive_tile(smem.p, t, kBarP, packed);
+#pragma unroll
+      for (int m = 0; m < 16; ++m) {
+        const float2 pr = unpack(packed[m]);
+        packed[m] = ElementTraits<Element>::pack(scale * pr.x * (dp[2 * m] + shift[m % 2]),
+                                                 scale * pr.y * (dp[2 * m + 1] + shift[m % 2]));
+      }
+    }
+    publish_tile(smem.ds, packed, t, kBarDs);
+    accumulate_pv<Element>(packed, smem.kv + 4 * kChunkBytes, dq);
+    mbarrier_arrive(&smem.kv_empty);
+    const int32_t* rows = smem.rows[parity];
+#pragma unroll 1
+    for (int c = 4; c < kVChunks; ++c) add_dkv_chunk<true>(smem, c, rows, t, p.dkv, p.d_qk);
+    if constexpr (kRope) add_dkv_chunk<false>(smem, kVChunks, rows, t, p.dkv, p.d_qk);
+    named_barrier_sync(kBarBlockDone, kConsumerThreads);
+  }
+  finish_dq<kHalfV>(p, token, head_tile, kHalfV, t, dq);
+}
+
+template <int kHeadDimQK>
+__global__ void __launch_bounds__(kThreads, 1)
+    sparse_prefill_backward_kernel(const __grid_constant__ BackwardArgs args) {
+  extern __shared__ uint8_t smem_raw[];
+  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int64_t token = blockIdx.x;
+  const int head_tile = blockIdx.y;
+  const int counted = counted_slots(args.params.topk_length, args.params.topk, token);
+  const int blocks = (counted + kBlockSlots - 1) / kBlockSlots;
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(&smem.kv_full, kBlockArrivals);
+    mbarrier_init(&smem.kv_empty, kConsumerThreads);
+    mbarrier_init(&smem.inputs_full, 1);
+    fence_barrier_init();
+  }
+  if (args.q_box_rows < kQueryTileRows) {
+    // Rows of heads past h_q: zero, so that they add nothing to dkv (P^T d_out: 0 * garbage
+    // could be NaN).
+    zero_unloaded_query_rows(smem.q, kQChunks, args.q_box_rows, kThreads);
+    zero_unloaded_query_rows(smem.d_out, kVChunks, args.q_box_rows, kThreads);
+  }
+  __syncthreads();
+
+  if (threadIdx.x < kLoaderThreads) {
+    registers_decrease<kLoaderRegisters>();
+    load_role<kHeadDimQK>(args, smem, token, head_tile, blocks, counted);
+  } else if (threadIdx.x < 2 * 128) {
+    registers_increase<kScoreRegisters>();
+    score_role<kHeadDimQK>(args, smem, token, head_tile, blocks);
+  } else {
+    registers_increase<kValueRegisters>();
+    value_role<kHeadDimQK>(args, smem, token, head_tile, blocks);
+  }
+}
+
+constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage)) + 1024;  // + alignment slack
+
+}  // namespace jfm::sm90::prefill_sparse::backward
+
+namespace jfm::sm90::prefill_sparse {
+
+// Launches the backward kernel for one head dim (instantiated in
+// prefill_sparse_backward_d<d_qk>.cu), after its one-time setup on the device (launch.cuh).
+template <int kHeadDimQK>
+cudaError_t launch_backward_typed(const BackwardArgs& args, cudaStream_t stream) {
+  constexpr auto kKernel = backward::sparse_prefill_backward_kernel<kHeadDimQK>;
+  const cudaError_t setup = prepare_register_split_kernel<kKernel>(backward::kLaunchRegisters,
+                                                                  backward::kSmemBytes);
+  if (setup != cudaSuccess) return setup;
+  const dim3 grid(static_cast<unsigned>(args.params.s_q),
+                  static_cast<unsigned>((args.params.h_q + kQueryTileRows - 1) / kQueryTileRows));
+  const LaunchShape shape{grid, dim3(backward::kThreads), backward::kSmemBytes};
+  return launch_kernel(kKernel, shape, stream, args);
+}
+
+}  // namespace jfm::sm90::prefill_sparse

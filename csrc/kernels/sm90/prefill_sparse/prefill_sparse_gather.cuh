@@ -1,0 +1,93 @@
+// The sparse prefill kernels' gather (forward and backward): a loader warpgroup copies a
+// token's blocks of 64 selected kv rows straight into a shared-memory stage of 64-dim chunks
+// (64 rows x 128 bytes, 128-byte swizzled, the layout wgmma reads), with 16-byte cp.async.
+// Row `row` of a block is copied by the 8 threads of lane group `lane / 8`: thread j copies
+// 16-byte unit j of every chunk into unit j ^ (row % 8) of that chunk's row. A slot that
+// selects nothing (not counted, or an index outside [0, s_kv)) is zero-filled with a source
+// size of 0: no byte of it is read.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/sm90/hopper.cuh"
+#include "kernels/sm90/mla_tile.cuh"
+
+namespace jfm::sm90::prefill_sparse {
+
+constexpr int kBlockSlots = 64;   // selected rows per KV block (one 64-row chunk high)
+constexpr int kLoaderThreads = 128;
+constexpr int kRowThreads = 8;  // loader threads per row: 8 x 16 bytes = 64 dims of one chunk
+constexpr int kPasses = kBlockSlots * kRowThreads / kLoaderThreads;  // rows per thread: 4
+constexpr int kWarpSlots = kBlockSlots / 4;                          // rows per loader warp
+
+// Slots of token `token` that count: clamp(topk_length[token], 0, topk), or topk.
+__device__ __forceinline__ int counted_slots(const int32_t* topk_length, int64_t topk,
+                                             int64_t token) {
+  return topk_length == nullptr ? static_cast<int>(topk)
+                                : min(max(topk_length[token], 0), static_cast<int>(topk));
+}
+
+__device__ __forceinline__ int32_t load_index(const int32_t* address) {
+  int32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.s32 %0, [%1];" : "=r"(v) : "l"(address));
+  return v;
+}
+
+// The row of a block that loader thread (warp, lane) copies in pass `pass`.
+__device__ __forceinline__ int loader_row(int warp, int lane, int pass) {
+  return warp * kWarpSlots + pass * 4 + lane / kRowThreads;
+}
+
+// This thread's slot indices of block `blk`, -1 where a slot does not count.
+struct BlockSlots {
+  int32_t index[kPasses];
+};
+
+__device__ __forceinline__ BlockSlots block_slots(const int32_t* token_indices, int counted,
+                                                  int blk, int warp, int lane) {
+  BlockSlots b;
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int slot = blk * kBlockSlots + loader_row(warp, lane, pass);
+    b.index[pass] = slot < counted ? load_index(token_indices + slot) : -1;
+  }
+  return b;
+}
+
+__device__ __forceinline__ bool selects_row(int32_t index, int64_t s_kv) {
+  return index >= 0 && index < s_kv;
+}
+
+// Issues this thread's copies of one block into the stage at `stage_base` (kv: the kv array,
+// rows of kHeadDimQK bf16) and returns the warp's 16 attending bits (bit r: its row r selects a
+// kv row), the same in every lane.
+template <int kHeadDimQK>
+__device__ __forceinline__ uint32_t gather_block(const uint8_t* kv, int64_t s_kv,
+                                                 const BlockSlots& slots, uint32_t stage_base,
+                                                 int warp, int lane) {
+  constexpr int kQKChunks = kHeadDimQK / kChunkElems;
+  constexpr int64_t kRowBytes = kHeadDimQK * 2;
+  const int j = lane % kRowThreads;
+  uint32_t attending = 0;
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int row = loader_row(warp, lane, pass);
+    const int32_t index = slots.index[pass];
+    const bool selects = selects_row(index, s_kv);
+    // A slot that selects nothing reads no byte: its row is zero-filled from row 0's address.
+    const uint8_t* src = kv + j * 16 + (selects ? index : 0) * kRowBytes;
+    const uint32_t dst = stage_base + row * 128 + ((j ^ (row % 8)) << 4);
+#pragma unroll
+    for (int c = 0; c < kQKChunks; ++c) {
+      cp_async_16(dst + c * kChunkBytes, src + c * 128, selects ? 16 : 0);
+    }
+    // Lanes 0, 8, 16, 24 speak for the 4 rows of this pass.
+    const uint32_t ballot = __ballot_sync(0xffffffffu, selects);
+    const uint32_t four =
+        (ballot & 1u) | ((ballot >> 7) & 2u) | ((ballot >> 14) & 4u) | ((ballot >> 21) & 8u);
+    attending |= four << (4 * pass);
+  }
+  return attending;
+}
+
+}  // namespace jfm::sm90::prefill_sparse
