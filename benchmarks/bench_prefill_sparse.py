@@ -30,7 +30,8 @@ calls, each on its own q, all on the same kv and indices, returning every output
 over --runs timed runs for n = R and n = R / 4, and the time of one call is their difference
 divided by the difference in n. The backward is timed the same way on the pullbacks of n
 forward calls (jax.vjp, made before timing), each given its own cotangents of out and lse: the
-whole backward call (XLA's folding of the sink and lse terms, the kernel, dkv rounded to bf16).
+whole backward call (XLA's folding of the sink and lse terms, the kernel, dkv rounded to bf16);
+--deterministic times the bitwise repeatable gradient (dkv summed in 64-bit fixed point).
 --implementation cuda (the default) or xla.
 
 Peer (--peers; on by default where `flash_mla` can be imported, after `source
@@ -191,7 +192,7 @@ def make_inputs(cfg: Config, seed: int, repeats: int) -> Inputs:
     return inputs
 
 
-def op_call(implementation: str):
+def op_call(implementation: str, deterministic: bool = False):
     """One call of our op: (q, kv, indices) -> (out, max_logits, lse)."""
     import jax_flashmla as fm
 
@@ -203,6 +204,7 @@ def op_call(implementation: str):
             softmax_scale(q.shape[-1]),
             HEAD_DIM_V,
             implementation=implementation,
+            deterministic=deterministic,
         )
 
     return call
@@ -247,13 +249,21 @@ def backward_calls():
     return many_backwards
 
 
-def time_backward(implementation: str, inputs: Inputs, *, repeats: int, runs: int, warmup: int):
+def time_backward(
+    implementation: str,
+    deterministic: bool,
+    inputs: Inputs,
+    *,
+    repeats: int,
+    runs: int,
+    warmup: int,
+):
     """Median time of one backward call in microseconds: pullbacks of `repeats` forward calls,
     cotangents of out and lse ~ N(0, 1) (bf16, float32), bench_decode.py's method."""
     import jax
     import jax.numpy as jnp
 
-    call = op_call(implementation)
+    call = op_call(implementation, deterministic)
     pullbacks, cotangents = [], []
     key = jax.random.key(1)
     for i, q in enumerate(inputs.qs):
@@ -307,11 +317,19 @@ class FlashMLAPeer(dense.FlashMLASparsePeer):
 
 
 def record(
-    kernel: str, cfg: Config, direction: str, us: float, peer: PeerResult, card: str, date: str
+    kernel: str,
+    cfg: Config,
+    direction: str,
+    deterministic: bool,
+    us: float,
+    peer: PeerResult,
+    card: str,
+    date: str,
 ) -> dict:
     return {
         "kernel": kernel,
         "direction": direction,
+        "deterministic": deterministic,
         "s_q": cfg.s_q,
         "s_kv": cfg.s_kv,
         "h_q": cfg.h_q,
@@ -371,6 +389,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="fwd,bwd",
         help="the forward, the backward or both (default)",
     )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="time the bitwise repeatable gradient (dkv in 64-bit fixed point)",
+    )
     return dense.sparse_args(parser, argv, "divide s_q, s_kv and topk (smoke tests)")
 
 
@@ -416,11 +439,12 @@ def main(argv=None, measure_peer: PeerMeasure | None = None) -> int:
                 (inputs.qs[:1], inputs.kv, inputs.indices),
                 disagreements,
             )
-            records.append(record(main_kernel, cfg, "fwd", us, peer, card, date))
+            records.append(record(main_kernel, cfg, "fwd", False, us, peer, card, date))
             dense.print_sparse_row(f"{cfg.label} fwd", records[-1])
         if "bwd" in args.directions:
-            us = time_backward(args.implementation, inputs, **timing)
-            records.append(record(main_kernel, cfg, "bwd", us, PeerResult(), card, date))
+            us = time_backward(args.implementation, args.deterministic, inputs, **timing)
+            bwd = record(main_kernel, cfg, "bwd", args.deterministic, us, PeerResult(), card, date)
+            records.append(bwd)
             dense.print_sparse_row(f"{cfg.label} bwd", records[-1])
         del inputs
         dense.save_records(records, args.json)  # after every config

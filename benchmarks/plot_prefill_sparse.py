@@ -21,7 +21,8 @@ import plot_side_by_side as side_by_side
 
 def config_label(record: dict) -> str:
     label = f"d{record['d_qk']} h{record['h_q']} topk{record['topk']} s_kv{record['s_kv']}"
-    return f"{label} {record['direction']}" + side_by_side.padded_note(record)
+    direction = record["direction"] + (" deterministic" if record["deterministic"] else "")
+    return f"{label} {direction}" + side_by_side.padded_note(record)
 
 
 #: plot(records, out, kernel=None, title=""): the shared TFLOPS bars, for this benchmark.

@@ -233,7 +233,7 @@ SPARSE_COMMON_KEYS = {
     "date",
 }
 SPARSE_KEYS = SPARSE_COMMON_KEYS | {"layout", "b", "s_k", "page"}
-PREFILL_SPARSE_KEYS = SPARSE_COMMON_KEYS | {"s_kv", "d_v", "direction"}
+PREFILL_SPARSE_KEYS = SPARSE_COMMON_KEYS | {"s_kv", "d_v", "direction", "deterministic"}
 SPARSE_SMOKE_ARGS = [
     "--scale",
     "64",
@@ -454,14 +454,16 @@ def test_bench_prefill_sparse_backward_has_no_peer(tmp_path):
     seen = []
     measure = fake_flashmla("bench_prefill_sparse", 50.0, 1.001, seen)
     argv = [*SPARSE_SMOKE_ARGS, "--only", "512,64,512,8192", "--directions", "bwd,fwd"]
+    argv.append("--deterministic")
     assert bench.main([*argv, "--json", str(out)], measure_peer=measure) == 0
     records = json.loads(out.read_text())
     assert [r["direction"] for r in records] == ["fwd", "bwd"]  # the forward first, always
+    assert [r["deterministic"] for r in records] == [False, True]
     assert len(seen) == 1
     check_record("bench_prefill_sparse", records[0], 50.0)
     check_record("bench_prefill_sparse", records[1], None)
     plot = check_plot(tmp_path, "plot_prefill_sparse", out, "--kernel", "xla_reference")
-    assert plot.config_label(records[1]) == "d512 h64 topk64 s_kv128 bwd"
+    assert plot.config_label(records[1]) == "d512 h64 topk64 s_kv128 bwd deterministic"
 
 
 @pytest.mark.parametrize(

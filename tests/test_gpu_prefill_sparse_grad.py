@@ -14,7 +14,7 @@ bfloat16 out: measured 1.0e-2 at h_q 8) 2^-5 and 2^-4. Lonely queries get a dq o
 Cases: a sample of FlashMLA's sparse-prefill matrix (d_qk 512 / 576, h_q 64 / 128, the regular
 and irregular (s_kv, topk) pairs, s_q 1 / 62, topk_length and sink on and off) and beyond it
 h_q 8, 16, 32, 96 (partial head tiles), topk 64 and 192, every index invalid, duplicated
-indices, and dq bitwise repeatable.
+indices, dq bitwise repeatable, and the deterministic mode (dkv bitwise repeatable too).
 
     python -P -m pytest -q -m gpu tests/test_gpu_prefill_sparse_grad.py   # ~3 min on an H100
 
@@ -42,13 +42,34 @@ pytestmark = pytest.mark.gpu
 TOLERANCE = {"dq": (2.0**-7, 2.0**-5), "dkv": (2.0**-7, 2.0**-5), "d_sink": (2.0**-5, 2.0**-4)}
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "implementation", "with_sink"))
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "implementation", "with_sink", "deterministic")
+)
 def _gradients(
-    q, kv, indices, attn_sink, topk_length, w_out, w_lse, *, sm_scale, implementation, with_sink
+    q,
+    kv,
+    indices,
+    attn_sink,
+    topk_length,
+    w_out,
+    w_lse,
+    *,
+    sm_scale,
+    implementation,
+    with_sink,
+    deterministic,
 ):
     def loss(q, kv, sink):
         out, _, lse = fm.flash_mla_sparse_fwd(
-            q, kv, indices, sm_scale, 512, sink, topk_length, implementation=implementation
+            q,
+            kv,
+            indices,
+            sm_scale,
+            512,
+            sink,
+            topk_length,
+            implementation=implementation,
+            deterministic=deterministic,
         )
         finite_lse = jnp.where(jnp.isinf(lse), 0.0, lse)
         return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(finite_lse * w_lse)
@@ -56,7 +77,9 @@ def _gradients(
     return jax.grad(loss, argnums=(0, 1, 2) if with_sink else (0, 1))(q, kv, attn_sink)
 
 
-def gradients(inputs, implementation: str, seed: int) -> list[np.ndarray]:
+def gradients(
+    inputs, implementation: str, seed: int, deterministic: bool = False
+) -> list[np.ndarray]:
     q, kv, indices, attn_sink, topk_length = inputs.kernel_args()
     s_q, h_q, _ = q.shape
     rng = np.random.default_rng(seed)
@@ -75,13 +98,14 @@ def gradients(inputs, implementation: str, seed: int) -> list[np.ndarray]:
         sm_scale=inputs.default_scale,
         implementation=implementation,
         with_sink=attn_sink is not None,
+        deterministic=deterministic,
     )
     return [np.asarray(g, np.float32) for g in grads]
 
 
-def check_gradients(inputs, seed: int = 0) -> list[np.ndarray]:
+def check_gradients(inputs, seed: int = 0, deterministic: bool = False) -> list[np.ndarray]:
     """Kernel gradients against the reference's; returns the kernel's."""
-    got = gradients(inputs, "cuda", seed)
+    got = gradients(inputs, "cuda", seed, deterministic)
     want = gradients(inputs, "xla", seed)
     for name, g, w in zip(("dq", "dkv", "d_sink"), got, want, strict=False):
         assert g.shape == w.shape, (name, g.shape, w.shape)
@@ -172,3 +196,14 @@ def test_quick_gradient_dq_is_repeatable():
         again = gradients(inputs, "cuda", 1)
         np.testing.assert_array_equal(again[0], first[0])
         np.testing.assert_allclose(again[1], first[1], rtol=2.0**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("d_qk", [512, 576])
+def test_quick_gradient_deterministic_mode(d_qk):
+    """deterministic=True: dkv summed in 64-bit fixed point, within the same tolerance and
+    bitwise repeatable, dq too."""
+    inputs = make_inputs(4, s_q=62, s_kv=1000, h_q=128, topk=512, d_qk=d_qk, topk_length=True)
+    first = check_gradients(inputs, 1, deterministic=True)
+    again = gradients(inputs, "cuda", 1, deterministic=True)
+    for f, a in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, f)

@@ -2,7 +2,8 @@
 implementation="xla" differentiates) against float64 central differences; the Hopper kernel's
 form of the gradient (`reference.sparse_prefill_backward` behind the kernel path, which the
 lowering runs on the CPU) against that derivative, sink and topk_length folded in by the op;
-lonely queries get zero gradients; max_logits refuses a gradient; jit and vmap.
+lonely queries get zero gradients; max_logits refuses a gradient; the fixed-point scale of the
+deterministic mode keeps every sum in range; jit and vmap.
 The GPU kernel itself: tests/test_gpu_prefill_sparse_grad.py; sharding: tests/test_sharding.py.
 """
 
@@ -15,6 +16,7 @@ import pytest
 
 import jax_flashmla as fm
 from jax_flashmla._src import platform
+from jax_flashmla._src.kernels import prefill_sparse_backward
 from jax_flashmla.reference import sparse_prefill as reference
 
 
@@ -36,7 +38,9 @@ def make_case(rng, *, s_q=6, h_q=3, d_qk=576, s_kv=50, topk=64, sink=True, lengt
     return q, kv, indices, attn_sink, topk_length
 
 
-def loss_fn(indices, attn_sink, topk_length, weights, *, sm_scale, implementation):
+def loss_fn(
+    indices, attn_sink, topk_length, weights, *, sm_scale, implementation, deterministic=False
+):
     """A scalar of out and lse (lonely queries' lse left out): every cotangent non-zero."""
     w_out, w_lse = weights
 
@@ -49,6 +53,7 @@ def loss_fn(indices, attn_sink, topk_length, weights, *, sm_scale, implementatio
             attn_sink=sink,
             topk_length=topk_length,
             implementation=implementation,
+            deterministic=deterministic,
         )
         finite_lse = jnp.where(jnp.isinf(lse), 0.0, lse)
         return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(finite_lse * w_lse)
@@ -110,7 +115,8 @@ def test_reference_gradient_matches_float64_central_differences(rng, d_qk):
 @pytest.mark.parametrize("d_qk", [512, 576])
 @pytest.mark.parametrize("sink", [False, True], ids=["nosink", "sink"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["all-slots", "lengths"])
-def test_kernel_form_matches_the_reference_derivative(rng, d_qk, sink, lengths):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["float", "fixed"])
+def test_kernel_form_matches_the_reference_derivative(rng, d_qk, sink, lengths, deterministic):
     """implementation="cuda" traced for a Hopper GPU runs, on the CPU, the primitives' CPU
     lowering: the forward reference and `sparse_prefill_backward`, the gradient as the kernel
     computes it from the folded sink and lse terms. It must equal JAX's derivative of the
@@ -127,6 +133,7 @@ def test_kernel_form_matches_the_reference_derivative(rng, d_qk, sink, lengths):
             weights,
             sm_scale=d_qk**-0.5,
             implementation=implementation,
+            deterministic=deterministic,
         )
         argnums = (0, 1, 2) if sink else (0, 1)
         with platform.assume_device():
@@ -204,3 +211,61 @@ def test_gradient_under_jit_and_vmap(rng):
             np.testing.assert_allclose(
                 np.asarray(b[i], np.float32), np.asarray(s, np.float32), rtol=2.0**-7, atol=1e-6
             )
+
+
+@pytest.mark.parametrize("scale_mul", [1.0, 300.0, 1e-6])
+def test_fixed_point_scale_keeps_every_sum_in_range(rng, scale_mul):
+    """The kernel's deterministic sums emulated in int64 (one addend per slot and dim, summed
+    over the heads first, as a CTA's product does; then times the scale and rounded): every
+    partial sum stays within +-2^61, and the sums divided by the scale equal the float64 dkv
+    to far better than float32 rounding of the largest element."""
+    q, kv, indices, _, topk_length = make_case(rng, sink=False, s_kv=20)
+    q, kv = q * scale_mul, kv * scale_mul
+    s_q, h_q, d_qk = q.shape
+    d_out = rng.normal(size=(s_q, h_q, 512))
+    row_shift = rng.normal(size=(s_q, h_q))
+    sm_scale = d_qk**-0.5
+    lse = np.asarray(
+        reference.sparse_prefill(
+            jnp.asarray(q, jnp.float32),
+            jnp.asarray(kv, jnp.float32),
+            jnp.asarray(indices),
+            sm_scale,
+            topk_length=jnp.asarray(topk_length),
+        )[2]
+    )
+    fixed = float(
+        prefill_sparse_backward.fixed_point_scale(
+            jnp.asarray(q, jnp.float32),
+            jnp.asarray(kv, jnp.float32),
+            jnp.asarray(indices),
+            jnp.asarray(topk_length),
+            jnp.asarray(d_out, jnp.float32),
+            jnp.asarray(row_shift, jnp.float32),
+            sm_scale,
+        )[0]
+    )
+    assert fixed > 0 and np.log2(fixed) == np.floor(np.log2(fixed))  # a power of two
+    sums = np.zeros((kv.shape[0], d_qk), np.int64)
+    exact = np.zeros((kv.shape[0], d_qk))
+    for t in range(s_q):
+        for j in range(min(max(int(topk_length[t]), 0), indices.shape[2])):
+            row = indices[t, 0, j]
+            if not 0 <= row < kv.shape[0] or np.isinf(lse[t]).any():
+                continue
+            k = kv[row, 0]
+            prob = np.exp(sm_scale * q[t] @ k - lse[t])  # [h_q]
+            d_score = sm_scale * prob * (d_out[t] @ k[:512] + row_shift[t])
+            addend = d_score @ q[t]
+            addend[:512] += prob @ d_out[t]
+            exact[row] += addend
+            sums[row] += np.rint(addend.astype(np.float32) * np.float32(fixed)).astype(np.int64)
+            assert np.abs(sums[row]).max() < 2.0**61
+    got = sums / fixed
+    np.testing.assert_allclose(got, exact, rtol=0, atol=2.0**-20 * np.abs(exact).max() + 1e-30)
+
+
+def test_deterministic_must_be_a_bool(rng):
+    q, kv, indices, _, _ = make_case(rng, sink=False, lengths=False)
+    with pytest.raises(TypeError, match="deterministic must be a Python bool"):
+        fm.flash_mla_sparse_fwd(bf16(q), bf16(kv), jnp.asarray(indices), 0.1, deterministic=1)

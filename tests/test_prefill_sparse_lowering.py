@@ -205,19 +205,32 @@ def test_kernel_primitive_runs_its_reference_on_cpu(rng, sink, lengths):
         od.check_close(got, ref, name=name, **tol)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["float", "fixed"])
 @pytest.mark.parametrize("sink", [False, True], ids=["no-sink", "sink"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["no-lengths", "lengths"])
 @pytest.mark.parametrize("d_qk", [512, 576])
-def test_gradient_lowers_to_the_backward_kernel(d_qk, sink, lengths):
+def test_gradient_lowers_to_the_backward_kernel(d_qk, sink, lengths, deterministic):
     """jax.grad under "cuda" lowers to the forward kernel and one backward custom call with
-    operands (q, kv, indices, topk_length or int32[0], d_out bf16, lse, row_shift) and results
-    (dq bf16 [s_q, h_q, d_qk], dkv float32 [s_kv, 1, d_qk]), the softmax scale as attribute;
-    under "xla" there is no custom call at all."""
+    operands (q, kv, indices, topk_length or int32[0], d_out bf16, lse, row_shift, fixed_scale)
+    and results (dq bf16 [s_q, h_q, d_qk], dkv float32 [s_kv, 1, d_qk], the int64 workspace as
+    uint32 [s_kv, 1, d_qk, 2]), fixed_scale float32[1] and the workspace only with
+    `deterministic` (else float32[0] and uint32[0]), the softmax scale as attribute; under
+    "xla" there is no custom call at all."""
     args = structs(d_qk=d_qk, sink=sink, lengths=lengths)
 
     def loss(implementation):
         def fn(q, kv, indices, attn_sink, topk_length):
-            out, _, lse = prefill_call(implementation)(q, kv, indices, attn_sink, topk_length)
+            out, _, lse = fm.flash_mla_sparse_fwd(
+                q,
+                kv,
+                indices,
+                0.25,
+                512,
+                attn_sink,
+                topk_length,
+                implementation=implementation,
+                deterministic=deterministic,
+            )
             return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0, lse))
 
         argnums = (0, 1, 3) if sink else (0, 1)
@@ -233,10 +246,14 @@ def test_gradient_lowers_to_the_backward_kernel(d_qk, sink, lengths):
     assert sum(f"@{TARGET}" in c for c in calls) == 1
     operands = re.search(r"\(tensor<.*?\)\s*->", backward.split(":")[-1]).group(0)
     lengths_type = "tensor<3xi32>" if lengths else "tensor<0xi32>"
+    scale_type = "tensor<1xf32>" if deterministic else "tensor<0xf32>"
     assert operands.startswith(
         f"(tensor<3x64x{d_qk}xbf16>, tensor<300x1x{d_qk}xbf16>, tensor<3x1x128xi32>, "
-        f"{lengths_type}, tensor<3x64x512xbf16>, tensor<3x64xf32>, tensor<3x64xf32>)"
+        f"{lengths_type}, tensor<3x64x512xbf16>, tensor<3x64xf32>, tensor<3x64xf32>, "
+        f"{scale_type})"
     ), operands
-    assert f"(tensor<3x64x{d_qk}xbf16>, tensor<300x1x{d_qk}xf32>)" in backward.split("->")[-1]
+    workspace = f"tensor<300x1x{d_qk}x2xui32>" if deterministic else "tensor<0xui32>"
+    results = f"(tensor<3x64x{d_qk}xbf16>, tensor<300x1x{d_qk}xf32>, {workspace})"
+    assert results in backward.split("->")[-1], backward
     assert "softmax_scale = 2.500000e-01 : f32" in backward
     assert custom_calls(texts["xla"]) == []

@@ -21,8 +21,12 @@
 //               d_out        bfloat16 [s_q, h_q, 512], the sink factor applied
 //               lse          float32[s_q, h_q]
 //               row_shift    float32[s_q, h_q]
+//               fixed_scale  float32[1] for dkv summed in 64-bit fixed point (bitwise
+//                            repeatable), or float32[0] for float32 sums
 //   results:    dq           bfloat16 [s_q, h_q, d_qk]
 //               dkv          float32[s_kv, 1, d_qk]
+//               dkv_fixed    uint32[s_kv, 1, d_qk, 2] with fixed_scale (the int64 sums,
+//                            workspace), else uint32[0]
 //   attributes: softmax_scale (f32)
 #include <string>
 
@@ -122,8 +126,10 @@ ffi::Error PrefillSparseImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuff
 ffi::Error PrefillSparseBackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
                                      ffi::AnyBuffer indices, ffi::AnyBuffer topk_length,
                                      ffi::AnyBuffer d_out, ffi::AnyBuffer lse,
-                                     ffi::AnyBuffer row_shift, ffi::Result<ffi::AnyBuffer> dq,
-                                     ffi::Result<ffi::AnyBuffer> dkv, float softmax_scale) {
+                                     ffi::AnyBuffer row_shift, ffi::AnyBuffer fixed_scale,
+                                     ffi::Result<ffi::AnyBuffer> dq,
+                                     ffi::Result<ffi::AnyBuffer> dkv,
+                                     ffi::Result<ffi::AnyBuffer> dkv_fixed, float softmax_scale) {
   const auto bf16 = {ffi::DataType::BF16};
   const auto f32 = {ffi::DataType::F32};
   SparsePrefillBackwardParams params;
@@ -140,6 +146,21 @@ ffi::Error PrefillSparseBackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi:
       check_buffer(kBackwardTarget, "dq", *dq, bf16, {s_q, h_q, d_qk}, "[s_q, h_q, d_qk]"));
   JFM_RETURN_IF_ERROR(check_buffer(kBackwardTarget, "dkv", *dkv, f32, {params.s_kv, 1, d_qk},
                                    "[s_kv, 1, d_qk]"));
+  JFM_RETURN_IF_ERROR(check_buffer(kBackwardTarget, "fixed_scale", fixed_scale, f32, {kAnyDim},
+                                   "[1] (or [0] for float32 sums)"));
+  const bool fixed_point = fixed_scale.dimensions()[0] != 0;
+  const auto u32 = {ffi::DataType::U32};
+  if (fixed_point) {
+    JFM_RETURN_IF_ERROR(
+        check_buffer(kBackwardTarget, "fixed_scale", fixed_scale, f32, {1}, "[1]"));
+    JFM_RETURN_IF_ERROR(check_buffer(kBackwardTarget, "dkv_fixed", *dkv_fixed, u32,
+                                     {params.s_kv, 1, d_qk, 2}, "[s_kv, 1, d_qk, 2]"));
+    params.fixed_scale = static_cast<const float*>(fixed_scale.untyped_data());
+    params.dkv_fixed = static_cast<int64_t*>(dkv_fixed->untyped_data());
+  } else {
+    JFM_RETURN_IF_ERROR(
+        check_buffer(kBackwardTarget, "dkv_fixed", *dkv_fixed, u32, {0}, "[0] (no fixed_scale)"));
+  }
   params.q = q.untyped_data();
   params.kv = kv.untyped_data();
   params.indices = static_cast<const int32_t*>(indices.untyped_data());
@@ -183,7 +204,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashmlaPrefillSparseBackwardSm90, jfm::Prefill
                                   .Arg<::xla::ffi::AnyBuffer>()  // d_out
                                   .Arg<::xla::ffi::AnyBuffer>()  // lse
                                   .Arg<::xla::ffi::AnyBuffer>()  // row_shift
+                                  .Arg<::xla::ffi::AnyBuffer>()  // fixed_scale
                                   .Ret<::xla::ffi::AnyBuffer>()  // dq
                                   .Ret<::xla::ffi::AnyBuffer>()  // dkv
+                                  .Ret<::xla::ffi::AnyBuffer>()  // dkv_fixed
                                   .Attr<float>("softmax_scale"),
                               {::xla::ffi::Traits::kCmdBufferCompatible});

@@ -29,6 +29,7 @@ def flash_mla_sparse_fwd(
     topk_length: jax.Array | None = None,
     *,
     implementation: str | None = None,
+    deterministic: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sparse MLA prefill: query token i attends the keys kv[indices[i, 0, :topk_length[i]]].
 
@@ -36,7 +37,8 @@ def flash_mla_sparse_fwd(
     Differentiable with respect to q, kv and attn_sink through out and lse (jax.grad,
     jax.vjp); max_logits carries no gradient (see Raises). A query with nothing selected gets
     zero gradients. On a Hopper GPU the gradient runs on its own kernel, whose dkv is summed
-    with atomic additions (its last bits may differ between runs); elsewhere it is JAX's
+    with atomic additions: in float32 (its last bits may differ between runs), or with
+    `deterministic` in 64-bit fixed point (bitwise repeatable, slower). Elsewhere it is JAX's
     derivative of the reference.
 
     Args:
@@ -49,6 +51,10 @@ def flash_mla_sparse_fwd(
       attn_sink: float32 [h_q], optional: out *= 1 / (1 + exp(attn_sink - lse)).
       topk_length: int32 [s_q], optional: only the first topk_length[i] indices of token i count.
       implementation: None, "cuda" or "xla" (see `flash_mla_with_kvcache`).
+      deterministic: static bool, whether the kernel's gradient is bitwise repeatable (dkv
+        summed in 64-bit fixed point, scaled by a power of two from a bound of its addends;
+        docs/ops.md). The reference's gradient follows XLA's own settings
+        (--xla_gpu_deterministic_ops on a GPU).
 
     Returns:
       out: bfloat16 [s_q, h_q, d_v] (0 for a query with no valid index).
@@ -105,12 +111,14 @@ def flash_mla_sparse_fwd(
         )
     reason = family.launch_limit_error(s_q=s_q, h_q=h_q, topk=indices.shape[2])
     use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
-    return _sparse_prefill(_Config(scale, use_kernel), q, kv, indices, attn_sink, topk_length)
+    config = _Config(scale, use_kernel, checks.check_bool(OP, "deterministic", deterministic))
+    return _sparse_prefill(config, q, kv, indices, attn_sink, topk_length)
 
 
 class _Config(NamedTuple):
     scale: float
     use_kernel: bool
+    deterministic: bool
 
 
 # The dims of every array the forward and the backward take: query tokens t and heads h may be
@@ -207,14 +215,21 @@ def _gradients(config, q, kv, indices, out, lse, d_out, d_lse, attn_sink=None, t
     if attn_sink is not None:
         factor = jnp.where(lonely, 1.0, jax.nn.sigmoid(jnp.where(lonely, 0.0, lse - attn_sink)))
     row_shift = jnp.where(lonely, 0.0, d_lse - factor * d_rows)
+    d_out = (factor[..., None] * d_out.astype(jnp.float32)).astype(jnp.bfloat16)
+    fixed_scale = jnp.zeros((0,), jnp.float32)  # float32 sums
+    if config.deterministic:
+        fixed_scale = prefill_sparse_backward.fixed_point_scale(
+            q, kv, indices, topk_length, d_out, row_shift, config.scale
+        )
     dq, dkv = prefill_sparse_backward.prefill_sparse_backward(
         q,
         kv,
         indices,
         family.lengths_placeholder(topk_length),
-        (factor[..., None] * d_out.astype(jnp.float32)).astype(jnp.bfloat16),
+        d_out,
         lse,
         row_shift,
+        fixed_scale,
         use_kernel=True,
         sm_scale=config.scale,
     )

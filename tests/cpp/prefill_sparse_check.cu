@@ -13,7 +13,8 @@
 // kernel forgets to write fails. Buffers are allocated at their exact sizes, so memcheck sees
 // any access past them. Each case runs twice and must give the same bits.
 //
-// Then the backward kernel on the same cases: d_out ~ N(0, 1) and the cotangent of lse ~ N(0, 1),
+// Then the backward kernel on the same cases, with dkv summed in float32 and in 64-bit fixed
+// point (then bitwise repeatable): d_out ~ N(0, 1) and the cotangent of lse ~ N(0, 1),
 // folded with the sink as the ops module does (prefill_sparse_backward.cuh: d_out times the
 // sink factor in bfloat16, row_shift = dlse - f * sum(d_out * out) from the float64 forward),
 // the forward's lse from the float64 reference; dq and dkv against a float64 reference of the
@@ -333,6 +334,7 @@ BackwardInputs make_backward_inputs(const Case& c, const Inputs& in, const Refer
 
 struct Gradients {
   std::vector<double> dq, dkv;  // [s_q, h_q, d_qk], [s_kv, d_qk]
+  double largest_abs_sum = 0;   // of a dkv element's addends: bounds the fixed-point sums
 };
 
 // float64 reference of prefill_sparse_backward.cuh's formulas.
@@ -340,7 +342,7 @@ Gradients backward_reference(const Case& c, const Inputs& in, const BackwardInpu
   Gradients g;
   g.dq.assign(size_t(c.s_q) * c.h_q * c.d_qk, 0.0);
   g.dkv.assign(size_t(c.s_kv) * c.d_qk, 0.0);
-  std::vector<double> q(c.d_qk), d_out(kDv);
+  std::vector<double> q(c.d_qk), d_out(kDv), abs_sum(g.dkv.size(), 0.0);
   for (int t = 0; t < c.s_q; ++t) {
     const int32_t* slots = &in.indices[size_t(t) * c.topk];
     for (int h = 0; h < c.h_q; ++h) {
@@ -358,13 +360,17 @@ Gradients backward_reference(const Case& c, const Inputs& in, const BackwardInpu
         const double d_score = in.softmax_scale * prob * (d_prob + b.row_shift[r]);
         double* dq = &g.dq[r * c.d_qk];
         double* dkv = &g.dkv[size_t(slots[k]) * c.d_qk];
+        double* sums = &abs_sum[size_t(slots[k]) * c.d_qk];
         for (int d = 0; d < c.d_qk; ++d) {
           dq[d] += d_score * bf16_to_float(row[d]);
-          dkv[d] += d_score * q[d] + (d < kDv ? prob * d_out[d] : 0.0);
+          const double addend = d_score * q[d] + (d < kDv ? prob * d_out[d] : 0.0);
+          dkv[d] += addend;
+          sums[d] += std::fabs(addend);
         }
       }
     }
   }
+  for (double x : abs_sum) g.largest_abs_sum = std::max(g.largest_abs_sum, x);
   return g;
 }
 
@@ -373,8 +379,10 @@ struct BackwardResult {
   std::vector<float> dkv;
 };
 
-// One backward launch on fresh buffers, dq and dkv poisoned first.
-BackwardResult run_backward(const Case& c, const Inputs& in, const BackwardInputs& b) {
+// One backward launch on fresh buffers, dq and dkv poisoned first; dkv summed in 64-bit fixed
+// point scaled by `fixed_scale` where that is not 0.
+BackwardResult run_backward(const Case& c, const Inputs& in, const BackwardInputs& b,
+                            float fixed_scale = 0.f) {
   const int64_t rows = int64_t{c.s_q} * c.h_q;
   std::vector<void*> allocations;
   const auto keep = [&](auto* ptr) {
@@ -399,6 +407,10 @@ BackwardResult run_backward(const Case& c, const Inputs& in, const BackwardInput
   p.row_shift = keep(to_device(b.row_shift));
   p.dq = alloc(rows * c.d_qk * 2);
   p.dkv = static_cast<float*>(alloc(size_t(c.s_kv) * c.d_qk * 4));
+  if (fixed_scale != 0.f) {
+    p.dkv_fixed = static_cast<int64_t*>(alloc(size_t(c.s_kv) * c.d_qk * 8));
+    p.fixed_scale = keep(to_device(std::vector<float>{fixed_scale}));
+  }
   p.s_q = c.s_q;
   p.s_kv = c.s_kv;
   p.h_q = c.h_q;
@@ -450,8 +462,9 @@ GradientError gradient_error(const std::vector<double>& want, Get got) {
   return e;
 }
 
+// `fixed`: dkv summed in fixed point, so `again` must match it bit for bit.
 bool check_backward(const Case& c, const Inputs& in, const Gradients& want,
-                    const BackwardResult& got, const BackwardResult& again) {
+                    const BackwardResult& got, const BackwardResult& again, bool fixed) {
   const GradientError dq =
       gradient_error(want.dq, [&](size_t k) { return double(bf16_to_float(got.dq[k])); });
   const GradientError dkv = gradient_error(want.dkv, [&](size_t k) { return double(got.dkv[k]); });
@@ -478,11 +491,12 @@ bool check_backward(const Case& c, const Inputs& in, const Gradients& want,
   const GradientError dkv_again =
       gradient_error(std::vector<double>(got.dkv.begin(), got.dkv.end()),
                      [&](size_t k) { return double(again.dkv[k]); });
-  const bool dkv_close = dkv_again.rel_l2 <= 1e-6;
+  const bool dkv_close = fixed ? got.dkv == again.dkv : dkv_again.rel_l2 <= 1e-6;
   const bool ok = dq.ok() && dkv.ok() && stray == 0 && same_dq && dkv_close;
-  std::printf("%s backward %s: dq rel L2 %.2e, max %.2e of peak, dkv rel L2 %.2e, max %.2e of "
+  std::printf("%s backward%s %s: dq rel L2 %.2e, max %.2e of peak, dkv rel L2 %.2e, max %.2e of "
               "peak, non-finite %ld, stray nonzero %ld, dq repeat %s, dkv repeat rel %.1e\n",
-              ok ? "PASS" : "FAIL", c.name.c_str(), dq.rel_l2, dq.of_peak, dkv.rel_l2,
+              ok ? "PASS" : "FAIL", fixed ? " (fixed point)" : "", c.name.c_str(), dq.rel_l2,
+              dq.of_peak, dkv.rel_l2,
               dkv.of_peak, dq.non_finite + dkv.non_finite, stray,
               same_dq ? "bitwise equal" : "DIFFERS", dkv_again.rel_l2);
   return ok;
@@ -606,9 +620,17 @@ int main(int argc, char** argv) {
     const Gradients want = backward_reference(c, in, b);
     const BackwardResult grads = run_backward(c, in, b);
     const BackwardResult grads_again = run_backward(c, in, b);
-    all_ok &= check_backward(c, in, want, grads, grads_again);
+    all_ok &= check_backward(c, in, want, grads, grads_again, false);
+    // The fixed-point sums: a power of two that keeps every sum within +-2^61 (as the ops
+    // module's bound does, from the exact sums of absolute addends here).
+    const double exponent = std::floor(61.0 - std::log2(2 * want.largest_abs_sum));
+    const float fixed_scale =
+        want.largest_abs_sum > 0 ? static_cast<float>(std::exp2(std::min(126.0, exponent))) : 1.f;
+    const BackwardResult fixed = run_backward(c, in, b, fixed_scale);
+    const BackwardResult fixed_again = run_backward(c, in, b, fixed_scale);
+    all_ok &= check_backward(c, in, want, fixed, fixed_again, true);
     std::fflush(stdout);
-    runs += 2;
+    runs += 3;
   }
   all_ok &= check_params(filter, runs);
   if (runs == 0) {

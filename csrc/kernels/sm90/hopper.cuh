@@ -84,6 +84,11 @@ __device__ __forceinline__ void red_add_f32x2(float* dst, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(a), "f"(b) : "memory");
 }
 
+// *dst += value as one atomic 64-bit integer addition in L2 (two's complement: signed sums).
+__device__ __forceinline__ void red_add_s64(int64_t* dst, int64_t value) {
+  asm volatile("red.global.add.u64 [%0], %1;" ::"l"(dst), "l"(value) : "memory");
+}
+
 // ---- TMA ---------------------------------------------------------------------------------
 // L2 cache hints (createpolicy encodings) for cp.async.bulk.tensor.
 constexpr uint64_t kCacheEvictNormal = 0x1000000000000000ull;

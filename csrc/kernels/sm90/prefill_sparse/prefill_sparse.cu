@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/common/launch.cuh"
 #include "kernels/sm90/prefill_sparse/prefill_sparse_args.cuh"
 #include "kernels/sm90/tensor_map.h"
 
@@ -48,6 +49,32 @@ bool encode_token_map(CUtensorMap* map, const void* base, int64_t s_q, int64_t h
       {row_bytes, row_bytes * h_q}, {64, static_cast<cuuint32_t>(box_rows), 1});
 }
 
+// dkv = dkv_fixed / fixed_scale, element by element (a grid-stride loop): the backward's
+// fixed-point sums as float32, each rounded once.
+__global__ void fixed_point_to_float(const SparsePrefillBackwardParams p) {
+  const double inverse = 1.0 / static_cast<double>(*p.fixed_scale);
+  const int64_t count = p.s_kv * p.d_qk;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    p.dkv[i] = static_cast<float>(static_cast<double>(p.dkv_fixed[i]) * inverse);
+  }
+}
+
+// The backward kernel itself, for s_q > 0.
+cudaError_t launch_backward(const SparsePrefillBackwardParams& p, cudaStream_t stream) {
+  sm90::prefill_sparse::BackwardArgs args{};
+  args.params = p;
+  args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  args.q_box_rows = static_cast<int32_t>(std::min<int64_t>(p.h_q, kQueryTileRows));
+  if (!encode_token_map(&args.q_map, p.q, p.s_q, p.h_q, p.d_qk, args.q_box_rows) ||
+      !encode_token_map(&args.d_out_map, p.d_out, p.s_q, p.h_q, kHeadDimV, args.q_box_rows)) {
+    return cudaErrorInvalidValue;
+  }
+  return p.d_qk == kHeadDimQK
+             ? sm90::prefill_sparse::launch_backward_typed<kHeadDimQK>(args, stream)
+             : sm90::prefill_sparse::launch_backward_typed<kHeadDimLatent>(args, stream);
+}
+
 }  // namespace
 
 const char* sparse_prefill_params_error(const SparsePrefillParams& p) {
@@ -84,9 +111,10 @@ const char* sparse_prefill_backward_params_error(const SparsePrefillBackwardPara
     return "d_out, lse, row_shift and dq are missing";
   }
   if (p.s_kv > 0 && p.dkv == nullptr) return "dkv is missing";
+  if (p.dkv_fixed != nullptr && p.fixed_scale == nullptr) return "fixed_scale is missing";
   if (misaligned(p.q, 16) || misaligned(p.kv, 16) || misaligned(p.d_out, 16) ||
-      misaligned(p.dq, 16) || misaligned(p.dkv, 16)) {
-    return "q, kv, d_out, dq and dkv must be 16-byte aligned";
+      misaligned(p.dq, 16) || misaligned(p.dkv, 16) || misaligned(p.dkv_fixed, 16)) {
+    return "q, kv, d_out, dq, dkv and dkv_fixed must be 16-byte aligned";
   }
   return nullptr;
 }
@@ -94,24 +122,22 @@ const char* sparse_prefill_backward_params_error(const SparsePrefillBackwardPara
 cudaError_t launch_sparse_prefill_backward(const SparsePrefillBackwardParams& p,
                                            cudaStream_t stream) {
   if (sparse_prefill_backward_params_error(p) != nullptr) return cudaErrorInvalidValue;
-  if (p.s_kv > 0) {
+  const int64_t dkv_count = p.s_kv * p.d_qk;
+  if (dkv_count > 0) {
     const cudaError_t zeroed =
-        cudaMemsetAsync(p.dkv, 0, static_cast<size_t>(p.s_kv) * p.d_qk * sizeof(float), stream);
+        p.dkv_fixed != nullptr
+            ? cudaMemsetAsync(p.dkv_fixed, 0, dkv_count * sizeof(int64_t), stream)
+            : cudaMemsetAsync(p.dkv, 0, dkv_count * sizeof(float), stream);
     if (zeroed != cudaSuccess) return zeroed;
   }
-  if (p.s_q == 0) return cudaSuccess;
-
-  sm90::prefill_sparse::BackwardArgs args{};
-  args.params = p;
-  args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  args.q_box_rows = static_cast<int32_t>(std::min<int64_t>(p.h_q, kQueryTileRows));
-  if (!encode_token_map(&args.q_map, p.q, p.s_q, p.h_q, p.d_qk, args.q_box_rows) ||
-      !encode_token_map(&args.d_out_map, p.d_out, p.s_q, p.h_q, kHeadDimV, args.q_box_rows)) {
-    return cudaErrorInvalidValue;
+  if (p.s_q > 0) {
+    const cudaError_t launched = launch_backward(p, stream);
+    if (launched != cudaSuccess) return launched;
   }
-  return p.d_qk == kHeadDimQK
-             ? sm90::prefill_sparse::launch_backward_typed<kHeadDimQK>(args, stream)
-             : sm90::prefill_sparse::launch_backward_typed<kHeadDimLatent>(args, stream);
+  if (p.dkv_fixed == nullptr || dkv_count == 0) return cudaSuccess;
+  const LaunchShape convert{
+      dim3(static_cast<unsigned>(std::min<int64_t>((dkv_count + 255) / 256, 8192))), dim3(256)};
+  return launch_kernel(fixed_point_to_float, convert, stream, p);
 }
 
 }  // namespace jfm

@@ -13,9 +13,11 @@
 // the cotangent of lse, d_out = f * d_out_orig and row_shift = dlse - f * D.
 //
 // One CTA per (query token, tile of 64 query heads), as the forward. dq is written whole
-// (0 for a token with nothing selected); dkv is float32, zeroed by the launcher and then
-// accumulated with atomic additions, so the order of the additions, hence the last bits of
-// dkv, may differ between runs.
+// (0 for a token with nothing selected). dkv is float32, summed with atomic additions, by
+// default in float32 (the order of the additions, hence the last bits of dkv, may differ
+// between runs); or, with `dkv_fixed`, in 64-bit fixed point (integer additions commute: dkv is
+// bitwise repeatable), each addend times `*fixed_scale` (a power of two the caller chooses so
+// that no sum leaves +-2^62) rounded to an integer, then dkv = sum / *fixed_scale.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +38,8 @@ struct SparsePrefillBackwardParams {
   const float* row_shift = nullptr;      // [s_q, h_q]
   void* dq = nullptr;                    // bfloat16 [s_q, h_q, d_qk]
   float* dkv = nullptr;                  // [s_kv, 1, d_qk]
+  int64_t* dkv_fixed = nullptr;          // [s_kv, d_qk] workspace, or nullptr (float32 sums)
+  const float* fixed_scale = nullptr;    // [1]: with dkv_fixed, the fixed-point scale
   int64_t s_q = 0;
   int64_t s_kv = 0;
   int64_t h_q = 0;
@@ -48,9 +52,9 @@ struct SparsePrefillBackwardParams {
 // limit (sizes, head dims, grid limits, alignment).
 const char* sparse_prefill_backward_params_error(const SparsePrefillBackwardParams& params);
 
-// Zeroes dkv and launches the kernel on `stream`. No allocation, no synchronisation, nothing
-// read from or written to the runtime's last-error slot (graph capturable, also on the first
-// call). Returns the first CUDA error.
+// Zeroes dkv (or dkv_fixed), launches the kernel on `stream` (then the conversion of dkv_fixed
+// into dkv). No allocation, no synchronisation, nothing read from or written to the runtime's
+// last-error slot (graph capturable, also on the first call). Returns the first CUDA error.
 cudaError_t launch_sparse_prefill_backward(const SparsePrefillBackwardParams& params,
                                            cudaStream_t stream);
 

@@ -13,8 +13,9 @@
 //     WG1; dq[:, 256:512] += dS K.
 //   Both then free the stage for the next block and add the block's dkv rows in chunks of 64
 //   dims, dkv[rows, chunk] += dS^T Q[:, chunk] (+ P^T d_out[:, chunk] for the first 512 dims),
-//   with vector atomic additions (add_dkv_chunk): WG1 chunks 0-3, WG2 chunks 4-7 and the RoPE
-//   chunk. finish_dq writes dq.
+//   with atomic additions (add_dkv_chunk; float32 vectors, or 64-bit fixed point for a
+//   bitwise repeatable dkv, which the launcher then turns into float32): WG1 chunks 0-3, WG2
+//   chunks 4-7 and the RoPE chunk. finish_dq writes dq.
 // P and dS pass through shared memory as 64 x 64 bf16 tiles (heads x slots): read back with
 // ldmatrix as wgmma A fragments for dq, and transposed by wgmma (MN-major A) for dkv.
 #pragma once
@@ -179,12 +180,13 @@ __device__ __forceinline__ void issue_rope_dq(const uint32_t (&ds)[16], const ui
 
 // dkv[rows, 64 c : 64 c + 64] += (scale dS)^T Q[:, chunk c] (+ P^T d_out[:, chunk c] when
 // kWithValue), for the block's slots that select a row: accumulators 64 slots x 64 dims, both
-// operands transposed from the [heads x ...] tiles, then one vector atomic addition per pair of
-// columns.
+// operands transposed from the [heads x ...] tiles, then one float32 vector atomic addition
+// per pair of columns, or two 64-bit fixed-point ones (`fixed_scale`: p.dkv_fixed's scale).
 template <bool kWithValue>
 __device__ __forceinline__ void add_dkv_chunk(const SharedStorage& smem, int c,
                                               const int32_t* rows, const AccumulatorRows& t,
-                                              float* dkv, int64_t d_qk) {
+                                              const SparsePrefillBackwardParams& p,
+                                              float fixed_scale) {
   float acc[32];
   wgmma_fence();
 #pragma unroll
@@ -209,9 +211,21 @@ __device__ __forceinline__ void add_dkv_chunk(const SharedStorage& smem, int c,
   for (int h = 0; h < 2; ++h) {
     const int32_t row = rows[t.rows[h]];
     if (row < 0) continue;
-    float* dst = dkv + row * d_qk + c * kChunkElems + t.quad_col;
+    const int64_t offset = row * p.d_qk + c * kChunkElems + t.quad_col;
+    if (p.dkv_fixed != nullptr) {
+      int64_t* dst = p.dkv_fixed + offset;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) red_add_f32x2(dst + i * 8, acc[i * 4 + h * 2], acc[i * 4 + h * 2 + 1]);
+      for (int i = 0; i < 16; ++i) {
+        const float value = acc[(i / 2) * 4 + h * 2 + i % 2];
+        red_add_s64(dst + (i / 2) * 8 + i % 2, __float2ll_rn(value * fixed_scale));
+      }
+    } else {
+      float* dst = p.dkv + offset;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        red_add_f32x2(dst + i * 8, acc[i * 4 + h * 2], acc[i * 4 + h * 2 + 1]);
+      }
+    }
   }
 }
 
@@ -225,7 +239,8 @@ __device__ __forceinline__ void finish_dq(const SparsePrefillBackwardParams& p, 
   for (int h = 0; h < 2; ++h) {
     const int head = head_tile * kQueryTileRows + t.rows[h];
     if (head >= p.h_q) continue;  // a padding row of the last tile
-    Element* dst = static_cast<Element*>(p.dq) + (token * p.h_q + head) * p.d_qk + col0 + t.quad_col;
+    Element* dst =
+        static_cast<Element*>(p.dq) + (token * p.h_q + head) * p.d_qk + col0 + t.quad_col;
 #pragma unroll
     for (int i = 0; i < kColumns / 8; ++i) {
       *reinterpret_cast<uint32_t*>(dst + i * 8) =
@@ -267,6 +282,7 @@ __device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStora
     // A padding row gets P = 0.
     lse_log2[h] = head < p.h_q ? p.lse[token * p.h_q + head] * kLog2e : INFINITY;
   }
+  const float fixed_scale = p.dkv_fixed != nullptr ? *p.fixed_scale : 0.f;
   mbarrier_wait(&smem.inputs_full, 0);
   for (int blk = 0; blk < blocks; ++blk) {
     const int parity = blk % 2;
@@ -298,7 +314,7 @@ __device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStora
     mbarrier_arrive(&smem.kv_empty);
     const int32_t* rows = smem.rows[parity];
 #pragma unroll 1
-    for (int c = 0; c < 4; ++c) add_dkv_chunk<true>(smem, c, rows, t, p.dkv, p.d_qk);
+    for (int c = 0; c < 4; ++c) add_dkv_chunk<true>(smem, c, rows, t, p, fixed_scale);
     named_barrier_sync(kBarBlockDone, kConsumerThreads);
   }
   finish_dq<kHalfV>(p, token, head_tile, 0, t, dq);
@@ -322,6 +338,7 @@ __device__ __forceinline__ void value_role(const BackwardArgs& args, SharedStora
     shift[h] = head < p.h_q ? p.row_shift[token * p.h_q + head] : 0.f;
   }
   const float scale = p.softmax_scale;
+  const float fixed_scale = p.dkv_fixed != nullptr ? *p.fixed_scale : 0.f;
   mbarrier_wait(&smem.inputs_full, 0);
   for (int blk = 0; blk < blocks; ++blk) {
     const int parity = blk % 2;
@@ -348,8 +365,8 @@ __device__ __forceinline__ void value_role(const BackwardArgs& args, SharedStora
     mbarrier_arrive(&smem.kv_empty);
     const int32_t* rows = smem.rows[parity];
 #pragma unroll 1
-    for (int c = 4; c < kVChunks; ++c) add_dkv_chunk<true>(smem, c, rows, t, p.dkv, p.d_qk);
-    if constexpr (kRope) add_dkv_chunk<false>(smem, kVChunks, rows, t, p.dkv, p.d_qk);
+    for (int c = 4; c < kVChunks; ++c) add_dkv_chunk<true>(smem, c, rows, t, p, fixed_scale);
+    if constexpr (kRope) add_dkv_chunk<false>(smem, kVChunks, rows, t, p, fixed_scale);
     named_barrier_sync(kBarBlockDone, kConsumerThreads);
   }
   finish_dq<kHalfV>(p, token, head_tile, kHalfV, t, dq);
