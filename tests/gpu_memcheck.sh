@@ -8,6 +8,11 @@
 #   bash tests/gpu_memcheck.sh -k quick tests/test_gpu_decode_dense.py
 #   bash tests/gpu_memcheck.sh tests/test_gpu_schedule.py
 #
+# The dense decode tests compute their float32 reference on the host here
+# (JAX_FLASHMLA_HOST_REFERENCE=1), keeping the reference's XLA and cuBLAS GPU programs out of the
+# sanitized process: with it on the GPU a quick dense test took ~21 s on an H100, against 0.3 s
+# for a sparse prefill test, whose oracle is NumPy.
+#
 # Arguments go to pytest (after -m "gpu and not full"). Exit status: pytest's, or 1 if the
 # sanitizer reported an error. JAX_FLASHMLA_REQUIRE_GPU=1: GPU tests that cannot run here stop
 # pytest with an error instead of passing as skipped.
@@ -15,6 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${LOG:-/tmp/jax_flashmla_memcheck.log}
 JAX_FLASHMLA_REQUIRE_GPU=1 XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+  JAX_FLASHMLA_HOST_REFERENCE=1 \
   compute-sanitizer --tool memcheck --kernel-name kns=jfm --print-limit 20 --error-exitcode 1 \
   "${PYTHON:-python3}" -P -m pytest -q -p no:cacheprovider -m "gpu and not full" "$@" 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"
