@@ -24,6 +24,20 @@ from jax_flashmla.reference.decode import (
 )
 
 
+def slot_counts(topk_length: jax.Array | None, s_q: int, topk: int) -> jax.Array:
+    """int32 [s_q]: how many leading slots of each token count (topk_length, else all topk)."""
+    if topk_length is None:
+        return jnp.full((s_q,), topk, jnp.int32)
+    return topk_length.astype(jnp.int32)
+
+
+def counted_valid_slots(slots: jax.Array, counts: jax.Array, s_kv: int) -> jax.Array:
+    """bool [tokens, topk]: slot j of a token selects a kv row: it counts (j < its count) and its
+    index is in [0, s_kv). The one rule of which slots are read."""
+    in_count = jnp.arange(slots.shape[-1])[None, :] < counts[:, None]
+    return in_count & (slots >= 0) & (slots < s_kv)
+
+
 def sparse_prefill(
     q: jax.Array,
     kv: jax.Array,
@@ -72,14 +86,10 @@ def sparse_prefill(
 
     flat = kv[:, 0, :]
     out_dtype = q.dtype
-    if topk_length is None:
-        lengths = jnp.full((s_q,), topk, jnp.int32)
-    else:
-        lengths = topk_length.astype(jnp.int32)
+    lengths = slot_counts(topk_length, s_q, topk)
 
     def one_chunk(q_c: jax.Array, idx_c: jax.Array, len_c: jax.Array) -> tuple[jax.Array, ...]:
-        ok = (idx_c >= 0) & (idx_c < s_kv)
-        ok = ok & (jnp.arange(topk)[None, :] < len_c[:, None])  # [c, topk]
+        ok = counted_valid_slots(idx_c, len_c, s_kv)  # [c, topk]
         # Slots that do not count read token 0 instead of their (possibly wild) index.
         keys = jnp.take(flat, jnp.where(ok, idx_c, 0), axis=0, mode="clip")  # [c, topk, d]
         # Batch = query token; rows = heads; keys = that token's selection.
@@ -126,10 +136,7 @@ def sparse_prefill_backward(
     topk = indices.shape[2]
     d_v = d_out.shape[2]
     flat = kv[:, 0, :].astype(jnp.float32)
-    if topk_length is None:
-        lengths = jnp.full((s_q,), topk, jnp.int32)
-    else:
-        lengths = topk_length.astype(jnp.int32)
+    lengths = slot_counts(topk_length, s_q, topk)
     rows = (
         q.astype(jnp.float32),
         indices[:, 0, :].astype(jnp.int32),
@@ -144,7 +151,7 @@ def sparse_prefill_backward(
     def one_chunk(first_new, q_c, idx_c, len_c, dout_c, lse_c, shift_c):
         # Tokens before `first_new` (of a last chunk shifted back) were done by the previous one.
         fresh = jnp.arange(q_c.shape[0]) >= first_new
-        ok = (idx_c >= 0) & (idx_c < s_kv) & (jnp.arange(topk)[None, :] < len_c[:, None])
+        ok = counted_valid_slots(idx_c, len_c, s_kv)
         safe = jnp.where(ok, idx_c, 0)
         keys = jnp.where(ok[..., None], jnp.take(flat, safe, axis=0), 0.0)  # [c, topk, d]
         logits = jnp.einsum("chd,ctd->cht", q_c, keys, precision=_HIGHEST) * sm_scale

@@ -1,5 +1,6 @@
 // What the C++ kernel checks share: bfloat16 bits to and from float, host vectors to device
-// buffers of their exact size, and the tolerance rule for one element.
+// buffers of their exact size (DeviceBuffers owns a launch's), and the tolerance rule for one
+// element.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -33,6 +34,39 @@ T* to_device(const std::vector<T>& host) {
   CHECK(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
   return ptr;
 }
+
+// The device buffers of one launch, freed together when it goes out of scope: copies of host
+// vectors and NaN-poisoned outputs, each at its exact size.
+class DeviceBuffers {
+ public:
+  DeviceBuffers() = default;
+  DeviceBuffers(const DeviceBuffers&) = delete;
+  DeviceBuffers& operator=(const DeviceBuffers&) = delete;
+  ~DeviceBuffers() {
+    for (void* ptr : owned_) CHECK(cudaFree(ptr));
+  }
+
+  // A device copy of `host` (to_device), nullptr for an empty vector.
+  template <typename T>
+  T* copy(const std::vector<T>& host) {
+    T* ptr = to_device(host);
+    if (ptr != nullptr) owned_.push_back(ptr);
+    return ptr;
+  }
+
+  // `bytes` of device memory filled with 0xFF bytes (NaN in every float type), nullptr for 0.
+  void* poisoned(size_t bytes) {
+    void* ptr = nullptr;
+    if (bytes == 0) return ptr;
+    CHECK(cudaMalloc(&ptr, bytes));
+    CHECK(cudaMemset(ptr, 0xFF, bytes));
+    owned_.push_back(ptr);
+    return ptr;
+  }
+
+ private:
+  std::vector<void*> owned_;
+};
 
 // `a` against the reference `r`: inf and NaN must match exactly, finite values within the
 // absolute or the relative tolerance.

@@ -275,39 +275,27 @@ Result run(const Case& c, const Inputs& in, int num_parts, bool lengths_schedule
   const int64_t out_elems = int64_t{c.b} * c.s_q * c.h_q * kDv;
   const int64_t lse_elems = int64_t{c.b} * c.h_q * c.s_q;
   const int64_t rows = c.b + num_parts;
-  std::vector<void*> allocations;
-  const auto alloc = [&](size_t bytes) {
-    void* ptr = nullptr;
-    CHECK(cudaMalloc(&ptr, bytes));
-    CHECK(cudaMemset(ptr, 0xFF, bytes));  // NaN in every float type
-    allocations.push_back(ptr);
-    return ptr;
-  };
+  DeviceBuffers buffers;
   jfm::SparseDecodeParams p;
-  p.q = to_device(in.q_bits);
-  allocations.push_back(const_cast<void*>(p.q));
+  p.q = buffers.copy(in.q_bits);
   const auto source = [&](const Source& src, const SourceData& data, jfm::SparseKeySource& dst) {
-    dst.cache = to_device(data.cache.bytes);
-    dst.indices = to_device(data.indices);
-    dst.topk_length = to_device(data.lengths);
+    dst.cache = buffers.copy(data.cache.bytes);
+    dst.indices = buffers.copy(data.indices);
+    dst.topk_length = buffers.copy(data.lengths);
     dst.num_blocks = src.num_blocks;
     dst.page = src.page;
     dst.topk = src.topk;
-    for (const void* ptr : {static_cast<const void*>(dst.cache), static_cast<const void*>(dst.indices),
-                            static_cast<const void*>(dst.topk_length)}) {
-      if (ptr != nullptr) allocations.push_back(const_cast<void*>(ptr));
-    }
   };
   source(c.main, in.main, p.main);
   if (c.extra.topk > 0) source(c.extra, in.extra, p.extra);
-  p.attn_sink = to_device(in.sink);
-  if (p.attn_sink != nullptr) allocations.push_back(const_cast<float*>(p.attn_sink));
-  p.tile_metadata = static_cast<jfm::MetadataRow*>(alloc(sizeof(jfm::MetadataRow) * num_parts));
-  p.num_splits = static_cast<int32_t*>(alloc(sizeof(int32_t) * (c.b + 1)));
-  p.out = alloc(out_elems * 2);
-  p.lse = static_cast<float*>(alloc(lse_elems * 4));
-  p.partial_o = static_cast<float*>(alloc(rows * c.s_q * c.h_q * kDv * 4));
-  p.partial_lse = static_cast<float*>(alloc(rows * c.s_q * c.h_q * 4));
+  p.attn_sink = buffers.copy(in.sink);
+  p.tile_metadata =
+      static_cast<jfm::MetadataRow*>(buffers.poisoned(sizeof(jfm::MetadataRow) * num_parts));
+  p.num_splits = static_cast<int32_t*>(buffers.poisoned(sizeof(int32_t) * (c.b + 1)));
+  p.out = buffers.poisoned(out_elems * 2);
+  p.lse = static_cast<float*>(buffers.poisoned(lse_elems * 4));
+  p.partial_o = static_cast<float*>(buffers.poisoned(rows * c.s_q * c.h_q * kDv * 4));
+  p.partial_lse = static_cast<float*>(buffers.poisoned(rows * c.s_q * c.h_q * 4));
   p.batch = c.b;
   p.s_q = c.s_q;
   p.h_q = c.h_q;
@@ -324,8 +312,7 @@ Result run(const Case& c, const Inputs& in, int num_parts, bool lengths_schedule
       if (c.extra.topk > 0) w += (in.extra.counted[i] + kBlockSlots - 1) / kBlockSlots * kBlockSlots;
       weights.push_back(static_cast<int32_t>(w));
     }
-    sched.cache_seqlens = to_device(weights);
-    allocations.push_back(const_cast<int32_t*>(sched.cache_seqlens));
+    sched.cache_seqlens = buffers.copy(weights);
   } else {
     sched.fixed_length = c.main.topk + c.extra.topk;
   }
@@ -345,7 +332,6 @@ Result run(const Case& c, const Inputs& in, int num_parts, bool lengths_schedule
   r.lse.resize(lse_elems);
   CHECK(cudaMemcpy(r.out.data(), p.out, out_elems * 2, cudaMemcpyDeviceToHost));
   CHECK(cudaMemcpy(r.lse.data(), p.lse, lse_elems * 4, cudaMemcpyDeviceToHost));
-  for (void* ptr : allocations) CHECK(cudaFree(ptr));
   return r;
 }
 

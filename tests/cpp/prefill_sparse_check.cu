@@ -218,27 +218,16 @@ struct Result {
 // One launch on fresh buffers, outputs poisoned first.
 Result run(const Case& c, const Inputs& in) {
   const int64_t rows = int64_t{c.s_q} * c.h_q;
-  std::vector<void*> allocations;
-  const auto keep = [&](auto* ptr) {
-    if (ptr != nullptr) allocations.push_back(const_cast<void*>(static_cast<const void*>(ptr)));
-    return ptr;
-  };
-  const auto alloc = [&](size_t bytes) {
-    void* ptr = nullptr;
-    CHECK(cudaMalloc(&ptr, bytes));
-    CHECK(cudaMemset(ptr, 0xFF, bytes));  // NaN in bfloat16 and float32
-    allocations.push_back(ptr);
-    return ptr;
-  };
+  DeviceBuffers buffers;
   jfm::SparsePrefillParams p;
-  p.q = keep(to_device(in.q_bits));
-  p.kv = keep(to_device(in.kv_bits));
-  p.indices = keep(to_device(in.indices));
-  p.topk_length = keep(to_device(in.lengths));
-  p.attn_sink = keep(to_device(in.sink));
-  p.out = alloc(rows * kDv * 2);
-  p.max_logits = static_cast<float*>(alloc(rows * 4));
-  p.lse = static_cast<float*>(alloc(rows * 4));
+  p.q = buffers.copy(in.q_bits);
+  p.kv = buffers.copy(in.kv_bits);
+  p.indices = buffers.copy(in.indices);
+  p.topk_length = buffers.copy(in.lengths);
+  p.attn_sink = buffers.copy(in.sink);
+  p.out = buffers.poisoned(rows * kDv * 2);
+  p.max_logits = static_cast<float*>(buffers.poisoned(rows * 4));
+  p.lse = static_cast<float*>(buffers.poisoned(rows * 4));
   p.s_q = c.s_q;
   p.s_kv = c.s_kv;
   p.h_q = c.h_q;
@@ -258,7 +247,6 @@ Result run(const Case& c, const Inputs& in) {
   CHECK(cudaMemcpy(r.out.data(), p.out, rows * kDv * 2, cudaMemcpyDeviceToHost));
   CHECK(cudaMemcpy(r.max_logits.data(), p.max_logits, rows * 4, cudaMemcpyDeviceToHost));
   CHECK(cudaMemcpy(r.lse.data(), p.lse, rows * 4, cudaMemcpyDeviceToHost));
-  for (void* ptr : allocations) CHECK(cudaFree(ptr));
   return r;
 }
 
@@ -384,32 +372,20 @@ struct BackwardResult {
 BackwardResult run_backward(const Case& c, const Inputs& in, const BackwardInputs& b,
                             float fixed_scale = 0.f) {
   const int64_t rows = int64_t{c.s_q} * c.h_q;
-  std::vector<void*> allocations;
-  const auto keep = [&](auto* ptr) {
-    if (ptr != nullptr) allocations.push_back(const_cast<void*>(static_cast<const void*>(ptr)));
-    return ptr;
-  };
-  const auto alloc = [&](size_t bytes) {
-    void* ptr = nullptr;
-    if (bytes == 0) return ptr;
-    CHECK(cudaMalloc(&ptr, bytes));
-    CHECK(cudaMemset(ptr, 0xFF, bytes));  // NaN in bfloat16 and float32
-    allocations.push_back(ptr);
-    return ptr;
-  };
+  DeviceBuffers buffers;
   jfm::SparsePrefillBackwardParams p;
-  p.q = keep(to_device(in.q_bits));
-  p.kv = keep(to_device(in.kv_bits));
-  p.indices = keep(to_device(in.indices));
-  p.topk_length = keep(to_device(in.lengths));
-  p.d_out = keep(to_device(b.d_out_bits));
-  p.lse = keep(to_device(b.lse));
-  p.row_shift = keep(to_device(b.row_shift));
-  p.dq = alloc(rows * c.d_qk * 2);
-  p.dkv = static_cast<float*>(alloc(size_t(c.s_kv) * c.d_qk * 4));
+  p.q = buffers.copy(in.q_bits);
+  p.kv = buffers.copy(in.kv_bits);
+  p.indices = buffers.copy(in.indices);
+  p.topk_length = buffers.copy(in.lengths);
+  p.d_out = buffers.copy(b.d_out_bits);
+  p.lse = buffers.copy(b.lse);
+  p.row_shift = buffers.copy(b.row_shift);
+  p.dq = buffers.poisoned(rows * c.d_qk * 2);
+  p.dkv = static_cast<float*>(buffers.poisoned(size_t(c.s_kv) * c.d_qk * 4));
   if (fixed_scale != 0.f) {
-    p.dkv_fixed = static_cast<int64_t*>(alloc(size_t(c.s_kv) * c.d_qk * 8));
-    p.fixed_scale = keep(to_device(std::vector<float>{fixed_scale}));
+    p.dkv_fixed = static_cast<int64_t*>(buffers.poisoned(size_t(c.s_kv) * c.d_qk * 8));
+    p.fixed_scale = buffers.copy(std::vector<float>{fixed_scale});
   }
   p.s_q = c.s_q;
   p.s_kv = c.s_kv;
@@ -430,7 +406,6 @@ BackwardResult run_backward(const Case& c, const Inputs& in, const BackwardInput
   if (!result.dkv.empty()) {
     CHECK(cudaMemcpy(result.dkv.data(), p.dkv, result.dkv.size() * 4, cudaMemcpyDeviceToHost));
   }
-  for (void* ptr : allocations) CHECK(cudaFree(ptr));
   return result;
 }
 

@@ -79,14 +79,11 @@ def fixed_point_scale(
     at most (times the slots selecting it, the most any row has) h_q * (|sm_scale| (max |d_out|_2
     max |v|_2 + max |shift|) max |q| + max |d_out|). Only rows some counted valid slot selects
     count (the others may hold NaN). 2^F is 1 where the bound is 0 or not finite."""
-    h_q = q.shape[1]
+    s_q, h_q, _ = q.shape
     s_kv = kv.shape[0]
-    topk = indices.shape[2]
     slots = indices[:, 0, :]
-    counted = jnp.arange(topk)[None, :] < (
-        topk if topk_length is None else jnp.clip(topk_length, 0, topk)[:, None]
-    )
-    valid = counted & (slots >= 0) & (slots < s_kv)
+    counts = sparse_prefill.slot_counts(topk_length, s_q, indices.shape[2])
+    valid = sparse_prefill.counted_valid_slots(slots, counts, s_kv)
     selections = jnp.zeros((s_kv,), jnp.int32).at[jnp.where(valid, slots, s_kv)].add(1, mode="drop")
     rows = kv[:, 0, :].astype(jnp.float32)
     v_norm = jnp.max(
