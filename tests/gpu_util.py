@@ -45,6 +45,16 @@ COMMAND_BUFFER_FLAGS = (
 NO_COMMAND_BUFFER_FLAGS = ("--xla_gpu_enable_command_buffer=",)
 
 
+def reference_placement(args):
+    """`args` placed where the tests' reference computes: on the host under tests/gpu_memcheck.sh
+    (JAX_FLASHMLA_HOST_REFERENCE=1), which keeps the reference's GPU programs (XLA's, cuBLAS's)
+    out of the sanitized process so that only the kernel under test is instrumented; as they
+    are otherwise."""
+    if os.environ.get("JAX_FLASHMLA_HOST_REFERENCE") == "1":
+        return jax.device_put(args, jax.devices("cpu")[0])
+    return args
+
+
 def poison_device_memory(nbytes: int) -> None:
     """Fill and free NaN buffers of about `nbytes` so that the next outputs XLA allocates land
     on NaN rather than on zeros: an element a kernel forgets to write then shows up."""

@@ -27,19 +27,20 @@
 # JFM_PEERS=.peers.
 #   bash tests/gpu_validate.sh matrix    # build; full matrix in parallel shards (~300 s)
 #   bash tests/gpu_validate.sh memcheck           # build; memcheck over the quick tests of
-#                                                 # test_gpu_decode_dense.py (~350 s)
+#                                                 # test_gpu_decode_dense.py (~85 s on an H100)
 #   bash tests/gpu_validate.sh memcheck-rules     # build; memcheck over the rescale and
-#                                                 # input-rule tests (~250 s)
+#                                                 # input-rule tests (~20 s on an H100)
 #   bash tests/gpu_validate.sh memcheck-schedule  # build; memcheck over the schedule tests but
-#                                                 # command buffers (240-600 s)
+#                                                 # command buffers (timing
+#                                                 # with the host reference to be measured)
 #   bash tests/gpu_validate.sh memcheck-graphs    # build; memcheck over the schedule's
-#                                                 # command-buffer test (~60 s)
+#                                                 # command-buffer test (~35 s on an H100)
 #   bash tests/gpu_validate.sh memcheck-sparse    # build; memcheck over the quick tests of
 #                                                 # test_gpu_decode_sparse.py (~120 s on an
 #                                                 # H100)
 #
-# Under the sanitizer a pytest test takes ~5 s on the H200 and up to ~20 s on an H100 (25 of the
-# 62 quick dense tests in 540 s there): split a part over several calls with -k where needed.
+# Under the sanitizer a dense pytest test takes ~1.3 s on an H100 with its reference on the host
+# (tests/gpu_memcheck.sh); split a part over several calls with -k where needed.
 # The C++ tests (decode_check and graph_capture in the kernel part, decode_sparse_check in the
 # sparse part) cover the kernels' input rules under memcheck in seconds.
 # The memcheck parts together cover every quick test but those of test_gpu_command_buffers.py,

@@ -58,14 +58,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import os
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gpu_util import compile_in_parallel, poison_device_memory, selected_cases
+from gpu_util import (
+    compile_in_parallel,
+    poison_device_memory,
+    reference_placement,
+    selected_cases,
+)
 from oracle_decode import (
     BF16,
     DENSE_DECODE_LSE_TOL,
@@ -313,12 +317,9 @@ def check_against_reference(
     b, s_q, h_q, _ = inputs.q.shape
     assert out.shape == (b, s_q, h_q, D_V) and out.dtype == np.dtype(inputs.q.dtype)
     assert lse.shape == (b, h_q, s_q) and lse.dtype == np.float32
-    args = inputs.args()
-    if os.environ.get("JAX_FLASHMLA_HOST_REFERENCE") == "1":
-        # tests/gpu_memcheck.sh: keeps the reference's GPU programs (XLA's, cuBLAS's) out of
-        # the sanitized process; only the kernel is under test.
-        args = jax.device_put(args, jax.devices("cpu")[0])
-    reference = _reference(*args, causal=causal, softmax_scale=softmax_scale)
+    reference = _reference(
+        *reference_placement(inputs.args()), causal=causal, softmax_scale=softmax_scale
+    )
     ref_out, ref_lse = (np.asarray(x) for x in reference)
     check_close(out, ref_out, name="out", **DENSE_DECODE_OUT_TOL)
     check_close(lse, ref_lse, name="lse", **DENSE_DECODE_LSE_TOL)
