@@ -17,7 +17,12 @@ from jax_flashmla.ops.dense_prefill import (
     flash_attn_varlen_qkvpacked_func,
 )
 from jax_flashmla.ops.metadata import get_mla_metadata
-from jax_flashmla.ops.quant import dequantize_k_cache, quantize_k_cache
+from jax_flashmla.ops.quant import (
+    dequantize_k_cache,
+    dequantize_k_cache_e4m3,
+    quantize_k_cache,
+    quantize_k_cache_e4m3,
+)
 from jax_flashmla.ops.sparse_prefill import flash_mla_sparse_fwd
 
 #: Every XLA FFI custom-call target the ops may emit, e.g. to allow them in `jax.export`:
@@ -32,6 +37,7 @@ __all__ = [
     "assume_device",
     "combine_splits",
     "dequantize_k_cache",
+    "dequantize_k_cache_e4m3",
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
@@ -39,4 +45,5 @@ __all__ = [
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "quantize_k_cache",
+    "quantize_k_cache_e4m3",
 ]

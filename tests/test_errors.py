@@ -40,6 +40,11 @@ def dense_args(b=2, s_q=1, h_q=16, h_kv=1, d=576, page=64, blocks=8, dtype=BF16)
     ]
 
 
+def e4m3_args(b=2, h_kv=1):
+    """Dense decode over a plain float8_e4m3fn cache (k_scale beside it)."""
+    return replace(dense_args(b=b, h_kv=h_kv), 1, S((8 * b, 64, h_kv, 576), FP8))
+
+
 def sparse_kwargs(b=2, s_q=1, topk=128):
     return {"indices": S((b, s_q, topk), I32)}
 
@@ -258,6 +263,77 @@ DECODE_CASES = [
         {"is_fp8_kvcache": True, **sparse_kwargs()},
         ValueError,
         ["h_kv == 1"],
+    ),
+    # the plain scaled e4m3 cache (dense mode)
+    (
+        "e4m3 without k_scale",
+        e4m3_args(),
+        {"is_fp8_kvcache": True},
+        ValueError,
+        ["E4M3", "needs k_scale"],
+    ),
+    (
+        "k_scale shape",
+        e4m3_args(h_kv=2),
+        {"is_fp8_kvcache": True, "k_scale": S((4,), F32)},
+        ValueError,
+        ["k_scale", "[h_kv] = [2]", "(4,)"],
+    ),
+    (
+        "k_scale dtype",
+        e4m3_args(),
+        {"is_fp8_kvcache": True, "k_scale": S((), BF16)},
+        TypeError,
+        ["k_scale", "float32", "bfloat16"],
+    ),
+    (
+        "k_scale not an array",
+        e4m3_args(),
+        {"is_fp8_kvcache": True, "k_scale": 0.5},
+        TypeError,
+        ["k_scale", "JAX array", "float"],
+    ),
+    (
+        "k_scale with bf16 cache",
+        dense_args(),
+        {"k_scale": S((), F32)},
+        ValueError,
+        ["k_scale", "E4M3", "no FP8 cache"],
+    ),
+    (
+        "k_scale with V32 cache",
+        replace(dense_args(), 1, S((16, 64, 1, 656), FP8)),
+        {"is_fp8_kvcache": True, "k_scale": S((), F32)},
+        ValueError,
+        ["k_scale", "V32 layout"],
+    ),
+    (
+        "fp8_layout without fp8",
+        dense_args(),
+        {"fp8_layout": "E4M3"},
+        ValueError,
+        ["fp8_layout", "is_fp8_kvcache=True"],
+    ),
+    (
+        "fp8_layout name",
+        e4m3_args(),
+        {"is_fp8_kvcache": True, "fp8_layout": "e5m2", "k_scale": S((), F32)},
+        ValueError,
+        ["fp8_layout", "'V32', 'MODEL1', 'E4M3'", "'e5m2'"],
+    ),
+    (
+        "fp8_layout vs last dim",
+        e4m3_args(),
+        {"is_fp8_kvcache": True, "fp8_layout": "V32", "k_scale": S((), F32)},
+        ValueError,
+        ["V32 layout", "656", "576"],
+    ),
+    (
+        "e4m3 in sparse mode",
+        replace(sparse_args(), 1, S((10, 64, 1, 576), FP8)),
+        {"is_fp8_kvcache": True, "k_scale": S((), F32), **sparse_kwargs()},
+        ValueError,
+        ["sparse mode", "E4M3", "dense mode"],
     ),
 ]
 

@@ -14,8 +14,10 @@ import pytest
 from jax_flashmla.ops.quant import (
     FP8_LAYOUTS,
     dequantize_k_cache,
+    dequantize_k_cache_e4m3,
     infer_fp8_layout,
     quantize_k_cache,
+    quantize_k_cache_e4m3,
 )
 
 PAGE_SIZES = [1, 2, 53, 64]
@@ -376,3 +378,145 @@ def test_dtype_names_accepted():
 def test_infer_fp8_layout_rejects():
     with pytest.raises(ValueError, match=r"^infer_fp8_layout: bytes_per_token .* got 576"):
         infer_fp8_layout(576)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain scaled "E4M3" cache
+# ---------------------------------------------------------------------------------------------
+
+
+def np_e4m3(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """e4m3 of clip(x / scale, +-448) (scale broadcast over dim 2, the KV heads)."""
+    y = x.astype(np.float32) / np.asarray(scale, np.float32).reshape(-1, 1)
+    return np.clip(y, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("h_kv", [1, 3])
+def test_e4m3_round_trip(per_head: bool, h_kv: int):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 5, h_kv, 576)).astype(np.float32)
+    x *= np.float32(10.0) ** rng.integers(-3, 3, size=(1, 1, h_kv, 1))  # heads of other sizes
+    x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+    cache, k_scale = quantize_k_cache_e4m3(jnp.asarray(x, jnp.bfloat16), per_head=per_head)
+    assert cache.dtype == jnp.float8_e4m3fn and cache.shape == x.shape
+    assert k_scale.dtype == jnp.float32
+    axes = (0, 1, 3) if per_head else None
+    want_scale = np.max(np.abs(x), axis=axes) / np.float32(448)
+    assert k_scale.shape == np.shape(want_scale)
+    np.testing.assert_allclose(np.asarray(k_scale), want_scale, rtol=1e-6)
+    np.testing.assert_array_equal(
+        np.asarray(cache).view(np.uint8), np_e4m3(x, np.asarray(k_scale)).view(np.uint8)
+    )
+    deq = np.asarray(dequantize_k_cache_e4m3(cache, k_scale, dtype=jnp.float32))
+    scale = np.asarray(k_scale, np.float32).reshape(-1, 1)
+    # e4m3: 3 mantissa bits (relative error <= 2^-4), subnormal spacing 2^-9 times the scale.
+    assert np.all(np.abs(deq - x) <= 2.0**-4 * np.abs(x) + 2.0**-9 * scale)
+    np.testing.assert_array_equal(
+        deq, np.asarray(cache).astype(np.float32) * np.broadcast_to(scale, x.shape[2:])
+    )
+
+
+def test_e4m3_given_scale_saturates_and_keeps_nan():
+    x = np.zeros((1, 2, 2, 576), np.float32)
+    x[0, 0, 0, :4] = [1.0, -1.0, 1e6, np.nan]
+    x[0, 1, 1, :2] = [0.3, -5.0]
+    k_scale = jnp.asarray([0.01, 0.002], jnp.float32)
+    cache, returned = quantize_k_cache_e4m3(jnp.asarray(x), k_scale)
+    assert returned is k_scale
+    values = np.asarray(cache).astype(np.float32)
+    np.testing.assert_array_equal(values[0, 0, 0, :3], [96.0, -96.0, 448.0])  # 100 ties to 96
+    assert np.isnan(values[0, 0, 0, 3])
+    np.testing.assert_array_equal(values[0, 1, 1, :2], [144.0, -448.0])
+    for scale in (jnp.float32(0.5), jnp.asarray([0.5], jnp.float32)):
+        np.testing.assert_array_equal(
+            np.asarray(quantize_k_cache_e4m3(jnp.asarray(x), scale)[0]).view(np.uint8),
+            np_e4m3(x, np.float32(0.5)).view(np.uint8),
+        )
+
+
+def test_e4m3_zero_and_non_finite_caches():
+    cache, k_scale = quantize_k_cache_e4m3(jnp.zeros((1, 2, 1, 576), jnp.bfloat16))
+    assert float(k_scale) == 1.0 and not np.asarray(cache).view(np.uint8).any()
+    x = jnp.zeros((1, 2, 1, 576), jnp.float32).at[0, 1, 0, 9].set(jnp.inf)
+    cache, k_scale = quantize_k_cache_e4m3(x)
+    assert np.isnan(float(k_scale))
+    assert np.isnan(np.asarray(dequantize_k_cache_e4m3(cache, k_scale), np.float32)).all()
+
+
+def test_e4m3_jit_and_uint8_bytes():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 2, 576)), jnp.bfloat16)
+    cache, k_scale = jax.jit(quantize_k_cache_e4m3, static_argnames="per_head")(x, per_head=True)
+    raw = jax.lax.bitcast_convert_type(cache, jnp.uint8)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(dequantize_k_cache_e4m3)(raw, k_scale)),
+        np.asarray(dequantize_k_cache_e4m3(cache, k_scale)),
+    )
+
+
+E4M3_REJECTS = [
+    # (function, arguments, keyword arguments, error, message pattern)
+    (quantize_k_cache_e4m3, lambda x, s: (x[0],), {}, ValueError, r"k_cache must have rank 4"),
+    (
+        quantize_k_cache_e4m3,
+        lambda x, s: (x.astype(jnp.float8_e4m3fn),),
+        {},
+        TypeError,
+        r"k_cache must have dtype .*got float8_e4m3fn",
+    ),
+    (
+        quantize_k_cache_e4m3,
+        lambda x, s: (x, s[:1]),
+        {"per_head": True},
+        ValueError,
+        r"per_head chooses how k_scale is computed",
+    ),
+    (
+        quantize_k_cache_e4m3,
+        lambda x, s: (x, jnp.ones((3,), jnp.float32)),
+        {},
+        ValueError,
+        r"k_scale must have shape \[\], \[1\] .* \[h_kv\] = \[2\] .*got \(3,\)",
+    ),
+    (
+        quantize_k_cache_e4m3,
+        lambda x, s: (x, s.astype(jnp.bfloat16)),
+        {},
+        TypeError,
+        r"k_scale must have dtype float32; got bfloat16",
+    ),
+    (quantize_k_cache_e4m3, lambda x, s: (x,), {"per_head": 1}, TypeError, r"per_head must be"),
+    (
+        dequantize_k_cache_e4m3,
+        lambda x, s: (x, s),
+        {},
+        TypeError,
+        r"quant_k_cache must have dtype float8_e4m3fn or uint8; got bfloat16",
+    ),
+    (
+        dequantize_k_cache_e4m3,
+        lambda x, s: (x.astype(jnp.float8_e4m3fn), None),
+        {},
+        TypeError,
+        r"k_scale must be a JAX array; got NoneType",
+    ),
+    (
+        dequantize_k_cache_e4m3,
+        lambda x, s: (x.astype(jnp.float8_e4m3fn), s),
+        {"dtype": jnp.int8},
+        TypeError,
+        r"dtype must be bfloat16 or float16 or float32",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "fn,make,kwargs,error,pattern",
+    E4M3_REJECTS,
+    ids=[f"{c[0].__name__}-{i}" for i, c in enumerate(E4M3_REJECTS)],
+)
+def test_e4m3_rejects(fn, make, kwargs, error, pattern):
+    x = jnp.zeros((2, 4, 2, 576), jnp.bfloat16)
+    k_scale = jnp.ones((2,), jnp.float32)
+    with pytest.raises(error, match=f"^{fn.__name__}: " + pattern):
+        fn(*make(x, k_scale), **kwargs)

@@ -92,6 +92,24 @@ def test_dense_decode_gqa_shards_cache_heads(rng):
     assert_same(out, decode(q, cache, table, lens))
 
 
+def test_e4m3_cache_and_scales_shard_with_cache_heads(rng):
+    """The plain e4m3 cache and its per-KV-head k_scale split over the KV heads with q's heads:
+    the dequantisation runs per shard, nothing is gathered."""
+    q, cache, table, lens = decode_inputs(rng, h_q=8, h_kv=4)
+    fp8, k_scale = fm.quantize_k_cache_e4m3(cache, per_head=True)
+    mesh = auto_mesh()
+    specs = (P(None, None, "model"), P(None, None, "model"), P(), P(), P("model"))
+
+    def decode(q, cache, table, lens, k_scale):
+        return fm.flash_mla_with_kvcache(
+            q, cache, table, lens, 512, is_fp8_kvcache=True, k_scale=k_scale
+        )
+
+    out, text = run_sharded(decode, (q, fp8, table, lens, k_scale), specs, mesh)
+    assert collectives(text) == [], collectives(text)
+    assert_same(out, decode(q, fp8, table, lens, k_scale))
+
+
 def test_cache_sharded_along_blocks_is_resharded_not_wrong(rng):
     """An unsupported input sharding is resharded (documented), and the answer stays right."""
     q, cache, table, lens = decode_inputs(rng)

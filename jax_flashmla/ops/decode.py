@@ -40,6 +40,8 @@ def flash_mla_with_kvcache(
     softmax_scale: float | None = None,
     causal: bool = False,
     is_fp8_kvcache: bool = False,
+    fp8_layout: str | None = None,
+    k_scale: jax.Array | None = None,
     indices: jax.Array | None = None,
     attn_sink: jax.Array | None = None,
     topk_length: jax.Array | None = None,
@@ -66,6 +68,12 @@ def flash_mla_with_kvcache(
     values count twice. The same holds for extra_indices_in_kvcache into extra_k_cache (with
     extra_topk_length), whose keys join the same softmax. The cache is dequantised on chip.
 
+    FP8 caches (is_fp8_kvcache=True): the byte layouts "V32" (656 bytes per token, d_qk 576;
+    dense and sparse mode) and "MODEL1" (584, d_qk 512; sparse mode) with their scales inside,
+    made by `jax_flashmla.quantize_k_cache`; or "E4M3" (dense mode), a plain float8_e4m3fn
+    [num_blocks, page, h_kv, 576] cache with float32 `k_scale` beside it, made by
+    `jax_flashmla.quantize_k_cache_e4m3`. Either way the op attends the dequantised cache.
+
     A query with no key to attend gets out 0 and lse +inf. Forward-only: differentiating the
     op raises a TypeError (flash_attn_varlen_func has gradients).
 
@@ -75,7 +83,8 @@ def flash_mla_with_kvcache(
       k_cache: dense: [num_blocks, page, h_kv, d_qk], q's dtype, h_q % h_kv == 0. With
         is_fp8_kvcache: float8_e4m3fn (or uint8) [num_blocks, page, 1, 656] ("V32" layout,
         d_qk 576) or [num_blocks, page, 1, 584] ("MODEL1", d_qk 512); see
-        `jax_flashmla.quantize_k_cache`.
+        `jax_flashmla.quantize_k_cache`; or, dense mode, float8_e4m3fn (or uint8)
+        [num_blocks, page, h_kv, 576] ("E4M3", with k_scale).
       block_table: int32 [b, max_blocks_per_seq] (dense); must be None in sparse mode.
       cache_seqlens: int32 [b] (dense); must be None in sparse mode.
       head_dim_v: d_v, 512 (V is the first 512 dims of each cache row).
@@ -91,6 +100,10 @@ def flash_mla_with_kvcache(
       causal: static bool, bottom-right causal mask over the s_q queries (dense mode only).
       is_fp8_kvcache: static bool, the cache is FP8 (required in sparse mode; in dense mode
         the FP8 cache is dequantised).
+      fp8_layout: static str or None, with is_fp8_kvcache: "V32", "MODEL1" or "E4M3"; None
+        takes it from the cache's last dim (656: V32, 584: MODEL1, 576: E4M3).
+      k_scale: float32 [], [1] or [h_kv]: the scale of an "E4M3" cache (one for the cache or
+        one per KV head), required with it and refused otherwise.
       indices: int32 [b, s_q, topk], topk a multiple of 64 (sparse mode).
       attn_sink: float32 [h_q]: out *= 1 / (1 + exp(attn_sink - lse)); lse is unchanged.
       topk_length: int32 [b], keys of `indices` that count per request (sparse mode).
@@ -128,6 +141,7 @@ def flash_mla_with_kvcache(
         "extra_k_cache": extra_k_cache,
         "extra_indices_in_kvcache": extra_indices_in_kvcache,
         "extra_topk_length": extra_topk_length,
+        "k_scale": k_scale,
     }
     checks.check_array(
         OP, "q", q, ndim=4, dtypes=checks.FLOAT16_TYPES, shape_doc="[batch, s_q, h_q, d_qk]"
@@ -151,10 +165,12 @@ def flash_mla_with_kvcache(
     scale = checks.check_scale(OP, "softmax_scale", softmax_scale, d_qk**-0.5)
     _check_head_dims(d_qk, d_v, sparse=indices is not None)
     layout = None
+    if fp8_layout is not None and not is_fp8:
+        raise ValueError(f"{OP}: fp8_layout needs is_fp8_kvcache=True; got {fp8_layout!r}")
     if is_fp8:
         checks.check_array(OP, "q", q, dtypes=(jnp.bfloat16,))
         checks.check_array(OP, "k_cache", k_cache, dtypes=FP8_CACHE_DTYPES)
-        layout = _fp8_layout("k_cache", k_cache, d_qk)
+        layout = _fp8_layout("k_cache", k_cache, d_qk, fp8_layout)
     else:
         checks.check_array(OP, "k_cache", k_cache, dtypes=(q.dtype,))
         if k_cache.shape[-1] != d_qk:
@@ -178,6 +194,11 @@ def flash_mla_with_kvcache(
             raise ValueError(f"{OP}: sparse mode (indices given) needs is_fp8_kvcache=True")
         if causal:
             raise ValueError(f"{OP}: causal must be False in sparse mode (indices given)")
+        if layout == quant.SCALED_LAYOUT:
+            raise ValueError(
+                f"{OP}: sparse mode (indices given) reads the V32 or MODEL1 FP8 layouts; the "
+                f"{quant.SCALED_LAYOUT} cache is for dense mode"
+            )
         if block_table is not None or cache_seqlens is not None:
             raise ValueError(
                 f"{OP}: block_table and cache_seqlens must be None in sparse mode: indices "
@@ -185,8 +206,9 @@ def flash_mla_with_kvcache(
             )
         _check_sparse_inputs(q, k_cache, indices, sparse_args)
         if extra_k_cache is not None:
-            _fp8_layout("extra_k_cache", extra_k_cache, d_qk)
+            _fp8_layout("extra_k_cache", extra_k_cache, d_qk, layout)
 
+    _check_k_scale(layout, k_scale, h_kv)
     _check_metadata(q, h_kv, tile_scheduler_metadata, num_splits, sparse=indices is not None)
     metadata = () if tile_scheduler_metadata is None else (tile_scheduler_metadata, num_splits)
 
@@ -194,7 +216,9 @@ def flash_mla_with_kvcache(
         reason = _dense_kernel_unsupported_reason(q, k_cache, is_fp8)
         use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
         cache = k_cache
-        if is_fp8:
+        if layout == quant.SCALED_LAYOUT:
+            cache = quant.dequantize_k_cache_e4m3(k_cache, k_scale, dtype=jnp.bfloat16)
+        elif is_fp8:
             cache = quant.dequantize_k_cache(k_cache, layout=layout, dtype=jnp.bfloat16)
         compute = functools.partial(
             _dense_decode, softmax_scale=scale, causal=causal, use_kernel=use_kernel
@@ -393,23 +417,53 @@ def _dense_kernel_unsupported_reason(q, k_cache, is_fp8: bool) -> str:
     )
 
 
-def _fp8_layout(name: str, cache: jax.Array, d_qk: int) -> str:
-    """The FP8 layout whose bytes per token match `cache`, checked against q's d_qk."""
-    for layout_name, layout in quant.FP8_LAYOUTS.items():
-        if cache.shape[-1] == layout.bytes_per_token:
-            if layout.d_qk != d_qk:
-                raise ValueError(
-                    f"{OP}: the {layout_name} FP8 layout of {name} holds d_qk = {layout.d_qk}, "
-                    f"but q has d_qk = {d_qk}"
-                )
-            if cache.shape[2] != 1:
-                raise ValueError(f"{OP}: an FP8 {name} must have h_kv == 1; got {cache.shape}")
-            return layout_name
-    sizes = ", ".join(f"{n}: {lay.bytes_per_token}" for n, lay in quant.FP8_LAYOUTS.items())
-    raise ValueError(
-        f"{OP}: an FP8 {name} must have a last dim of bytes per token ({sizes}); "
-        f"got shape {cache.shape}"
-    )
+def _fp8_layout(name: str, cache: jax.Array, d_qk: int, requested: str | None) -> str:
+    """The FP8 layout of `cache`: `requested` checked against its last dim, or the layout that
+    last dim names; the layout must hold q's d_qk."""
+    sizes = {lay.name: lay.bytes_per_token for lay in quant.FP8_LAYOUTS.values()}
+    sizes[quant.SCALED_LAYOUT] = HEAD_DIM_QK
+    if requested is None:
+        matching = [lay for lay, size in sizes.items() if size == cache.shape[-1]]
+        if not matching:
+            known = ", ".join(f"{size} ({lay})" for lay, size in sizes.items())
+            raise ValueError(
+                f"{OP}: an FP8 {name} must have a last dim of bytes per token of a layout "
+                f"({known}); got shape {cache.shape}"
+            )
+        layout = matching[0]
+    else:
+        layout = checks.check_choice(OP, "fp8_layout", requested, tuple(sizes))
+        if cache.shape[-1] != sizes[layout]:
+            raise ValueError(
+                f"{OP}: an FP8 {name} in the {layout} layout must have a last dim of "
+                f"{sizes[layout]}; got shape {cache.shape}"
+            )
+    layout_d_qk = HEAD_DIM_QK if layout == quant.SCALED_LAYOUT else quant.FP8_LAYOUTS[layout].d_qk
+    if layout_d_qk != d_qk:
+        raise ValueError(
+            f"{OP}: the {layout} FP8 layout of {name} holds d_qk = {layout_d_qk}, "
+            f"but q has d_qk = {d_qk}"
+        )
+    if layout != quant.SCALED_LAYOUT and cache.shape[2] != 1:
+        raise ValueError(f"{OP}: an FP8 {name} must have h_kv == 1; got {cache.shape}")
+    return layout
+
+
+def _check_k_scale(layout: str | None, k_scale, h_kv: int) -> None:
+    """k_scale goes with the "E4M3" cache, and only with it."""
+    if layout != quant.SCALED_LAYOUT:
+        if k_scale is not None:
+            raise ValueError(
+                f"{OP}: k_scale is the scale of an {quant.SCALED_LAYOUT} FP8 cache; this call "
+                f"has {'the ' + layout + ' layout' if layout else 'no FP8 cache'}"
+            )
+        return
+    if k_scale is None:
+        raise ValueError(
+            f"{OP}: an {quant.SCALED_LAYOUT} FP8 cache needs k_scale (float32 [], [1] or "
+            "[h_kv]; see jax_flashmla.quantize_k_cache_e4m3)"
+        )
+    quant.check_k_scale(OP, k_scale, h_kv)
 
 
 def _check_dense_inputs(q: jax.Array, block_table, cache_seqlens) -> None:

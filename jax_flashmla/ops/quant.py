@@ -1,4 +1,5 @@
-"""FP8 KV-cache quantisation for sparse MLA decode: the "V32" and "MODEL1" byte layouts.
+"""FP8 KV-cache quantisation for MLA decode: the "V32" and "MODEL1" byte layouts, and the plain
+scaled "E4M3" cache.
 
 The FP8 cache is an array of raw bytes typed ``jnp.float8_e4m3fn`` (FlashMLA stores it as a
 ``torch.float8_e4m3fn`` tensor). Only the NoPE bytes are genuine e4m3 values; the scale and
@@ -19,6 +20,12 @@ Layouts (``h_kv == 1``):
 The quantiser, per tile: ``scale = 2 ** ceil(log2(max(amax / 448, 1e-4)))`` and
 ``q = e4m3(x / scale)`` (round to nearest even). A power-of-two scale makes ``x / scale``
 exact, so the only rounding is the e4m3 cast; ``amax / 448`` is evaluated in float32.
+
+The ``"E4M3"`` cache (dense decode only, any ``h_kv``), as vLLM stores FP8 MLA caches, is no
+byte layout: ``float8_e4m3fn [num_blocks, page, h_kv, d_qk]`` holding every dim (RoPE
+included) as e4m3, with one float32 ``k_scale`` for the whole cache or one per KV head, passed
+beside it: a value is ``float32(e4m3) * k_scale``. :func:`quantize_k_cache_e4m3` and
+:func:`dequantize_k_cache_e4m3` make and read it.
 """
 
 from __future__ import annotations
@@ -35,10 +42,13 @@ from jax_flashmla._src import checks
 
 __all__ = [
     "FP8_LAYOUTS",
+    "SCALED_LAYOUT",
     "Fp8Layout",
     "dequantize_k_cache",
+    "dequantize_k_cache_e4m3",
     "infer_fp8_layout",
     "quantize_k_cache",
+    "quantize_k_cache_e4m3",
 ]
 
 # Largest finite float8_e4m3fn value.
@@ -48,6 +58,9 @@ _SCALE_FLOOR = 1e-4
 # Dtypes of a dequantised cache, and of the raw bytes of a quantised one.
 _FLOAT_TYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _BYTE_TYPES = (jnp.float8_e4m3fn, jnp.uint8)
+#: Name of the plain e4m3 cache with a float32 scale per tensor or per KV head (no byte layout:
+#: not in FP8_LAYOUTS).
+SCALED_LAYOUT = "E4M3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,3 +355,104 @@ def _dequantize(quant_k_cache: jax.Array, layout: str, out_dtype: np.dtype) -> j
     rope = _from_bytes(rope_b, jnp.bfloat16).astype(out_dtype)
     out = jnp.concatenate([nope, rope], axis=-1)
     return out.reshape(num_blocks, page, 1, lay.d_qk)
+
+
+def check_k_scale(op: str, k_scale: Any, h_kv: int) -> None:
+    """k_scale of an "E4M3" cache: float32 [], [1] or [h_kv]."""
+    checks.check_array(op, "k_scale", k_scale, dtypes=checks.FLOAT32)
+    if tuple(k_scale.shape) not in ((), (1,), (h_kv,)):
+        raise ValueError(
+            f"{op}: k_scale must have shape [], [1] (one scale for the cache) or [h_kv] = "
+            f"[{h_kv}] (one per KV head); got {tuple(k_scale.shape)}"
+        )
+
+
+def _check_e4m3_cache(op: str, name: str, x: Any, dtypes: tuple) -> None:
+    checks.check_array(op, name, x, ndim=4, dtypes=dtypes, shape_doc="[num_blocks, page, h_kv, d]")
+
+
+def quantize_k_cache_e4m3(
+    k_cache: jax.Array, k_scale: jax.Array | None = None, *, per_head: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Quantises an MLA K cache into the plain scaled "E4M3" cache. Jittable.
+
+    Args:
+      k_cache: bfloat16, float16 or float32 [num_blocks, page, h_kv, d].
+      k_scale: float32 [], [1] or [h_kv], the scale to use (as a checkpoint's calibrated
+        k_scale); None computes it: amax / 448 over the cache (or over each KV head with
+        per_head), 1 where amax is 0.
+      per_head: static bool, with k_scale None: one scale per KV head instead of one for the
+        cache.
+
+    Returns:
+      (float8_e4m3fn [num_blocks, page, h_kv, d], float32 k_scale: the one given, or [] /
+      [h_kv] with per_head): each value is ``e4m3(clip(x / k_scale, -448, 448))``, rounded to
+      nearest even, so values past 448 * k_scale saturate. NaN stays NaN; a computed scale of
+      a cache holding a NaN or an infinity is NaN (the cache then dequantises to NaN).
+
+    Raises:
+      TypeError: k_cache not an array of bfloat16, float16 or float32; k_scale not float32;
+        per_head not a bool.
+      ValueError: k_cache not rank 4; k_scale of another shape; both k_scale and per_head.
+    """
+    op = "quantize_k_cache_e4m3"
+    _check_e4m3_cache(op, "k_cache", k_cache, _FLOAT_TYPES)
+    per_head = checks.check_bool(op, "per_head", per_head)
+    h_kv = k_cache.shape[2]
+    if k_scale is None:
+        return _quantize_e4m3_computed(k_cache, per_head)
+    if per_head:
+        raise ValueError(f"{op}: per_head chooses how k_scale is computed; k_scale was given")
+    check_k_scale(op, k_scale, h_kv)
+    return _quantize_e4m3(k_cache, k_scale), k_scale
+
+
+@functools.partial(jax.jit, static_argnames=("per_head",))
+def _quantize_e4m3_computed(k_cache: jax.Array, per_head: bool) -> tuple[jax.Array, jax.Array]:
+    axes = (0, 1, 3) if per_head else None
+    # reduce_max propagates NaN: a non-finite cache gets a non-finite scale.
+    amax = jnp.max(jnp.abs(k_cache.astype(jnp.float32)), axis=axes)
+    k_scale = jnp.where(amax == 0, jnp.float32(1), amax / jnp.float32(_E4M3_MAX))
+    k_scale = jnp.where(jnp.isfinite(k_scale), k_scale, jnp.float32(jnp.nan))
+    return _quantize_e4m3(k_cache, k_scale), k_scale
+
+
+def _per_head(k_scale: jax.Array) -> jax.Array:
+    """k_scale [], [1] or [h_kv] broadcast against [num_blocks, page, h_kv, d]."""
+    return jnp.reshape(k_scale, (-1, 1)) if k_scale.ndim else k_scale
+
+
+@jax.jit
+def _quantize_e4m3(k_cache: jax.Array, k_scale: jax.Array) -> jax.Array:
+    x = k_cache.astype(jnp.float32) / _per_head(k_scale)
+    return jnp.clip(x, -_E4M3_MAX, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+def dequantize_k_cache_e4m3(
+    quant_k_cache: jax.Array, k_scale: jax.Array, *, dtype: Any = jnp.bfloat16
+) -> jax.Array:
+    """Dequantises an "E4M3" cache: ``float32(e4m3) * k_scale``, cast to ``dtype``. Jittable.
+
+    Args:
+      quant_k_cache: float8_e4m3fn (or its raw bytes as uint8) [num_blocks, page, h_kv, d].
+      k_scale: float32 [], [1] or [h_kv].
+      dtype: bfloat16, float16 or float32, the dtype of the result.
+
+    Raises:
+      TypeError: quant_k_cache not float8_e4m3fn or uint8; k_scale not float32; dtype not
+        one of the three above.
+      ValueError: quant_k_cache not rank 4; k_scale of another shape.
+    """
+    op = "dequantize_k_cache_e4m3"
+    _check_e4m3_cache(op, "quant_k_cache", quant_k_cache, _BYTE_TYPES)
+    check_k_scale(op, k_scale, quant_k_cache.shape[2])
+    out_dtype = checks.check_dtype(op, "dtype", dtype, _FLOAT_TYPES)
+    return _dequantize_e4m3(quant_k_cache, k_scale, out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def _dequantize_e4m3(quant_k_cache: jax.Array, k_scale: jax.Array, out_dtype) -> jax.Array:
+    values = quant_k_cache
+    if jnp.dtype(values.dtype) == jnp.dtype(jnp.uint8):
+        values = jax.lax.bitcast_convert_type(values, jnp.float8_e4m3fn)
+    return (values.astype(jnp.float32) * _per_head(k_scale)).astype(out_dtype)
