@@ -95,29 +95,22 @@ __device__ __forceinline__ void load_role(const BackwardArgs& args, SharedStorag
                   c * kChunkElems, head0, t, kCacheEvictNormal);
     }
   }
-  const int32_t* token_indices = p.indices + token * p.topk;
-  const auto* kv = static_cast<const uint8_t*>(p.kv);
-  BlockSlots slots = block_slots(token_indices, counted, 0, warp, lane);
-  for (int blk = 0; blk < blocks; ++blk) {
-    const int parity = blk % 2;
-    BlockSlots next = slots;
-    if (blk + 1 < blocks) next = block_slots(token_indices, counted, blk + 1, warp, lane);
-    mbarrier_wait(&smem.kv_empty, parity ^ 1);
-    const uint32_t attending =
-        gather_block<kHeadDimQK>(kv, p.s_kv, slots, smem_address(smem.kv), warp, lane);
-    cp_async_arrive(&smem.kv_full);
-    if (lane % kRowThreads == 0) {
+  // One stage; the row numbers and the mask alternate with the block's parity.
+  gather_token_blocks<kHeadDimQK, 1>(
+      p.indices + token * p.topk, counted, blocks, static_cast<const uint8_t*>(p.kv), p.s_kv,
+      smem_address(smem.kv), 0, &smem.kv_full, &smem.kv_empty, warp, lane,
+      [&](int blk, int, const BlockSlots& slots, uint32_t attending) {
+        if (lane % kRowThreads != 0) return;
+        const int parity = blk % 2;
 #pragma unroll
-      for (int pass = 0; pass < kPasses; ++pass) {
-        const int32_t index = slots.index[pass];
-        smem.rows[parity][loader_row(warp, lane, pass)] = selects_row(index, p.s_kv) ? index : -1;
-      }
-      if (lane == 0) smem.attending[parity][warp] = static_cast<uint16_t>(attending);
-      mbarrier_arrive(&smem.kv_full);  // releases the stores above
-    }
-    slots = next;
-  }
-  cp_async_wait_all();  // no thread leaves with copies in flight
+        for (int pass = 0; pass < kPasses; ++pass) {
+          const int32_t index = slots.index[pass];
+          smem.rows[parity][loader_row(warp, lane, pass)] =
+              selects_row(index, p.s_kv) ? index : -1;
+        }
+        if (lane == 0) smem.attending[parity][warp] = static_cast<uint16_t>(attending);
+        mbarrier_arrive(&smem.kv_full);  // releases the stores above
+      });
 }
 
 // ---- Math warpgroups ------------------------------------------------------------------------
@@ -249,16 +242,15 @@ __device__ __forceinline__ void finish_dq(const SparsePrefillBackwardParams& p, 
   }
 }
 
-// The attending mask of the block with parity `parity` (64 bits, bit t: slot t selects a row).
-__device__ __forceinline__ uint64_t block_mask(const SharedStorage& smem, int parity) {
-  return *reinterpret_cast<const uint64_t*>(smem.attending[parity]);
-}
-
-// Waits for block `blk` in the stage and makes its rows (cp.async, generic proxy) visible to
-// wgmma (async proxy).
-__device__ __forceinline__ void wait_block(SharedStorage& smem, int blk) {
+// Waits for block `blk` in the stage, makes its rows (cp.async, generic proxy) visible to
+// wgmma (async proxy) and returns its attending mask (bit t: slot t selects a row). A block
+// with no attending slot is freed for the loaders at once: 0 tells the caller to skip it.
+__device__ __forceinline__ uint64_t take_block(SharedStorage& smem, int blk) {
   mbarrier_wait(&smem.kv_full, blk % 2);
   fence_proxy_async_smem();
+  const uint64_t attending = *reinterpret_cast<const uint64_t*>(smem.attending[blk % 2]);
+  if (attending == 0) mbarrier_arrive(&smem.kv_empty);
+  return attending;
 }
 
 // WG1.
@@ -285,13 +277,8 @@ __device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStora
   const float fixed_scale = p.dkv_fixed != nullptr ? *p.fixed_scale : 0.f;
   mbarrier_wait(&smem.inputs_full, 0);
   for (int blk = 0; blk < blocks; ++blk) {
-    const int parity = blk % 2;
-    wait_block(smem, blk);
-    const uint64_t attending = block_mask(smem, parity);
-    if (attending == 0) {  // WG2 skips it too
-      mbarrier_arrive(&smem.kv_empty);
-      continue;
-    }
+    const uint64_t attending = take_block(smem, blk);
+    if (attending == 0) continue;  // WG2 skips it too
     uint32_t packed[16];
     {
       float s[32];
@@ -312,7 +299,7 @@ __device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStora
     wgmma_commit();
     wgmma_wait<0>();
     mbarrier_arrive(&smem.kv_empty);
-    const int32_t* rows = smem.rows[parity];
+    const int32_t* rows = smem.rows[blk % 2];
 #pragma unroll 1
     for (int c = 0; c < 4; ++c) add_dkv_chunk<true>(smem, c, rows, t, p, fixed_scale);
     named_barrier_sync(kBarBlockDone, kConsumerThreads);
@@ -341,12 +328,7 @@ __device__ __forceinline__ void value_role(const BackwardArgs& args, SharedStora
   const float fixed_scale = p.dkv_fixed != nullptr ? *p.fixed_scale : 0.f;
   mbarrier_wait(&smem.inputs_full, 0);
   for (int blk = 0; blk < blocks; ++blk) {
-    const int parity = blk % 2;
-    wait_block(smem, blk);
-    if (block_mask(smem, parity) == 0) {
-      mbarrier_arrive(&smem.kv_empty);
-      continue;
-    }
+    if (take_block(smem, blk) == 0) continue;
     uint32_t packed[16];
     {
       float dp[32];
@@ -363,7 +345,7 @@ __device__ __forceinline__ void value_role(const BackwardArgs& args, SharedStora
     publish_tile(smem.ds, packed, t, kBarDs);
     accumulate_pv<Element>(packed, smem.kv + 4 * kChunkBytes, dq);
     mbarrier_arrive(&smem.kv_empty);
-    const int32_t* rows = smem.rows[parity];
+    const int32_t* rows = smem.rows[blk % 2];
 #pragma unroll 1
     for (int c = 4; c < kVChunks; ++c) add_dkv_chunk<true>(smem, c, rows, t, p, fixed_scale);
     if constexpr (kRope) add_dkv_chunk<false>(smem, kVChunks, rows, t, p, fixed_scale);

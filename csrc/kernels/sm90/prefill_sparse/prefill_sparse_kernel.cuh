@@ -82,24 +82,15 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
                   head_tile * kQueryTileRows, static_cast<int>(token), kCacheEvictNormal);
     }
   }
-  const int32_t* token_indices = p.indices + token * p.topk;
-  const auto* kv = static_cast<const uint8_t*>(p.kv);
-  BlockSlots slots = block_slots(token_indices, counted, 0, warp, lane);
-  for (int blk = 0; blk < blocks; ++blk) {
-    const int stage = blk % kStages;
-    BlockSlots next = slots;
-    if (blk + 1 < blocks) next = block_slots(token_indices, counted, blk + 1, warp, lane);
-    mbarrier_wait(&smem.kv_empty[stage], (blk / kStages % 2) ^ 1);
-    const uint32_t attending = gather_block<kHeadDimQK>(kv, p.s_kv, slots,
-                                                        smem_address(smem.kv[stage]), warp, lane);
-    cp_async_arrive(&smem.kv_full[stage]);
-    if (lane == 0) {
-      smem.attending[stage][warp] = static_cast<uint16_t>(attending);
-      mbarrier_arrive(&smem.kv_full[stage]);  // releases the mask store
-    }
-    slots = next;
-  }
-  cp_async_wait_all();  // no thread leaves with copies in flight
+  gather_token_blocks<kHeadDimQK, kStages>(
+      p.indices + token * p.topk, counted, blocks, static_cast<const uint8_t*>(p.kv), p.s_kv,
+      smem_address(smem.kv[0]), kStageBytes, smem.kv_full, smem.kv_empty, warp, lane,
+      [&](int, int stage, const BlockSlots&, uint32_t attending) {
+        if (lane == 0) {
+          smem.attending[stage][warp] = static_cast<uint16_t>(attending);
+          mbarrier_arrive(&smem.kv_full[stage]);  // releases the mask store
+        }
+      });
 }
 
 // ---- Math warpgroups ------------------------------------------------------------------------
