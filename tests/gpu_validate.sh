@@ -19,8 +19,8 @@
 #   bash tests/gpu_validate.sh bench-sparse  # build; benchmarks/bench_decode_sparse.py and its
 #                                            # plot (~60 s on an H100)
 #   bash tests/gpu_validate.sh bench-prefill-sparse  # build; benchmarks/bench_prefill_sparse.py
-#                                                    # and its plot (forward alone: ~120 s on
-#                                                    # an H100; the backward not yet timed)
+#                                                    # and its plot (both directions: ~300 s
+#                                                    # on an H100 without the peers)
 # The benchmarks time FlashMLA and FA3's MLA mode beside ours when their setup script is found:
 # ${JFM_PEERS:-../shared/peers}/setup_peers.sh. Only the repository travels to a GPU machine:
 # copy the peers folder into an ignored folder of the checkout (e.g. .peers), carry it and set
@@ -31,8 +31,9 @@
 #   bash tests/gpu_validate.sh memcheck-rules     # build; memcheck over the rescale and
 #                                                 # input-rule tests (~20 s on an H100)
 #   bash tests/gpu_validate.sh memcheck-schedule  # build; memcheck over the schedule tests but
-#                                                 # command buffers (timing
-#                                                 # with the host reference to be measured)
+#                                                 # command buffers (not yet timed with the
+#                                                 # references on the host; over 420 s on an
+#                                                 # H100 with them on the GPU)
 #   bash tests/gpu_validate.sh memcheck-graphs    # build; memcheck over the schedule's
 #                                                 # command-buffer test (~35 s on an H100)
 #   bash tests/gpu_validate.sh memcheck-sparse    # build; memcheck over the quick tests of
