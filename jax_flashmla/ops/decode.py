@@ -420,25 +420,26 @@ def _dense_kernel_unsupported_reason(q, k_cache, is_fp8: bool) -> str:
 def _fp8_layout(name: str, cache: jax.Array, d_qk: int, requested: str | None) -> str:
     """The FP8 layout of `cache`: `requested` checked against its last dim, or the layout that
     last dim names; the layout must hold q's d_qk."""
-    sizes = {lay.name: lay.bytes_per_token for lay in quant.FP8_LAYOUTS.values()}
-    sizes[quant.SCALED_LAYOUT] = HEAD_DIM_QK
+    # name -> (last dim of the cache, d_qk it holds)
+    layouts = {lay.name: (lay.bytes_per_token, lay.d_qk) for lay in quant.FP8_LAYOUTS.values()}
+    layouts[quant.SCALED_LAYOUT] = (HEAD_DIM_QK, HEAD_DIM_QK)
     if requested is None:
-        matching = [lay for lay, size in sizes.items() if size == cache.shape[-1]]
+        matching = [lay for lay, (size, _) in layouts.items() if size == cache.shape[-1]]
         if not matching:
-            known = ", ".join(f"{size} ({lay})" for lay, size in sizes.items())
+            known = ", ".join(f"{size} ({lay})" for lay, (size, _) in layouts.items())
             raise ValueError(
                 f"{OP}: an FP8 {name} must have a last dim of bytes per token of a layout "
                 f"({known}); got shape {cache.shape}"
             )
         layout = matching[0]
     else:
-        layout = checks.check_choice(OP, "fp8_layout", requested, tuple(sizes))
-        if cache.shape[-1] != sizes[layout]:
+        layout = checks.check_choice(OP, "fp8_layout", requested, tuple(layouts))
+        if cache.shape[-1] != layouts[layout][0]:
             raise ValueError(
                 f"{OP}: an FP8 {name} in the {layout} layout must have a last dim of "
-                f"{sizes[layout]}; got shape {cache.shape}"
+                f"{layouts[layout][0]}; got shape {cache.shape}"
             )
-    layout_d_qk = HEAD_DIM_QK if layout == quant.SCALED_LAYOUT else quant.FP8_LAYOUTS[layout].d_qk
+    layout_d_qk = layouts[layout][1]
     if layout_d_qk != d_qk:
         raise ValueError(
             f"{OP}: the {layout} FP8 layout of {name} holds d_qk = {layout_d_qk}, "

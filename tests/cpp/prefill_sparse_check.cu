@@ -215,25 +215,32 @@ struct Result {
   std::vector<float> max_logits, lse;
 };
 
-// One launch on fresh buffers, outputs poisoned first.
-Result run(const Case& c, const Inputs& in) {
-  const int64_t rows = int64_t{c.s_q} * c.h_q;
-  DeviceBuffers buffers;
-  jfm::SparsePrefillParams p;
+// What the forward's and the backward's params share: the case's inputs on the device (in
+// `buffers`) and its sizes.
+template <typename Params>
+void set_inputs_and_sizes(Params& p, const Case& c, const Inputs& in, DeviceBuffers& buffers) {
   p.q = buffers.copy(in.q_bits);
   p.kv = buffers.copy(in.kv_bits);
   p.indices = buffers.copy(in.indices);
   p.topk_length = buffers.copy(in.lengths);
-  p.attn_sink = buffers.copy(in.sink);
-  p.out = buffers.poisoned(rows * kDv * 2);
-  p.max_logits = static_cast<float*>(buffers.poisoned(rows * 4));
-  p.lse = static_cast<float*>(buffers.poisoned(rows * 4));
   p.s_q = c.s_q;
   p.s_kv = c.s_kv;
   p.h_q = c.h_q;
   p.d_qk = c.d_qk;
   p.topk = c.topk;
   p.softmax_scale = in.softmax_scale;
+}
+
+// One launch on fresh buffers, outputs poisoned first.
+Result run(const Case& c, const Inputs& in) {
+  const int64_t rows = int64_t{c.s_q} * c.h_q;
+  DeviceBuffers buffers;
+  jfm::SparsePrefillParams p;
+  set_inputs_and_sizes(p, c, in, buffers);
+  p.attn_sink = buffers.copy(in.sink);
+  p.out = buffers.poisoned(rows * kDv * 2);
+  p.max_logits = static_cast<float*>(buffers.poisoned(rows * 4));
+  p.lse = static_cast<float*>(buffers.poisoned(rows * 4));
   if (const char* error = jfm::sparse_prefill_params_error(p)) {
     std::fprintf(stderr, "%s: params: %s\n", c.name.c_str(), error);
     std::exit(1);
@@ -374,10 +381,7 @@ BackwardResult run_backward(const Case& c, const Inputs& in, const BackwardInput
   const int64_t rows = int64_t{c.s_q} * c.h_q;
   DeviceBuffers buffers;
   jfm::SparsePrefillBackwardParams p;
-  p.q = buffers.copy(in.q_bits);
-  p.kv = buffers.copy(in.kv_bits);
-  p.indices = buffers.copy(in.indices);
-  p.topk_length = buffers.copy(in.lengths);
+  set_inputs_and_sizes(p, c, in, buffers);
   p.d_out = buffers.copy(b.d_out_bits);
   p.lse = buffers.copy(b.lse);
   p.row_shift = buffers.copy(b.row_shift);
@@ -387,12 +391,6 @@ BackwardResult run_backward(const Case& c, const Inputs& in, const BackwardInput
     p.dkv_fixed = static_cast<int64_t*>(buffers.poisoned(size_t(c.s_kv) * c.d_qk * 8));
     p.fixed_scale = buffers.copy(std::vector<float>{fixed_scale});
   }
-  p.s_q = c.s_q;
-  p.s_kv = c.s_kv;
-  p.h_q = c.h_q;
-  p.d_qk = c.d_qk;
-  p.topk = c.topk;
-  p.softmax_scale = in.softmax_scale;
   if (const char* error = jfm::sparse_prefill_backward_params_error(p)) {
     std::fprintf(stderr, "%s: backward params: %s\n", c.name.c_str(), error);
     std::exit(1);

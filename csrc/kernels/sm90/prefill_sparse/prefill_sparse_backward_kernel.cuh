@@ -85,15 +85,9 @@ __device__ __forceinline__ void load_role(const BackwardArgs& args, SharedStorag
     prefetch_tensor_map(&args.d_out_map);
     mbarrier_arrive_expect_tx(&smem.inputs_full,
                               (kQKChunks + kVChunks) * 128 * args.q_box_rows);
-    const int head0 = head_tile * kQueryTileRows, t = static_cast<int>(token);
-    for (int c = 0; c < kQKChunks; ++c) {
-      tma_load_3d(smem.q + c * kChunkBytes, &args.q_map, &smem.inputs_full, c * kChunkElems,
-                  head0, t, kCacheEvictNormal);
-    }
-    for (int c = 0; c < kVChunks; ++c) {
-      tma_load_3d(smem.d_out + c * kChunkBytes, &args.d_out_map, &smem.inputs_full,
-                  c * kChunkElems, head0, t, kCacheEvictNormal);
-    }
+    const int head0 = head_tile * kQueryTileRows;
+    load_head_tile<kQKChunks>(smem.q, &args.q_map, &smem.inputs_full, head0, token);
+    load_head_tile<kVChunks>(smem.d_out, &args.d_out_map, &smem.inputs_full, head0, token);
   }
   // One stage; the row numbers and the mask alternate with the block's parity.
   gather_token_blocks<kHeadDimQK, 1>(

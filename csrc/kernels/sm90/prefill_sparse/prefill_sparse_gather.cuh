@@ -1,6 +1,7 @@
-// The sparse prefill kernels' gather (forward and backward): a loader warpgroup copies a
-// token's blocks of 64 selected kv rows straight into a shared-memory stage of 64-dim chunks
-// (64 rows x 128 bytes, 128-byte swizzled, the layout wgmma reads), with 16-byte cp.async.
+// The sparse prefill kernels' loaders (forward and backward): the query-side head tiles by
+// TMA, and the gather, in which a loader warpgroup copies a token's blocks of 64 selected kv
+// rows straight into a shared-memory stage of 64-dim chunks (64 rows x 128 bytes, 128-byte
+// swizzled, the layout wgmma reads), with 16-byte cp.async.
 // Row `row` of a block is copied by the 8 threads of lane group `lane / 8`: thread j copies
 // 16-byte unit j of every chunk into unit j ^ (row % 8) of that chunk's row. A slot that
 // selects nothing (not counted, or an index outside [0, s_kv)) is zero-filled with a source
@@ -88,6 +89,18 @@ __device__ __forceinline__ uint32_t gather_block(const uint8_t* kv, int64_t s_kv
     attending |= four << (4 * pass);
   }
   return attending;
+}
+
+// One thread: TMA loads of the `kChunks` 64-dim chunks of the 64-row head tile at `head0` of
+// token `token` ([s_q, h_q, d] through `map`) into consecutive chunks at `dst`, completing on
+// `bar` (whose expected bytes the caller sets).
+template <int kChunks>
+__device__ __forceinline__ void load_head_tile(uint8_t* dst, const CUtensorMap* map,
+                                               uint64_t* bar, int head0, int64_t token) {
+  for (int c = 0; c < kChunks; ++c) {
+    tma_load_3d(dst + c * kChunkBytes, map, bar, c * kChunkElems, head0,
+                static_cast<int>(token), kCacheEvictNormal);
+  }
 }
 
 // The loader warpgroup's walk over a token's `blocks` blocks: block blk goes into stage

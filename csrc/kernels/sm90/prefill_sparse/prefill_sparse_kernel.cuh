@@ -77,10 +77,8 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
   if (tid == 0) {
     prefetch_tensor_map(&args.q_map);
     mbarrier_arrive_expect_tx(&smem.q_full, kQKChunks * 128 * args.q_box_rows);
-    for (int c = 0; c < kQKChunks; ++c) {
-      tma_load_3d(smem.q + c * kChunkBytes, &args.q_map, &smem.q_full, c * kChunkElems,
-                  head_tile * kQueryTileRows, static_cast<int>(token), kCacheEvictNormal);
-    }
+    load_head_tile<kQKChunks>(smem.q, &args.q_map, &smem.q_full, head_tile * kQueryTileRows,
+                              token);
   }
   gather_token_blocks<kHeadDimQK, kStages>(
       p.indices + token * p.topk, counted, blocks, static_cast<const uint8_t*>(p.kv), p.s_kv,
