@@ -31,9 +31,7 @@
 #   bash tests/gpu_validate.sh memcheck-rules     # build; memcheck over the rescale and
 #                                                 # input-rule tests (~20 s on an H100)
 #   bash tests/gpu_validate.sh memcheck-schedule  # build; memcheck over the schedule tests but
-#                                                 # command buffers (not yet timed with the
-#                                                 # references on the host; over 420 s on an
-#                                                 # H100 with them on the GPU)
+#                                                 # command buffers (~40 s on an H100)
 #   bash tests/gpu_validate.sh memcheck-graphs    # build; memcheck over the schedule's
 #                                                 # command-buffer test (~35 s on an H100)
 #   bash tests/gpu_validate.sh memcheck-sparse    # build; memcheck over the quick tests of
