@@ -1,13 +1,16 @@
 """Dense MLA decode benchmark: jax_flashmla's kernel side by side with FlashMLA and FA3's MLA mode.
 
-Runs the dense-decode configurations of docs/performance.md (h_kv = 1, page 64, varlen
-lengths ~ max(N(s_k, s_k / 2), s_q), random block table, bf16 by default):
+Runs the dense-decode configurations of docs/performance.md (h_kv = 1, page 64 but in the pages
+group, varlen lengths ~ max(N(s_k, s_k / 2), s_q), random block table, bf16 by default):
   compute   b = 128, h_q = 128, s_q in {1, 2}, causal or not, mean s_k in {4096, 8192, 16384,
             32768}
   short     b = 128, h_q = 128, s_q = 1, s_k in {512, 1024, 2048}
   bandwidth b = 128, h_q = 16, s_q = 1, s_k in {1024, 4096, 16384}
   small     b in {1, 2, 4, 8, 16, 32}, h_q = 128, s_q = 1, s_k in {1024, 4096, 16384, 65536}
-or the configurations given with --only b,s_q,h_q,s_k,causal (repeatable).
+  pages     b = 128, s_q = 1, s_k = 16384, h_q = 128 (compute-bound) and 16 (bandwidth-bound)
+            at pages 1, 2, 16, 32, 53, 64, 128 and 256 (the peers run at page 64 only, the only
+            page FlashMLA takes: compare the other pages with our page 64)
+or the configurations given with --only b,s_q,h_q,s_k,causal[,page] (repeatable).
 
 Counting (docs/ops.md), with mean_s_k the actual mean of the drawn lengths:
   FLOPs = b * s_q * h_q * mean_s_k * 2 * (d_qk + d_v)
@@ -57,7 +60,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jax_flashmla._src.geometry import HEAD_DIM_QK, HEAD_DIM_V, KERNEL_PAGE_SIZE
+from jax_flashmla._src.geometry import DEFAULT_PAGE_SIZE, HEAD_DIM_QK, HEAD_DIM_V
 
 BYTES_PER_VALUE = 2  # bf16 and fp16
 
@@ -78,11 +81,13 @@ class Config:
     h_kv: int
     s_k: int  # nominal mean length
     causal: bool
+    page: int = DEFAULT_PAGE_SIZE
 
     @property
     def label(self) -> str:
         causal = " causal" if self.causal else ""
-        return f"b{self.b} s_q{self.s_q} h{self.h_q}/{self.h_kv} s_k{self.s_k}{causal}"
+        page = "" if self.page == DEFAULT_PAGE_SIZE else f" page{self.page}"
+        return f"b{self.b} s_q{self.s_q} h{self.h_q}/{self.h_kv} s_k{self.s_k}{causal}{page}"
 
     def scaled(self, scale: int) -> Config:
         """Smaller b and s_k (for smoke tests off the GPU)."""
@@ -107,8 +112,13 @@ CONFIGS = (
         for b in (1, 2, 4, 8, 16, 32)
         for s_k in (1024, 4096, 16384, 65536)
     ]
+    + [
+        Config("pages", 128, 1, h_q, 1, 16384, False, page=page)
+        for h_q in (128, 16)
+        for page in (1, 2, 16, 32, 53, 64, 128, 256)
+    ]
 )
-GROUPS = ("compute", "short", "bandwidth", "small")
+GROUPS = ("compute", "short", "bandwidth", "small", "pages")
 
 
 @dataclasses.dataclass
@@ -148,13 +158,13 @@ def draw_lengths(cfg: Config, seed: int) -> np.ndarray:
 def make_inputs(cfg: Config, dtype, seed: int, repeats: int):
     """(list of `repeats` q, k_cache, block_table, cache_seqlens, lengths) on the device.
 
-    As FlashMLA's benchmark: each request owns ceil(max_len / 64) blocks of a randomly permuted
+    As FlashMLA's benchmark: each request owns ceil(max_len / page) blocks of a randomly permuted
     pool of b * that many blocks; values ~ N(0, 1) / 10.
     """
     import jax
     import jax.numpy as jnp
 
-    page = KERNEL_PAGE_SIZE
+    page = cfg.page
     lengths = draw_lengths(cfg, seed)
     max_blocks = max(1, -(-int(lengths.max()) // page))
     rng = np.random.default_rng(seed + 1)
@@ -189,7 +199,7 @@ def kernel_unavailable(cfg: Config, dtype, implementation: str) -> str:
 
     structs = (
         jax.ShapeDtypeStruct((cfg.b, cfg.s_q, cfg.h_q, HEAD_DIM_QK), dtype),
-        jax.ShapeDtypeStruct((cfg.b, KERNEL_PAGE_SIZE, cfg.h_kv, HEAD_DIM_QK), dtype),
+        jax.ShapeDtypeStruct((cfg.b, cfg.page, cfg.h_kv, HEAD_DIM_QK), dtype),
         jax.ShapeDtypeStruct((cfg.b, 1), np.int32),
         jax.ShapeDtypeStruct((cfg.b,), np.int32),
     )
@@ -535,6 +545,7 @@ def record(
         "h_q": cfg.h_q,
         "h_kv": cfg.h_kv,
         "s_k": cfg.s_k,
+        "page": cfg.page,
         "mean_s_k": round(mean_s_k, 1),
         "causal": cfg.causal,
         "varlen": True,
@@ -588,18 +599,21 @@ def select_configs(spec: str) -> list[Config]:
 
 
 def parse_only(spec: str) -> Config:
-    """--only b,s_q,h_q,s_k,causal (h_kv 1), e.g. 128,1,128,4096,0."""
+    """--only b,s_q,h_q,s_k,causal[,page] (h_kv 1, page 64 by default), e.g. 128,1,128,4096,0."""
     try:
-        b, s_q, h_q, s_k, causal = (int(field) for field in spec.split(","))
+        fields = [int(field) for field in spec.split(",")]
+        if len(fields) not in (5, 6):
+            raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--only wants b,s_q,h_q,s_k,causal as five integers, got {spec!r}"
+            f"--only wants b,s_q,h_q,s_k,causal[,page] as five or six integers, got {spec!r}"
         ) from None
-    if min(b, s_q, h_q, s_k) < 1 or causal not in (0, 1):
+    b, s_q, h_q, s_k, causal, page = [*fields, DEFAULT_PAGE_SIZE][:6]
+    if min(b, s_q, h_q, s_k, page) < 1 or causal not in (0, 1):
         raise argparse.ArgumentTypeError(
-            f"--only wants b, s_q, h_q, s_k >= 1 and causal 0 or 1, got {spec!r}"
+            f"--only wants b, s_q, h_q, s_k, page >= 1 and causal 0 or 1, got {spec!r}"
         )
-    return Config("only", b, s_q, h_q, 1, s_k, bool(causal))
+    return Config("only", b, s_q, h_q, 1, s_k, bool(causal), page=page)
 
 
 def timing_arguments(parser: argparse.ArgumentParser, peers: str) -> None:
@@ -637,7 +651,7 @@ def only_argument(parser, parse_only: Callable, metavar: str, fixed: str) -> Non
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = parser_with_configs(__doc__, GROUPS)
-    only_argument(parser, parse_only, "B,S_Q,H_Q,S_K,CAUSAL", "h_kv 1")
+    only_argument(parser, parse_only, "B,S_Q,H_Q,S_K,CAUSAL[,PAGE]", "h_kv 1")
     parser.add_argument("--implementation", choices=("cuda", "xla"), default="cuda")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     timing_arguments(parser, "FlashMLA and FA3's MLA mode")
@@ -953,7 +967,8 @@ def main(argv=None, measure_peers: PeerMeasure | None = None) -> int:
             warmup=args.warmup,
         )
         peers: dict[str, PeerResult] = {}
-        if measure_peers is not None:
+        # The peers run at page 64 only: FlashMLA takes no other.
+        if measure_peers is not None and cfg.page == DEFAULT_PAGE_SIZE:
             call_once = jitted_calls(cfg, args.implementation)
             our_out = call_once(qs[:1], k_cache, block_table, seqlens, *metadata)[0][0]
             peers = measure_peers(cfg, inputs, jax.block_until_ready(our_out))

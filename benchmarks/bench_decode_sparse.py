@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_flashmla._src.geometry import HEAD_DIM_V, KERNEL_PAGE_SIZE
+from jax_flashmla._src.geometry import DEFAULT_PAGE_SIZE, HEAD_DIM_V
 from jax_flashmla.ops.decode import TOPK_MULTIPLE
 from jax_flashmla.ops.quant import FP8_LAYOUTS
 
@@ -140,7 +140,7 @@ def draw_indices(cfg: Config, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices int32 [b, s_q, topk], block_table [b, blocks per request]): for each request
     and query token, `topk` distinct positions of [0, s_k) in random order, as cache indices
     block_table[i, t // 64] * 64 + t % 64."""
-    page = KERNEL_PAGE_SIZE
+    page = DEFAULT_PAGE_SIZE
     blocks_per_request = -(-cfg.s_k // page)
     rng = np.random.default_rng(seed)
     block_table = rng.permutation(cfg.b * blocks_per_request).reshape(cfg.b, blocks_per_request)
@@ -158,7 +158,7 @@ def make_inputs(cfg: Config, seed: int, repeats: int) -> Inputs:
 
     import jax_flashmla as fm
 
-    page = KERNEL_PAGE_SIZE
+    page = DEFAULT_PAGE_SIZE
     indices, block_table = draw_indices(cfg, seed)
     num_blocks = block_table.size
     key_q, key_k = jax.random.split(jax.random.key(seed))
@@ -232,7 +232,7 @@ def kernel_unavailable(cfg: Config, implementation: str) -> str:
     structs = (
         jax.ShapeDtypeStruct((cfg.b, cfg.s_q, cfg.h_q, cfg.d_qk), jnp.bfloat16),
         jax.ShapeDtypeStruct(
-            (cfg.b, KERNEL_PAGE_SIZE, 1, layout.bytes_per_token), jnp.float8_e4m3fn
+            (cfg.b, DEFAULT_PAGE_SIZE, 1, layout.bytes_per_token), jnp.float8_e4m3fn
         ),
         jax.ShapeDtypeStruct((cfg.b, cfg.s_q, cfg.topk), jnp.int32),
     )
@@ -354,7 +354,7 @@ def record(kernel: str, cfg: Config, us: float, peer: PeerResult, card: str, dat
         "s_k": cfg.s_k,
         "topk": cfg.topk,
         "d_qk": cfg.d_qk,
-        "page": KERNEL_PAGE_SIZE,
+        "page": DEFAULT_PAGE_SIZE,
         "dtype": "bfloat16",
         **dense.flashmla_fields(us, flops(cfg), bytes_moved(cfg), peer, cfg.h_q),
         "card": card,
@@ -419,7 +419,7 @@ def main(argv=None, measure_peer: PeerMeasure | None = None) -> int:
     measure_peer, peer_note = dense.chosen_peers(
         args, want_peer, measure_peer, device, ("flash_mla",), lambda: FlashMLAPeer.imported(args)
     )
-    inputs_note = f"bf16 q, FP8 cache page {KERNEL_PAGE_SIZE}"
+    inputs_note = f"bf16 q, FP8 cache page {DEFAULT_PAGE_SIZE}"
     print(dense.header_line(device, date, inputs_note, main_kernel, args))
     print(
         f"# FlashMLA side by side (same process, same arrays; ratio = FlashMLA us / our us; "

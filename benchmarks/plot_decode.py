@@ -26,7 +26,9 @@ BARS = (("ratio", "FlashMLA time / ours"), ("fa3_ratio", "FA3 MLA time / ours"))
 
 def config_label(record: dict) -> str:
     causal = " causal" if record["causal"] else ""
-    return f"b{record['b']} s_q{record['s_q']} h{record['h_q']} s_k{record['s_k']}{causal}"
+    page = record.get("page", 64)  # records before other pages were benchmarked: 64
+    paged = "" if page == 64 else f" page{page}"
+    return f"b{record['b']} s_q{record['s_q']} h{record['h_q']} s_k{record['s_k']}{causal}{paged}"
 
 
 def plot(records: list[dict], out: Path, kernel: str | None = None, title: str = "") -> Path:

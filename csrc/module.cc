@@ -51,7 +51,7 @@ nb::dict constants() {
   c["HEAD_DIM_ROPE"] = jfm::kHeadDimRope;
   c["HEAD_DIM_QK"] = jfm::kHeadDimQK;
   c["HEAD_DIM_V"] = jfm::kHeadDimV;
-  c["KERNEL_PAGE_SIZE"] = jfm::kKernelPageSize;
+  c["DEFAULT_PAGE_SIZE"] = jfm::kDefaultPageSize;
   c["SCHEDULER_BLOCK_TOKENS"] = jfm::kSchedulerBlockTokens;
   c["SCHEDULER_FIXED_OVERHEAD"] = jfm::kSchedulerFixedOverhead;
   c["QUERY_TILE_ROWS"] = jfm::kQueryTileRows;

@@ -25,7 +25,9 @@
 # ${JFM_PEERS:-../shared/peers}/setup_peers.sh. Only the repository travels to a GPU machine:
 # copy the peers folder into an ignored folder of the checkout (e.g. .peers), carry it and set
 # JFM_PEERS=.peers.
-#   bash tests/gpu_validate.sh matrix    # build; full matrix in parallel shards (~300 s)
+#   bash tests/gpu_validate.sh matrix [PAGE]  # build; the full matrix's part of one page size
+#                                             # (64, 1, 16 or 256) in parallel shards (~300 s
+#                                             # at page 64)
 #   bash tests/gpu_validate.sh memcheck           # build; memcheck over the quick tests of
 #                                                 # test_gpu_decode_dense.py (~85 s on an H100)
 #   bash tests/gpu_validate.sh memcheck-rules     # build; memcheck over the rescale and
@@ -178,8 +180,10 @@ case "${1:-}" in
     step "bench, sparse prefill" bench prefill_sparse prefill_sparse ;;
   matrix)
     step build build
-    step "full matrix, small batches" env LOG_DIR="$logs/full_small" bash tests/gpu_full_matrix.sh small
-    step "full matrix, b 64" env LOG_DIR="$logs/full_b64" bash tests/gpu_full_matrix.sh b64 ;;
+    step "full matrix, small batches, page ${2:-64}" env LOG_DIR="$logs/full_small_${2:-64}" \
+      bash tests/gpu_full_matrix.sh small "${2:-64}"
+    step "full matrix, b 64, page ${2:-64}" env LOG_DIR="$logs/full_b64_${2:-64}" \
+      bash tests/gpu_full_matrix.sh b64 "${2:-64}" ;;
   memcheck)
     step build build
     step "memcheck, quick decode tests" memcheck decode quick tests/test_gpu_decode_dense.py ;;

@@ -28,6 +28,7 @@ KEYS = {
     "gbps",
 }
 SIDE_BY_SIDE_KEYS = KEYS | {
+    "page",
     "mean_s_k",
     "flashmla_us",
     "ratio",
@@ -103,6 +104,7 @@ def test_bench_decode_side_by_side_records_and_plot(tmp_path):
     bench = load("bench_decode")
     calls = []
     argv = [*SMOKE_ARGS, "--only", "128,1,128,4096,0", "--only", "128,2,16,1024,1"]
+    argv += ["--only", "128,1,16,1024,0,53"]  # page 53: no peer
     status = bench.main([*argv, "--json", str(out)], measure_peers=fake_peers(50.0, 1.001, calls))
     assert status == 0
     assert [(c.b, c.s_q, c.h_q, c.s_k, c.causal) for c in calls] == [
@@ -110,8 +112,12 @@ def test_bench_decode_side_by_side_records_and_plot(tmp_path):
         (2, 2, 16, 16, True),
     ]
     records = json.loads(out.read_text())
-    assert len(records) == 2
+    assert len(records) == 3
+    paged = records.pop()
+    assert set(paged) == SIDE_BY_SIDE_KEYS and paged["page"] == 53, paged
+    assert paged["side_by_side"] is False and paged["ratio"] is None
     for record in records:
+        assert record["page"] == 64
         assert set(record) == SIDE_BY_SIDE_KEYS, record
         assert record["side_by_side"] is True
         assert record["flashmla_us"] == 50.0
@@ -186,7 +192,9 @@ def test_only_parses_configs():
     bench = load("bench_decode")
     cfg = bench.parse_only("128,2,16,4096,1")
     assert (cfg.b, cfg.s_q, cfg.h_q, cfg.h_kv, cfg.s_k, cfg.causal) == (128, 2, 16, 1, 4096, True)
-    for bad in ("128,2,16,4096", "128,2,16,4096,2", "0,1,128,4096,0", "a,1,1,1,0"):
+    assert cfg.page == 64 and bench.parse_only("128,2,16,4096,1,16").page == 16
+    bad_specs = ("128,2,16,4096", "128,2,16,4096,2", "0,1,128,4096,0", "a,1,1,1,0")
+    for bad in (*bad_specs, "1,1,1,1,0,0", "1,1,1,1,0,1,1"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--only", bad])
 
@@ -196,6 +204,9 @@ def test_dense_config_groups():
     bench = load("bench_decode")
     by_group = {g: [c for c in bench.CONFIGS if c.group == g] for g in bench.GROUPS}
     assert [len(by_group[g]) for g in ("compute", "short", "bandwidth", "small")] == [16, 3, 3, 24]
+    pages = by_group["pages"]
+    assert sorted({c.page for c in pages}) == [1, 2, 16, 32, 53, 64, 128, 256]
+    assert sorted({c.h_q for c in pages}) == [16, 128] and len(pages) == 16
     small = by_group["small"]
     assert sorted({c.b for c in small}) == [1, 2, 4, 8, 16, 32]
     assert sorted({c.s_k for c in small}) == [1024, 4096, 16384, 65536]

@@ -184,7 +184,11 @@ LIMIT_CASES = [
         "query tiles per KV head must be <= 65535 (grid z); got 98304",
     ),
     ("b * s_q", dense_structs(b=2**16, s_q=2**15, h_q=1), "batch * s_q must be <= 2**31 - 1"),
-    ("num_blocks", dense_structs(blocks=2**25), "num_blocks * 64 must be <= 2**31 - 1"),
+    (
+        "num_blocks",
+        dense_structs(blocks=2**25),
+        "num_blocks * page_block_size must be <= 2**31 - 1; got 33554432 * 64",
+    ),
     ("b + parts", dense_structs(b=INT32_MAX - 131), "batch + num_sm_parts must be <= 2**31 - 1"),
 ]
 

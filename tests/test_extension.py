@@ -21,7 +21,7 @@ def test_constants_match_python_geometry():
             "HEAD_DIM_ROPE",
             "HEAD_DIM_QK",
             "HEAD_DIM_V",
-            "KERNEL_PAGE_SIZE",
+            "DEFAULT_PAGE_SIZE",
             "SCHEDULER_BLOCK_TOKENS",
             "SCHEDULER_FIXED_OVERHEAD",
             "QUERY_TILE_ROWS",

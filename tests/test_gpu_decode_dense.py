@@ -1,15 +1,16 @@
 """The dense decode kernel (implementation="cuda") against the fp32 XLA reference, on the GPU.
 
 Every test compares `flash_mla_with_kvcache(..., implementation="cuda")` (bf16/fp16, d_qk 576,
-d_v 512, page 64) with `jax_flashmla.reference.decode.dense_decode` evaluated on fp32 copies of
-the same inputs, under the dense-decode tolerances of docs/ops.md (`check_close`). Test data
-follow docs/ops.md: q and k ~ N(0, 1) / 10 clamped to [-1, 1]; varlen lengths ~ max(N(s_k,
-s_k / 2), s_q) (else all s_k); a randomly permuted block table whose entries past each request's
-blocks are 2147480000; NaN in every cache element no request may read (rows past a request's
-length in its last page, every block it does not use, spare blocks). The same layout as
-oracle_decode's builders, but q and the cache are drawn on the device (jax.random): NumPy would
-take seconds per GB, and the largest caches here hold 15 GB. Device memory is poisoned with NaN
-before each kernel call, so an output the kernel forgets to write shows up.
+d_v 512, pages of 64 tokens unless a test says otherwise) with
+`jax_flashmla.reference.decode.dense_decode` evaluated on fp32 copies of the same inputs, under
+the dense-decode tolerances of docs/ops.md (`check_close`). Test data follow docs/ops.md: q and
+k ~ N(0, 1) / 10 clamped to [-1, 1]; varlen lengths ~ max(N(s_k, s_k / 2), s_q) (else all s_k);
+a randomly permuted block table whose entries past each request's blocks are 2147480000; NaN in
+every cache element no request may read (rows past a request's length in its last page, every
+block it does not use, spare blocks). The same layout as oracle_decode's builders, but q and the
+cache are drawn on the device (jax.random): NumPy would take seconds per GB, and the largest
+caches here hold 15 GB. Device memory is poisoned with NaN before each kernel call, so an output
+the kernel forgets to write shows up.
 
 The helpers here (layouts, builders, `run_kernel`, `check_against_reference`) also serve
 test_gpu_decode_rescale.py, test_gpu_decode_inputs.py, test_gpu_command_buffers.py and
@@ -17,23 +18,24 @@ test_gpu_sharding.py.
 
 Runs (on an H200, from the repository root):
 
-    python -P -m pytest -q -m gpu tests/test_gpu_decode_dense.py       # quick: 66 tests
-    JAX_FLASHMLA_FULL=1 python -P -m pytest -q -m gpu tests/test_gpu_decode_dense.py  # + 2294
+    python -P -m pytest -q -m gpu tests/test_gpu_decode_dense.py       # quick: 96 tests
+    JAX_FLASHMLA_FULL=1 python -P -m pytest -q -m gpu tests/test_gpu_decode_dense.py  # + 9206
     bash tests/gpu_memcheck.sh -k quick tests/test_gpu_decode_dense.py  # compute-sanitizer
     bash tests/gpu_full_matrix.sh small; bash tests/gpu_full_matrix.sh b64  # full, sharded
 
 Every default (non-`full`) test is kept small enough for compute-sanitizer; add `-k quick` to
 run only the `test_quick_*` ones (leaving out `test_long_context`, 70000-100000-token requests).
 The full matrix is `test_quick_matrix` (a 40-case sample that covers every value of every axis)
-plus `test_full_matrix` (the other 2264 cases). Shard it with `-k` on the case ids
-(`b{b}-sq{s_q}-sk{s_k}-h{h_q}x{h_kv}-{fixed|varlen}-{noncausal|causal}`), e.g.
+plus `test_full_matrix` (the other 9176 cases: 2304 per page size of PAGES). Shard it with `-k`
+on the case ids (`b{b}-sq{s_q}-sk{s_k}-h{h_q}x{h_kv}-{fixed|varlen}-{noncausal|causal}`, then
+`-page{page}` but at page 64), e.g.
 `-k "test_full_matrix and [b64-sq4"` (each shard precompiles only its own cases); setting
 JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache and JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 lets
 shards and re-runs share compilations.
 
 Compile time dominates on the GPU, so the matrix is laid out for jit-cache reuse: one
 module-level jitted kernel call and one jitted reference, whose shapes depend only on (b, s_q,
-s_k class, h_q, h_kv): every request gets a block table of a fixed width per mean-s_k class
+s_k class, h_q, h_kv, page): every request gets a block table of a fixed width per mean-s_k class
 (lengths are capped at 3 * s_k, i.e. mean + 4 sd), so the varlen and fixed-length variants of a
 shape share executables, and `causal` (static) makes 2 compilations per shape. Whether the
 precomputed metadata is passed is also chosen per shape. The test cases are ordered so that the
@@ -46,12 +48,13 @@ causal and non-causal variants of one input set run back to back and share its d
 # - per case: inputs are built on the device (milliseconds); the kernel and reference calls take
 #   milliseconds; the float64 comparison on the host (check_close) takes ~0.1 s per million
 #   outputs, up to ~1.7 s for b=64 s_q=4 h_q=128 (17M outputs).
-# Full matrix: 2304 cases over 576 shapes = 1152 kernel + 1152 reference compilations (~13 min
-# of one core) plus ~7 min of building, running and comparing (two thirds of it in the b=64
-# cases). tests/gpu_full_matrix.sh runs it as three parallel pytest shards at a time (measured
-# on the H200, 16 cores: b in {1, 2, 6} and the other full tests 113-131 s; b=64 132 s).
-# Quick run (66 tests, ~75 compilations of each kind): ~2 min including the JAX start-up;
-# under compute-sanitizer memcheck ~6 min (platform allocator, ~5 s per test).
+# Full matrix, per page size: 2304 cases over 576 shapes = 1152 kernel + 1152 reference
+# compilations (~13 min of one core) plus ~7 min of building, running and comparing (two thirds
+# of it in the b=64 cases); four page sizes make it four times that. tests/gpu_full_matrix.sh
+# runs it as parallel pytest shards (measured on the H200, 16 cores, page 64 alone: b in
+# {1, 2, 6} and the other full tests 113-131 s; b=64 132 s).
+# Quick run (96 tests): the quick matrix and the page sizes took 82 s on an H100 (70 tests);
+# under compute-sanitizer memcheck ~1.3 s per test with the reference on the host.
 
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ from oracle_decode import (
 )
 
 import jax_flashmla as fm
-from jax_flashmla._src.geometry import HEAD_DIM_QK, HEAD_DIM_V, KERNEL_PAGE_SIZE
+from jax_flashmla._src.geometry import DEFAULT_PAGE_SIZE, HEAD_DIM_QK, HEAD_DIM_V
 from jax_flashmla.reference import decode as reference_decode
 
 pytestmark = pytest.mark.gpu
@@ -91,7 +94,7 @@ KERNEL = "cuda"
 
 D_QK = HEAD_DIM_QK
 D_V = HEAD_DIM_V
-PAGE = KERNEL_PAGE_SIZE
+PAGE = DEFAULT_PAGE_SIZE
 SPARE_BLOCKS = 2
 #: Varlen lengths are capped at this multiple of the mean (mean + 4 sd), so that every case of a
 #: mean-s_k class shares one block-table width (and so one compilation).
@@ -109,7 +112,7 @@ class Layout:
 
     lengths: np.ndarray  # int32 [b]
     block_table: np.ndarray  # int32 [b, max_blocks]; GARBAGE_BLOCK past each request's blocks
-    readable: np.ndarray  # bool [num_blocks, PAGE]: rows some request may read
+    readable: np.ndarray  # bool [num_blocks, page]: rows some request may read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +133,9 @@ class Inputs:
         return self.q, self.k_cache, self.block_table, self.cache_seqlens
 
 
-def class_max_blocks(s_k: int) -> int:
+def class_max_blocks(s_k: int, page: int = PAGE) -> int:
     """Block-table width of the mean-s_k class: room for LENGTH_CAP * s_k tokens, plus one."""
-    return -(-LENGTH_CAP * s_k // PAGE) + 1
+    return -(-LENGTH_CAP * s_k // page) + 1
 
 
 def make_layout(
@@ -145,6 +148,7 @@ def make_layout(
     seqlens=None,
     zero_requests=(),
     max_blocks: int | None = None,
+    page: int = PAGE,
 ) -> Layout:
     """Lengths, a randomly permuted block table and the readable-row mask.
 
@@ -156,20 +160,20 @@ def make_layout(
     if seqlens is None:
         lengths = make_seqlens(rng, b, s_k, s_q=s_q, varlen=varlen, zero_requests=zero_requests)
         lengths = np.minimum(lengths, LENGTH_CAP * s_k).astype(np.int32)
-        default_blocks = class_max_blocks(s_k)
+        default_blocks = class_max_blocks(s_k, page)
     else:
         lengths = np.asarray(seqlens, np.int32)
-        default_blocks = -(-int(lengths.max(initial=0)) // PAGE) + 1
+        default_blocks = -(-int(lengths.max(initial=0)) // page) + 1
     max_blocks = default_blocks if max_blocks is None else max_blocks
-    assert max_blocks * PAGE >= lengths.max(initial=0), (max_blocks, lengths.max())
+    assert max_blocks * page >= lengths.max(initial=0), (max_blocks, lengths.max())
     num_blocks = b * max_blocks + SPARE_BLOCKS
     owned = rng.permutation(num_blocks)[: b * max_blocks].reshape(b, max_blocks)
-    readable = np.zeros((num_blocks, PAGE), bool)
+    readable = np.zeros((num_blocks, page), bool)
     block_table = owned.astype(np.int32)
     for i, length in enumerate(lengths.tolist()):
         positions = np.arange(length)
-        readable[owned[i, positions // PAGE], positions % PAGE] = True
-        block_table[i, -(-length // PAGE) :] = GARBAGE_BLOCK
+        readable[owned[i, positions // page], positions % page] = True
+        block_table[i, -(-length // page) :] = GARBAGE_BLOCK
     return Layout(lengths, block_table, readable)
 
 
@@ -181,21 +185,21 @@ def _random_values(key: jax.Array, *, shape: tuple[int, ...], dtype) -> jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("h_kv", "dtype"))
 def _paged_cache(key: jax.Array, readable: jax.Array, *, h_kv: int, dtype) -> jax.Array:
-    """A cache [num_blocks, PAGE, h_kv, D_QK] of random values, NaN where nobody may read.
+    """A cache [num_blocks, page, h_kv, D_QK] of random values, NaN where nobody may read.
 
     Drawn block by block (a few MB of random bits at a time), so that building a 15 GB cache
     does not take several times that in intermediates.
     """
-    num_blocks = readable.shape[0]
+    num_blocks, page = readable.shape
 
     def one_block(block: tuple[jax.Array, jax.Array]) -> jax.Array:
         index, rows = block
-        shape = (PAGE, h_kv, D_QK)
+        shape = (page, h_kv, D_QK)
         values = jax.random.normal(jax.random.fold_in(key, index), shape, jnp.float32)
         values = jnp.clip(values / 10.0, -1.0, 1.0)
         return jnp.where(rows[:, None, None], values, jnp.nan).astype(dtype)
 
-    blocks_per_step = max(1, (1 << 24) // (PAGE * h_kv * D_QK))
+    blocks_per_step = max(1, (1 << 24) // (page * h_kv * D_QK))
     return jax.lax.map(
         one_block, (jnp.arange(num_blocks), readable), batch_size=min(blocks_per_step, num_blocks)
     )
@@ -229,11 +233,19 @@ def build_inputs(
     dtype=BF16,
     seqlens=None,
     zero_requests=(),
+    page: int = PAGE,
 ) -> Inputs:
     """Layout and values of one test, all drawn from `seed`."""
     rng = np.random.default_rng(seed)
     layout = make_layout(
-        rng, b=b, s_q=s_q, s_k=s_k, varlen=varlen, seqlens=seqlens, zero_requests=zero_requests
+        rng,
+        b=b,
+        s_q=s_q,
+        s_k=s_k,
+        varlen=varlen,
+        seqlens=seqlens,
+        zero_requests=zero_requests,
+        page=page,
     )
     return make_values(seed, layout, s_q=s_q, h_q=h_q, h_kv=h_kv, dtype=dtype)
 
@@ -343,6 +355,10 @@ S_KS = (20, 140, 4096)
 HEAD_PAIRS = tuple(
     (h_q, h_kv) for h_q in (1, 3, 9, 63, 64, 126, 128) for h_kv in (1, 2, 3, 8) if h_q % h_kv == 0
 )
+#: Page sizes of the matrix: FlashMLA's 64, vLLM's 1 and 16, and a large one. The loaders take
+#: 64-token blocks by TMA where pages are a multiple of 64 (64, 256) and gather them token by
+#: token otherwise (1, 16); test_quick_page_sizes covers the other sizes.
+PAGES = (1, 16, 64, 256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +371,7 @@ class Case:
     varlen: bool
     causal: bool
     dtype: str = "bfloat16"
+    page: int = PAGE
 
     @property
     def id(self) -> str:
@@ -362,12 +379,13 @@ class Case:
             f"b{self.b}-sq{self.s_q}-sk{self.s_k}-h{self.h_q}x{self.h_kv}-"
             f"{'varlen' if self.varlen else 'fixed'}-{'causal' if self.causal else 'noncausal'}"
             + ("" if self.dtype == "bfloat16" else f"-{self.dtype}")
+            + ("" if self.page == PAGE else f"-page{self.page:03d}")
         )
 
     @property
     def shape_key(self) -> tuple:
         """What decides the compiled shapes (varlen and causal do not)."""
-        return (self.b, self.s_q, self.s_k, self.h_q, self.h_kv, self.dtype)
+        return (self.b, self.s_q, self.s_k, self.h_q, self.h_kv, self.dtype, self.page)
 
     @property
     def data_key(self) -> tuple:
@@ -382,7 +400,8 @@ class Case:
     @property
     def cost(self) -> int:
         """Roughly the reference's work: tokens gathered times (cache row + query rows)."""
-        return self.b * class_max_blocks(self.s_k) * PAGE * (self.h_kv * D_QK + self.s_q * self.h_q)
+        tokens = self.b * class_max_blocks(self.s_k, self.page) * self.page
+        return tokens * (self.h_kv * D_QK + self.s_q * self.h_q)
 
 
 AXES = {
@@ -392,12 +411,13 @@ AXES = {
     "heads": lambda c: (c.h_q, c.h_kv),
     "varlen": lambda c: c.varlen,
     "causal": lambda c: c.causal,
+    "page": lambda c: c.page,
 }
 
 ALL_CASES = [
-    Case(b, s_q, s_k, h_q, h_kv, varlen, causal)
-    for b, s_q, s_k, (h_q, h_kv), varlen, causal in itertools.product(
-        BATCHES, S_QS, S_KS, HEAD_PAIRS, (False, True), (False, True)
+    Case(b, s_q, s_k, h_q, h_kv, varlen, causal, page=page)
+    for b, s_q, s_k, (h_q, h_kv), varlen, causal, page in itertools.product(
+        BATCHES, S_QS, S_KS, HEAD_PAIRS, (False, True), (False, True), PAGES
     )
 ]
 
@@ -457,6 +477,7 @@ def inputs_for(case: Case) -> Inputs:
             h_kv=case.h_kv,
             varlen=case.varlen,
             dtype=np.dtype(case.dtype) if case.dtype != "bfloat16" else BF16,
+            page=case.page,
         )
     return _last_inputs[case.data_key]
 
@@ -479,10 +500,11 @@ def test_quick_matrix(case: Case):
 def abstract_args(case: Case, *, with_metadata: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
     """The shapes and dtypes of a case's kernel arguments (as build_inputs makes them)."""
     dtype = np.dtype(case.dtype) if case.dtype != "bfloat16" else BF16
-    max_blocks = class_max_blocks(case.s_k)
+    max_blocks = class_max_blocks(case.s_k, case.page)
+    num_blocks = case.b * max_blocks + SPARE_BLOCKS
     args = [
         jax.ShapeDtypeStruct((case.b, case.s_q, case.h_q, D_QK), dtype),
-        jax.ShapeDtypeStruct((case.b * max_blocks + SPARE_BLOCKS, PAGE, case.h_kv, D_QK), dtype),
+        jax.ShapeDtypeStruct((num_blocks, case.page, case.h_kv, D_QK), dtype),
         jax.ShapeDtypeStruct((case.b, max_blocks), jnp.int32),
         jax.ShapeDtypeStruct((case.b,), jnp.int32),
     ]
@@ -606,6 +628,42 @@ def test_quick_page_boundaries(s_q, causal, h_q, h_kv):
     for with_metadata in (False, True):
         out, lse = run_kernel(inputs, causal=causal, with_metadata=with_metadata)
         check_against_reference(inputs, out, lse, causal=causal)
+
+
+#: Page sizes the loaders take by TMA (multiples of 64) or gather token by token (the others:
+#: powers of two below 64, odd sizes, one above 64).
+PAGE_SIZES = (1, 2, 8, 16, 32, 53, 64, 69, 128, 256)
+
+
+@pytest.mark.parametrize(
+    ("s_q", "causal", "h_q", "h_kv"),
+    [(1, False, 128, 1), (2, True, 64, 1), (2, False, 9, 3)],
+    ids=["sq1-h128x1", "sq2-h64x1-causal", "sq2-h9x3"],
+)
+@pytest.mark.parametrize("page", PAGE_SIZES)
+def test_quick_page_sizes(page, s_q, causal, h_q, h_kv):
+    """Lengths at page and 64-token block edges; in two requests a page in the middle of the
+    used range has a bad block id (-1, num_blocks): its tokens are masked, its NaN never read."""
+    lengths = [0, 1, page - 1, page, page + 1, 63, 64, 65, 129, 1000, 3001]
+    seed = seed_of("page-sizes", page, s_q, h_q, h_kv)
+    layout = make_layout(
+        np.random.default_rng(seed),
+        b=len(lengths),
+        s_q=s_q,
+        s_k=0,
+        varlen=False,
+        seqlens=lengths,
+        page=page,
+    )
+    table, readable = layout.block_table.copy(), layout.readable.copy()
+    for request, bad_id in ((9, -1), (10, readable.shape[0])):
+        j = -(-lengths[request] // page) // 2
+        readable[table[request, j]] = False  # the block only this request owned: NaN
+        table[request, j] = bad_id
+    layout = dataclasses.replace(layout, block_table=table, readable=readable)
+    inputs = make_values(seed, layout, s_q=s_q, h_q=h_q, h_kv=h_kv)
+    out, lse = run_kernel(inputs, causal=causal, with_metadata=page % 2 == 0)
+    check_against_reference(inputs, out, lse, causal=causal)
 
 
 @pytest.mark.parametrize(

@@ -192,14 +192,27 @@ def test_sparse_decode_lowers_to_custom_call(layout, d_qk, token_bytes, with_len
 
 
 def test_dense_decode_kernel_only_for_its_shapes():
-    """Page 32 or fp8 caches go to the reference; implementation='cuda' says why."""
+    """Any page size runs the kernel; an FP8 dense cache goes to the reference, and
+    implementation='cuda' says why."""
     q = jax.ShapeDtypeStruct((2, 1, 16, 576), jnp.bfloat16)
-    cache = jax.ShapeDtypeStruct((8, 32, 1, 576), jnp.bfloat16)
     table = jax.ShapeDtypeStruct((2, 4), jnp.int32)
     lens = jax.ShapeDtypeStruct((2,), jnp.int32)
-    hlo = cuda_hlo(lambda *a: fm.flash_mla_with_kvcache(*a, 512), q, cache, table, lens)
+    for page in (1, 32, 53, 128):
+        cache = jax.ShapeDtypeStruct((8, page, 1, 576), jnp.bfloat16)
+        hlo = cuda_hlo(lambda *a: fm.flash_mla_with_kvcache(*a, 512), q, cache, table, lens)
+        assert custom_calls(hlo), page
+    fp8_cache = jax.ShapeDtypeStruct((8, 64, 1, 576), jnp.float8_e4m3fn)
+    k_scale = jax.ShapeDtypeStruct((), jnp.float32)
+
+    def fp8_decode(*args, implementation=None):
+        *args, scale = args
+        return fm.flash_mla_with_kvcache(
+            *args, 512, is_fp8_kvcache=True, k_scale=scale, implementation=implementation
+        )
+
+    hlo = cuda_hlo(fp8_decode, q, fp8_cache, table, lens, k_scale)
     assert not custom_calls(hlo)
-    with platform.assume_device(), pytest.raises(ValueError, match="page_block_size 64; got 32"):
-        jax.jit(lambda *a: fm.flash_mla_with_kvcache(*a, 512, implementation="cuda")).trace(
-            q, cache, table, lens
+    with platform.assume_device(), pytest.raises(ValueError, match="FP8 dense decode kernel"):
+        jax.jit(lambda *a: fp8_decode(*a, implementation="cuda")).trace(
+            q, fp8_cache, table, lens, k_scale
         )

@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
   const int h_q = argc > 3 ? std::atoi(argv[3]) : 128;
   const int s_k = argc > 4 ? std::atoi(argv[4]) : 4096;
   const bool causal = argc > 5 && std::atoi(argv[5]) != 0;
-  const int h_kv = 1, page = jfm::kKernelPageSize;
+  const int h_kv = 1, page = jfm::kDefaultPageSize;
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
 
@@ -112,6 +112,7 @@ int main(int argc, char** argv) {
   p.h_q = h_q;
   p.h_kv = h_kv;
   p.num_blocks = num_blocks;
+  p.page = page;
   p.max_blocks_per_seq = max_blocks;
   p.num_parts = num_parts;
   p.softmax_scale = 1.f / std::sqrt(float(jfm::kHeadDimQK));

@@ -2,7 +2,7 @@
 // the decode kernel followed by the split-KV combine.
 //
 //   operands:   q              bfloat16 or float16 [b, s_q, h_q, 576]
-//               k_cache        q's dtype [num_blocks, 64, h_kv, 576]
+//               k_cache        q's dtype [num_blocks, page, h_kv, 576]
 //               block_table    int32[b, max_blocks_per_seq]
 //               cache_seqlens  int32[b]
 //               tile_metadata  int32[num_parts, 8]   (get_mla_metadata)
@@ -41,8 +41,8 @@ ffi::Error DecodeDenseImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
                                    {kAnyDim, kAnyDim, kAnyDim, kHeadDimQK}, "[b, s_q, h_q, 576]"));
   const int64_t b = q.dimensions()[0], s_q = q.dimensions()[1], h_q = q.dimensions()[2];
   JFM_RETURN_IF_ERROR(check_buffer(kTarget, "k_cache", k_cache, {q.element_type()},
-                                   {kAnyDim, kKernelPageSize, kAnyDim, kHeadDimQK},
-                                   "[num_blocks, 64, h_kv, 576]"));
+                                   {kAnyDim, kAnyDim, kAnyDim, kHeadDimQK},
+                                   "[num_blocks, page, h_kv, 576]"));
   JFM_RETURN_IF_ERROR(check_buffer(kTarget, "block_table", block_table, s32, {b, kAnyDim},
                                    "[b, max_blocks_per_seq]"));
   JFM_RETURN_IF_ERROR(check_buffer(kTarget, "cache_seqlens", cache_seqlens, s32, {b}, "[b]"));
@@ -74,6 +74,7 @@ ffi::Error DecodeDenseImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
   params.h_q = h_q;
   params.h_kv = k_cache.dimensions()[2];
   params.num_blocks = k_cache.dimensions()[0];
+  params.page = k_cache.dimensions()[1];
   params.max_blocks_per_seq = block_table.dimensions()[1];
   params.num_parts = tile_metadata.dimensions()[0];
   params.softmax_scale = softmax_scale;

@@ -19,8 +19,8 @@ HEAD_DIM_V = HEAD_DIM_LATENT
 HEAD_DIM_QK_MODEL1 = 448 + HEAD_DIM_ROPE
 #: d_qk that sparse decode and sparse prefill accept.
 SPARSE_HEAD_DIMS_QK = (HEAD_DIM_QK_MODEL1, HEAD_DIM_QK)
-#: Tokens per page of the paged cache that the Hopper dense decode kernel reads.
-KERNEL_PAGE_SIZE = 64
+#: Tokens per page of FlashMLA's caches (the only page it takes): the tests' default.
+DEFAULT_PAGE_SIZE = 64
 #: Tokens per scheduling unit: one KV block of the decode kernels.
 SCHEDULER_BLOCK_TOKENS = 64
 #: Fixed cost of a request in the schedule, in blocks: loading its queries, writing and

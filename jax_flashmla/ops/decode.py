@@ -12,7 +12,6 @@ from jax_flashmla._src.forward_only import forward_only
 from jax_flashmla._src.geometry import (
     HEAD_DIM_QK,
     HEAD_DIM_V,
-    KERNEL_PAGE_SIZE,
     METADATA_FIELDS,
     SPARSE_HEAD_DIMS_QK,
 )
@@ -127,7 +126,7 @@ def flash_mla_with_kvcache(
         topk is not a multiple of 64, a sparse-only argument is given in dense mode (or the
         reverse), or implementation is "cuda" where no kernel can take these inputs (e.g. a
         size past one of the kernel's limits: h_kv or query tiles per KV head > 65535,
-        b * s_q, num_blocks * 64 or b + num_sm_parts > 2**31 - 1; sparse mode: s_q or
+        b * s_q, num_blocks * page or b + num_sm_parts > 2**31 - 1; sparse mode: s_q or
         ceil(h_q / 64) > 65535, b * s_q or b + num_sm_parts > 2**31 - 1).
     """
     optional_arrays = {
@@ -402,8 +401,6 @@ def _dense_kernel_unsupported_reason(q, k_cache, is_fp8: bool) -> str:
     if is_fp8:
         return "the FP8 dense decode kernel is not built yet"
     num_blocks, page, h_kv, _ = k_cache.shape
-    if page != KERNEL_PAGE_SIZE:
-        return f"the kernel needs page_block_size {KERNEL_PAGE_SIZE}; got {page}"
     if num_blocks == 0:
         return "the kernel needs a cache of at least one block"
     b, s_q, h_q, _ = q.shape
@@ -413,6 +410,7 @@ def _dense_kernel_unsupported_reason(q, k_cache, is_fp8: bool) -> str:
         h_q=h_q,
         h_kv=h_kv,
         num_blocks=num_blocks,
+        page=page,
         num_parts=metadata_op.num_sm_parts(s_q * h_q // h_kv, h_kv),
     )
 

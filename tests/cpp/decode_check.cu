@@ -47,7 +47,7 @@
 
 namespace {
 
-constexpr int kPage = jfm::kKernelPageSize, kDqk = jfm::kHeadDimQK, kDv = jfm::kHeadDimV;
+constexpr int kDqk = jfm::kHeadDimQK, kDv = jfm::kHeadDimV;
 constexpr int kGarbageBlock = 2147480000;  // what the tests put past a request's blocks
 constexpr uint16_t kNaN16 = 0xFFFF;        // NaN as bf16 and as fp16
 
@@ -66,8 +66,10 @@ struct Case {
   // i when (i + j) % bad_block_every == 1 (cycling through the kinds of bad id).
   int bad_block_every = 0;
   // > 0: the block table has this many entries per request, fewer than the lengths need:
-  // the kernel attends clamp(len, 0, table_blocks * 64) tokens.
+  // the kernel attends clamp(len, 0, table_blocks * page) tokens.
   int table_blocks = 0;
+  // Tokens per cache block: multiples of 64 are loaded by TMA, other pages gathered.
+  int page = jfm::kDefaultPageSize;
 };
 
 uint16_t to_bits(float x, bool fp16) {
@@ -127,6 +129,14 @@ std::vector<Case> all_cases() {
        {2147483647, 100, -5, 700}, false, false, 1.f, 0, 5},
       {"clamp-b2-sq2-h64-causal-len5000/2147483000", 2, 2, 64, 1, {5000, 2147483000}, true,
        false, 1.f, 2, 12},
+      // Other page sizes, with bad block ids inside the used range.
+      {"page1-b3-sq1-h128-len700/1/65", 3, 1, 128, 1, {700, 1, 65}, false, false, 1.f, 5, 0, 1},
+      {"page16-b2-sq2-h64-causal-len300/17", 2, 2, 64, 1, {300, 17}, true, false, 1.f, 3, 0, 16},
+      {"page53-fp16-b2-sq1-h9x3-len600/53", 2, 1, 9, 3, {600, 53}, false, true, 1.f, 2, 0, 53},
+      {"page128-b2-sq2-h128-causal-len1000/129", 2, 2, 128, 1, {1000, 129}, true, false, 1.f, 2,
+       0, 128},
+      {"page53-clamp-b2-sq1-h16-len2147483647/90", 2, 1, 16, 1, {2147483647, 90}, false, false,
+       1.f, 0, 4, 53},
   };
 }
 
@@ -134,7 +144,7 @@ std::vector<Case> all_cases() {
 // and as floats (what the reference reads).
 struct Inputs {
   int max_blocks = 0, num_blocks = 0;
-  std::vector<int> lengths;  // tokens attended: clamp(case length, 0, max_blocks * 64)
+  std::vector<int> lengths;  // tokens attended: clamp(case length, 0, max_blocks * page)
   std::vector<int> table;    // [b, max_blocks]
   std::vector<char> present;  // [b, max_blocks]: the entry is a block id in range
   std::vector<uint16_t> q_bits, cache_bits;
@@ -152,11 +162,11 @@ Inputs make_inputs(const Case& c, uint32_t seed) {
     // One block-table entry more than the longest request needs: every request has entries
     // past its blocks.
     const int max_len = *std::max_element(c.lengths.begin(), c.lengths.end());
-    in.max_blocks = (max_len + kPage - 1) / kPage + 1;
+    in.max_blocks = (max_len + c.page - 1) / c.page + 1;
   }
   for (int len : c.lengths) {
     in.lengths.push_back(static_cast<int>(
-        std::clamp<int64_t>(len, 0, int64_t{in.max_blocks} * kPage)));
+        std::clamp<int64_t>(len, 0, int64_t{in.max_blocks} * c.page)));
   }
   // Two spare blocks that nobody owns (NaN).
   in.num_blocks = c.b * in.max_blocks + 2;
@@ -169,12 +179,12 @@ Inputs make_inputs(const Case& c, uint32_t seed) {
   const int bad_ids[4] = {-1, in.num_blocks, 2147483647, spare + (1 << 26)};
 
   const size_t row = size_t(c.h_kv) * kDqk;  // one token of the cache
-  in.cache_bits.assign(size_t(in.num_blocks) * kPage * row, kNaN16);
+  in.cache_bits.assign(size_t(in.num_blocks) * c.page * row, kNaN16);
   in.table.resize(size_t(c.b) * in.max_blocks);
   in.present.resize(in.table.size());
   int bad = 0;
   for (int i = 0; i < c.b; ++i) {
-    const int used = (in.lengths[i] + kPage - 1) / kPage;
+    const int used = (in.lengths[i] + c.page - 1) / c.page;
     for (int j = 0; j < in.max_blocks; ++j) {
       const int block = perm[size_t(i) * in.max_blocks + j];
       int& entry = in.table[size_t(i) * in.max_blocks + j];
@@ -182,8 +192,8 @@ Inputs make_inputs(const Case& c, uint32_t seed) {
       if (j < used && !bad_here) {
         entry = block;
         in.present[size_t(i) * in.max_blocks + j] = 1;
-        const int rows = std::min(kPage, in.lengths[i] - j * kPage);
-        uint16_t* dst = &in.cache_bits[size_t(block) * kPage * row];
+        const int rows = std::min(c.page, in.lengths[i] - j * c.page);
+        uint16_t* dst = &in.cache_bits[size_t(block) * c.page * row];
         for (size_t e = 0; e < size_t(rows) * row; ++e) dst[e] = to_bits(normal(rng), c.fp16);
       } else if (j < used) {
         entry = bad_ids[bad++ % 4];  // its tokens are masked; its own block stays NaN
@@ -242,7 +252,7 @@ Reference reference(const Case& c, const Inputs& in, double scale) {
     // The attended keys: visible, in a block whose id is in range.
     std::vector<int> keys;
     for (int t = 0; t < visible_keys(c, in.lengths[req], s); ++t) {
-      if (present[t / kPage]) keys.push_back(t);
+      if (present[t / c.page]) keys.push_back(t);
     }
     double& lse = ref.lse[(size_t(req) * c.h_q + head) * c.s_q + s];
     if (keys.empty()) {
@@ -251,7 +261,8 @@ Reference reference(const Case& c, const Inputs& in, double scale) {
     }
     const float* q = &in.q[size_t(r) * kDqk];
     auto key = [&](int t) {
-      return &in.cache[((size_t(table[t / kPage]) * kPage + t % kPage) * c.h_kv + kv_head) * kDqk];
+      const size_t token_row = size_t(table[t / c.page]) * c.page + t % c.page;
+      return &in.cache[(token_row * c.h_kv + kv_head) * kDqk];
     };
     const size_t n = keys.size();
     p.resize(n);
@@ -394,6 +405,7 @@ Stats run_once(const Case& c, const Inputs& in, const Reference& ref, float scal
   p.h_q = c.h_q;
   p.h_kv = c.h_kv;
   p.num_blocks = in.num_blocks;
+  p.page = c.page;
   p.max_blocks_per_seq = in.max_blocks;
   p.num_parts = num_parts;
   p.softmax_scale = scale;

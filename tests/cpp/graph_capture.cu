@@ -41,7 +41,7 @@
 namespace {
 
 constexpr int kBatch = 6, kSq = 2, kHq = 128, kMaxBlocks = 40, kNumParts = 66;
-constexpr int kPage = jfm::kKernelPageSize, kDqk = jfm::kHeadDimQK, kDv = jfm::kHeadDimV;
+constexpr int kPage = jfm::kDefaultPageSize, kDqk = jfm::kHeadDimQK, kDv = jfm::kHeadDimV;
 // The sparse case: V32 tokens of 656 bytes in blocks of 61, 256 slots per query token.
 constexpr int kSparsePage = 61, kSparseBlocks = 33, kTopk = 256, kTokenBytes = 656;
 constexpr int kSparseTokens = kSparsePage * kSparseBlocks;
@@ -160,6 +160,7 @@ cudaError_t enqueue(const Buffers& d, cudaStream_t stream) {
   p.h_q = kHq;
   p.h_kv = 1;
   p.num_blocks = kBatch * kMaxBlocks;
+  p.page = kPage;
   p.max_blocks_per_seq = kMaxBlocks;
   p.num_parts = kNumParts;
   p.softmax_scale = 1.f / 24.f;

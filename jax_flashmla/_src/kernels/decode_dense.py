@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_flashmla._src.geometry import HEAD_DIM_V, INT32_MAX, KERNEL_PAGE_SIZE, QUERY_TILE_ROWS
+from jax_flashmla._src.geometry import HEAD_DIM_V, INT32_MAX, QUERY_TILE_ROWS
 from jax_flashmla._src.primitive import KernelPrimitive
 from jax_flashmla.reference import decode
 
@@ -66,7 +66,7 @@ def query_tiles(s_q: int, h_q: int, h_kv: int) -> int:
 
 
 def launch_limit_error(
-    *, batch: int, s_q: int, h_q: int, h_kv: int, num_blocks: int, num_parts: int
+    *, batch: int, s_q: int, h_q: int, h_kv: int, num_blocks: int, page: int, num_parts: int
 ) -> str:
     """Which of the kernel's run-time limits these sizes break ("" when none)."""
     tiles = query_tiles(s_q, h_q, h_kv)
@@ -82,8 +82,8 @@ def launch_limit_error(
             f"batch * s_q must be <= 2**31 - 1; got {batch} * {s_q} = {batch * s_q}",
         ),
         (
-            num_blocks * KERNEL_PAGE_SIZE <= INT32_MAX,
-            f"num_blocks * {KERNEL_PAGE_SIZE} must be <= 2**31 - 1; got num_blocks {num_blocks}",
+            num_blocks * page <= INT32_MAX,
+            f"num_blocks * page_block_size must be <= 2**31 - 1; got {num_blocks} * {page}",
         ),
         (
             batch + num_parts <= INT32_MAX,

@@ -25,7 +25,7 @@ constexpr int64_t kMaxGridYZ = 65535;
 }  // namespace
 
 const char* dense_decode_params_error(const DenseDecodeParams& p) {
-  if (p.batch < 0 || p.s_q < 1 || p.h_q < 1 || p.h_kv < 1 || p.num_blocks < 0 ||
+  if (p.batch < 0 || p.s_q < 1 || p.h_q < 1 || p.h_kv < 1 || p.num_blocks < 0 || p.page < 1 ||
       p.max_blocks_per_seq < 0 || p.num_parts < 1) {
     return "sizes must be positive (batch, num_blocks and max_blocks_per_seq may be 0)";
   }
@@ -36,8 +36,8 @@ const char* dense_decode_params_error(const DenseDecodeParams& p) {
   }
   if (p.num_parts > INT_MAX) return "num_parts must be <= 2^31 - 1 (grid x)";
   if (p.batch * p.s_q > INT_MAX) return "batch * s_q must be <= 2^31 - 1 (TMA coordinates)";
-  if (p.num_blocks * kKernelPageSize > INT_MAX) {
-    return "num_blocks * 64 must be <= 2^31 - 1 (TMA coordinates)";
+  if (p.page > INT_MAX / std::max<int64_t>(p.num_blocks, 1)) {
+    return "num_blocks * page must be <= 2^31 - 1 (TMA coordinates)";
   }
   if (p.batch + p.num_parts > INT_MAX) return "batch + num_parts must be <= 2^31 - 1";
   const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16; };
@@ -57,7 +57,8 @@ cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream)
   args.tile = sm90::decode_dense::tile_shape(p.s_q, p.h_q, p.h_kv);
   args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
   args.seq_capacity =
-      static_cast<int32_t>(std::min<int64_t>(p.max_blocks_per_seq * kKernelPageSize, INT_MAX));
+      static_cast<int32_t>(std::min<int64_t>(p.max_blocks_per_seq * p.page, INT_MAX));
+  args.page = static_cast<int32_t>(p.page);
   args.partial_rows = static_cast<int32_t>(p.batch + p.num_parts);
   const TileShape& tile = args.tile;
   const cuuint64_t row_bytes = kHeadDimQK * 2;
@@ -69,13 +70,14 @@ cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream)
       {row_bytes, row_bytes * tile.group, row_bytes * p.h_q},
       {64, static_cast<cuuint32_t>(tile.heads_per_tile), 1,
        static_cast<cuuint32_t>(tile.s_per_tile)});
-  // k_cache [num_blocks * 64, h_kv, 576]: one box is 64 tokens x 64 dims of one KV head.
+  // k_cache [num_blocks * page, h_kv, 576]: one box is 64 tokens x 64 dims of one KV head (no
+  // map where the loaders gather).
   const bool kv_ok =
-      p.num_blocks == 0 ||
+      p.num_blocks == 0 || p.page % kSchedulerBlockTokens != 0 ||
       encode_map_16bit<3>(&args.kv_map, p.k_cache,
-                    {kHeadDimQK, static_cast<cuuint64_t>(p.h_kv),
-                     static_cast<cuuint64_t>(p.num_blocks * kKernelPageSize)},
-                    {row_bytes, row_bytes * p.h_kv}, {64, 1, kKernelPageSize});
+                          {kHeadDimQK, static_cast<cuuint64_t>(p.h_kv),
+                           static_cast<cuuint64_t>(p.num_blocks * p.page)},
+                          {row_bytes, row_bytes * p.h_kv}, {64, 1, 64});
   if (!q_ok || !kv_ok) return cudaErrorInvalidValue;
 
   cudaError_t err = p.dtype == ElementType::kBF16

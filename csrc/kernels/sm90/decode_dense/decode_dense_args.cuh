@@ -42,11 +42,13 @@ inline TileShape tile_shape(int64_t s_q, int64_t h_q, int64_t h_kv) {
 
 struct KernelArgs {
   CUtensorMap q_map;   // [batch * s_q, h_kv, group, 576] viewed 4-D, box {64, hpt, 1, spt}
-  CUtensorMap kv_map;  // [num_blocks * 64, h_kv, 576] viewed 3-D, box {64, 1, 64}
+  CUtensorMap kv_map;  // [num_blocks * page, h_kv, 576] viewed 3-D, box {64, 1, 64}; unset
+                       // where blocks are gathered (page not a multiple of 64)
   DenseDecodeParams params;
   TileShape tile;
   float scale_log2;        // softmax_scale * log2(e)
-  int32_t seq_capacity;    // tokens the block table covers: max_blocks_per_seq * 64, <= INT32_MAX
+  int32_t seq_capacity;    // tokens the block table covers: max_blocks_per_seq * page, <= INT32_MAX
+  int32_t page;            // tokens per cache block
   int32_t partial_rows;    // rows of partial_o / partial_lse: batch + num_parts
   uint64_t kv_cache_hint;  // L2 eviction policy of the KV loads (set by launch_typed)
 };

@@ -1,9 +1,12 @@
 // The dense MLA decode kernel for sm_90a. Included by one translation unit per element type.
 //
 // Roles (384 threads, three warpgroups), one device function each:
-//   load_role (WG0, one thread): TMA loads of the query tile and of every 64-token KV block (9
-//     chunks of 64 dims x 64 rows, 128-byte swizzled) into a 2-stage ring. A block whose id is
-//     out of range is not loaded; its stage is marked absent.
+//   load_role (WG0): TMA loads of the query tile (one thread) and of every 64-token KV block (9
+//     chunks of 64 dims x 64 rows, 128-byte swizzled) into a 2-stage ring: by TMA where pages
+//     hold whole blocks (a multiple of 64 tokens; one thread, load_block_tma), else gathered
+//     token by token with cp.async by all 128 threads (gather_block, the kGather variant).
+//     Beside each stage, the mask of its rows that hold a loaded token; a token whose page id
+//     is out of range is never read.
 //   WG1, the score warpgroup: issue_scores (S = Q K^T on wgmma, both operands in shared
 //     memory), online_softmax (fp32, against a lazily raised reference max: O is rescaled only
 //     when a row's scores pass its reference by more than 2^8, so almost never after the first
@@ -30,15 +33,19 @@
 #include "kernels/sm90/decode_dense/decode_dense_args.cuh"
 #include "kernels/sm90/hopper.cuh"
 #include "kernels/sm90/mla_tile.cuh"
+#include "kernels/sm90/row_gather.cuh"
 
 namespace jfm::sm90::decode_dense {
 
+constexpr int kBlockTokens = kChunkElems;              // tokens per KV block: one chunk high
 constexpr int kQKChunks = kHeadDimQK / kChunkElems;   // 9
 constexpr int kTileBytes = kQKChunks * kChunkBytes;   // a 64 x 576 tile
 constexpr int kRopeChunk = kQKChunks - 1;             // holds P once S is computed
 constexpr int kStages = 2;
 constexpr int kThreads = 384;
-static_assert(kKernelPageSize == kChunkElems, "a KV block is one 64-row chunk high");
+constexpr int kLoaderThreads = 128;
+constexpr int kRowThreads = 8;  // gathering loader threads per row: 8 x 16 bytes per chunk row
+static_assert(kBlockTokens == kSchedulerBlockTokens, "a KV block is the scheduler's unit");
 
 struct alignas(1024) SharedStorage {
   uint8_t q[kTileBytes];
@@ -49,7 +56,7 @@ struct alignas(1024) SharedStorage {
   uint64_t kv_empty[kStages];
   uint64_t q_full;
   uint64_t q_empty;
-  int32_t kv_present[kStages];  // 0: the stage's block id was out of range, nothing loaded
+  uint64_t kv_rows[kStages];  // bit r: row r of the stage holds a loaded token
 };
 
 // ---- The schedule ---------------------------------------------------------------------------
@@ -65,49 +72,116 @@ __device__ __forceinline__ RequestWork request_work(const KernelArgs& args,
   const DenseDecodeParams& p = args.params;
   RequestWork w;
   w.length = min(max(p.cache_seqlens[req], 0), args.seq_capacity);
-  const int blocks = w.length / kKernelPageSize + (w.length % kKernelPageSize != 0);
+  const int blocks = w.length / kBlockTokens + (w.length % kBlockTokens != 0);
   static_cast<RequestPiece&>(w) = request_piece(part, req, blocks, p.num_splits, args.partial_rows);
   return w;
 }
 
 // ---- Load role ------------------------------------------------------------------------------
 
-// One thread of WG0: for each request with work, the query tile, then its KV blocks through
-// the stage ring. A block id outside [0, num_blocks) is never read: its stage is marked absent
-// and its full barrier completed by a plain arrival, with no bytes expected.
+// Where a request's KV blocks come from: its block-table row, its length and the KV head.
+struct BlockLoad {
+  const int32_t* table;  // the request's block table row
+  int length;            // tokens attended
+  int kv_head;
+};
+
+// One thread: block `blk` by TMA, 9 boxes of 64 tokens x 64 dims from its page (pages that are
+// a multiple of 64 tokens hold whole blocks). A block whose page id is out of range is not
+// read: its row mask is 0 and a plain arrival completes its full barrier.
+__device__ __forceinline__ void load_block_tma(const KernelArgs& args, SharedStorage& smem,
+                                               int stage, const BlockLoad& load, int blk) {
+  const DenseDecodeParams& p = args.params;
+  const int token = blk * kBlockTokens;
+  const int32_t physical = load.table[token / args.page];
+  const bool present = physical >= 0 && physical < p.num_blocks;
+  smem.kv_rows[stage] = present ? ~0ull : 0;  // published by the arrival below (release)
+  if (!present) {
+    mbarrier_arrive(&smem.kv_full[stage]);
+    return;
+  }
+  mbarrier_arrive_expect_tx(&smem.kv_full[stage], kTileBytes);
+  const int row = physical * args.page + token % args.page;
+  for (int c = 0; c < kQKChunks; ++c) {
+    tma_load_3d(smem.kv[stage] + c * kChunkBytes, &args.kv_map, &smem.kv_full[stage],
+                c * kChunkElems, load.kv_head, row, args.kv_cache_hint);
+  }
+}
+
+// All 128 loader threads: block `blk` token by token with cp.async, for pages that are not a
+// multiple of 64 tokens (a block spans pages). Row r goes to the 8 threads of lane group
+// lane / 8 of warp r / 16: thread j copies 16-byte unit j of each chunk row into unit
+// j ^ (r % 8). A row whose token is past the length or whose page id is out of range is
+// zero-filled without a read. Each thread arrives on the full barrier once its copies land;
+// lane 0 of each warp stores its 16 bits of the row mask and arrives too.
+template <typename Element>
+__device__ __forceinline__ void gather_block(const KernelArgs& args, SharedStorage& smem,
+                                             int stage, const BlockLoad& load, int blk) {
+  const DenseDecodeParams& p = args.params;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, j = lane % kRowThreads;
+  const int64_t row_bytes = p.h_kv * kHeadDimQK * static_cast<int64_t>(sizeof(Element));
+  const uint8_t* head = static_cast<const uint8_t*>(p.k_cache) +
+                        load.kv_head * kHeadDimQK * static_cast<int64_t>(sizeof(Element)) + j * 16;
+  const uint32_t stage_base = smem_address(smem.kv[stage]);
+  uint32_t rows = 0;
+#pragma unroll 1  // one row at a time: the loaders have 40 registers
+  for (int pass = 0; pass < kBlockTokens * kRowThreads / kLoaderThreads; ++pass) {
+    const int row = warp * 16 + pass * 4 + lane / kRowThreads;
+    const int token = blk * kBlockTokens + row;
+    const uint32_t page_index = static_cast<uint32_t>(token) / static_cast<uint32_t>(args.page);
+    const int32_t physical = token < load.length ? load.table[page_index] : -1;
+    const bool loads = physical >= 0 && physical < p.num_blocks;
+    const int64_t cache_row =
+        loads ? int64_t{physical} * args.page + (token - page_index * args.page) : 0;
+    const uint8_t* src = head + cache_row * row_bytes;
+    rows |= copy_row_units<kQKChunks>(stage_base, row, j, src, loads) << (4 * pass);
+  }
+  cp_async_arrive(&smem.kv_full[stage]);
+  if (lane == 0) {
+    reinterpret_cast<uint16_t*>(&smem.kv_rows[stage])[warp] = static_cast<uint16_t>(rows);
+    mbarrier_arrive(&smem.kv_full[stage]);
+  }
+}
+
+// Arrivals that complete a stage's full barrier: the TMA thread, or every gathering thread and
+// lane 0 of each loader warp.
+template <bool kGather>
+constexpr uint32_t kFullArrivals = kGather ? kLoaderThreads + kLoaderThreads / 32 : 1;
+
+// WG0: for each request with work, the query tile (thread 0), then its KV blocks through the
+// stage ring (thread 0 by TMA, or all 128 threads gathering).
+template <typename Element, bool kGather>
 __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage& smem,
                                           const MetadataRow& part, int kv_head, int s0, int j0) {
   const DenseDecodeParams& p = args.params;
   const TileShape& tile = args.tile;
-  prefetch_tensor_map(&args.q_map);
-  prefetch_tensor_map(&args.kv_map);
+  if (!kGather && threadIdx.x != 0) return;
+  if (threadIdx.x == 0) {
+    prefetch_tensor_map(&args.q_map);
+    if (!kGather) prefetch_tensor_map(&args.kv_map);
+  }
   const uint32_t q_bytes = kQKChunks * 128 * tile.heads_per_tile * tile.s_per_tile;
   int stage = 0;
   uint32_t kv_phase = 0, q_phase = 0;
   for (int req = part.begin_req; req <= part.end_req; ++req) {
     const RequestWork w = request_work(args, part, req);
     if (w.lo >= w.hi) continue;
-    mbarrier_wait(&smem.q_empty, q_phase ^ 1);
-    q_phase ^= 1;
-    mbarrier_arrive_expect_tx(&smem.q_full, q_bytes);
-    for (int c = 0; c < kQKChunks; ++c) {
-      tma_load_4d(smem.q + c * kChunkBytes, &args.q_map, &smem.q_full, c * kChunkElems, j0,
-                  kv_head, static_cast<int>(req * p.s_q + s0));
+    if (threadIdx.x == 0) {
+      mbarrier_wait(&smem.q_empty, q_phase ^ 1);
+      mbarrier_arrive_expect_tx(&smem.q_full, q_bytes);
+      for (int c = 0; c < kQKChunks; ++c) {
+        tma_load_4d(smem.q + c * kChunkBytes, &args.q_map, &smem.q_full, c * kChunkElems, j0,
+                    kv_head, static_cast<int>(req * p.s_q + s0));
+      }
     }
-    const int32_t* table = p.block_table + req * p.max_blocks_per_seq;
+    q_phase ^= 1;
+    const BlockLoad load{p.block_table + req * p.max_blocks_per_seq, w.length, kv_head};
     for (int blk = w.lo; blk < w.hi; ++blk) {
-      const int32_t physical = table[blk];
-      const bool present = physical >= 0 && physical < p.num_blocks;
       mbarrier_wait(&smem.kv_empty[stage], kv_phase ^ 1);
-      smem.kv_present[stage] = present;  // published by the arrival below (release)
-      if (present) {
-        mbarrier_arrive_expect_tx(&smem.kv_full[stage], kTileBytes);
-        for (int c = 0; c < kQKChunks; ++c) {
-          tma_load_3d(smem.kv[stage] + c * kChunkBytes, &args.kv_map, &smem.kv_full[stage],
-                      c * kChunkElems, kv_head, physical * kKernelPageSize, args.kv_cache_hint);
-        }
+      if constexpr (kGather) {
+        gather_block<Element>(args, smem, stage, load, blk);
       } else {
-        mbarrier_arrive(&smem.kv_full[stage]);
+        load_block_tma(args, smem, stage, load, blk);
       }
       if (++stage == kStages) {
         stage = 0;
@@ -115,6 +189,7 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
       }
     }
   }
+  if (kGather) cp_async_wait_all();  // no copy in flight when the thread exits
 }
 
 // ---- Math warpgroups ------------------------------------------------------------------------
@@ -142,16 +217,19 @@ __device__ __forceinline__ ThreadRows thread_rows(const TileShape& tile, int64_t
   return t;
 }
 
-// Rows past the sequence end in its last block may hold anything (NaN): zero their V part so
-// that 0 * NaN cannot reach the output through P V.
-__device__ __forceinline__ void zero_value_tail(uint8_t* kv, int valid_rows) {
-  const int units = (kKernelPageSize - valid_rows) * (kHeadDimV / 8);
-  for (int u = threadIdx.x % 128; u < units; u += 128) {
-    const int row = valid_rows + u / (kHeadDimV / 8);
-    const int piece = u % (kHeadDimV / 8);  // 16-byte piece of the row's V
-    const int chunk = piece / 8, unit = piece % 8;
-    *reinterpret_cast<uint4*>(kv + chunk * kChunkBytes + row * 128 + unit * 16) =
-        make_uint4(0, 0, 0, 0);
+// Rows the block does not attend (past the sequence end, or of a page that was not loaded) may
+// hold anything (NaN): zero their V part, so that 0 * NaN cannot reach the output through P V.
+// Each warp of the score warpgroup clears its rows r = warp (mod 4) outside `keep`.
+__device__ __forceinline__ void zero_value_rows(uint8_t* kv, uint64_t keep) {
+  const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  for (int row = warp; row < kBlockTokens; row += 4) {
+    if ((keep >> row) & 1) continue;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {  // the row's 64 16-byte units of V, 8 per chunk
+      const int unit = lane + 32 * k;
+      *reinterpret_cast<uint4*>(kv + unit / 8 * kChunkBytes + row * 128 + unit % 8 * 16) =
+          make_uint4(0, 0, 0, 0);
+    }
   }
   fence_proxy_async_smem();  // the zeros before the wgmma reads of V
 }
@@ -193,8 +271,10 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
   }
 }
 
-// WG1 and WG2: every request of the part, block by block, then its epilogue.
-template <typename Element>
+// WG1 and WG2: every request of the part, block by block, then its epilogue. Gathered blocks
+// may hold rows that were not loaded: the stage's row mask masks their keys; a block loaded by
+// TMA is loaded whole or not at all.
+template <typename Element, bool kGather>
 __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage& smem,
                                           const MetadataRow& part, int kv_head, int s0, int j0) {
   const DenseDecodeParams& p = args.params;
@@ -223,22 +303,28 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
       mbarrier_wait(&smem.kv_full[stage], kv_phase);
       uint8_t* kv = smem.kv[stage];
       uint8_t* p_tile = kv + kRopeChunk * kChunkBytes;
-      // Uniform per warp (the producer wrote it before completing the barrier). Branching on
+      // Uniform per warp (the loader wrote it before completing the barrier). Branching on
       // it ahead of S keeps the softmax's warp shuffles free of divergence checks; issuing S
       // first, to hide this load, made ptxas add them (8% more cycles per block, H100).
-      const bool present = smem.kv_present[stage];
+      const uint64_t loaded = smem.kv_rows[stage];
+      const bool present = loaded != 0;
       if (score_wg) {
         if (present) {
           float s[32];
           issue_scores<Element, kQKChunks>(smem.q, kv, s);
           wgmma_wait<0>();
           if (blk == w.hi - 1) mbarrier_arrive(&smem.q_empty);  // Q is free for the next request
-          const int valid_rows = w.length - blk * kKernelPageSize;
-          if (valid_rows < kKernelPageSize) zero_value_tail(kv, valid_rows);
+          const int valid_rows = w.length - blk * kBlockTokens;
+          const uint64_t keep =
+              (valid_rows < kBlockTokens ? (1ull << valid_rows) - 1 : ~0ull) & loaded;
+          if (keep != ~0ull) zero_value_rows(kv, keep);
           uint32_t packed[16];
           float factor[2];
           const auto attends = [&](int i, int h, int e) {
-            return blk * kKernelPageSize + i * 8 + t.quad_col + e < key_limit[h];
+            const int column = i * 8 + t.quad_col + e;
+            const bool in_length = blk * kBlockTokens + column < key_limit[h];
+            if constexpr (kGather) return in_length && ((loaded >> column) & 1);
+            return in_length;
           };
           online_softmax<Element>(s, attends, args.scale_log2, rows, o, packed, factor);
           publish_p(p_tile, packed, factor, smem.row_factor[stage], t, stage);
@@ -263,7 +349,7 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
   }
 }
 
-template <typename Element>
+template <typename Element, bool kGather>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_kernel(const __grid_constant__ KernelArgs args) {
   extern __shared__ uint8_t smem_raw[];
@@ -280,7 +366,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&smem.kv_full[s], 1);
+      mbarrier_init(&smem.kv_full[s], kFullArrivals<kGather>);
       mbarrier_init(&smem.kv_empty[s], kConsumerThreads);
     }
     mbarrier_init(&smem.q_full, 1);
@@ -293,12 +379,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int j0 = (q_tile % args.tile.head_tiles) * args.tile.heads_per_tile;
   if (threadIdx.x / 128 == 0) {
     registers_decrease<40>();
-    if (threadIdx.x == 0) load_role(args, smem, part, kv_head, s0, j0);
+    load_role<Element, kGather>(args, smem, part, kv_head, s0, j0);
     return;
   }
   registers_increase<232>();
   if (threadIdx.x / 128 == 1) JFM_SPAN_BEGIN();
-  math_role<Element>(args, smem, part, kv_head, s0, j0);
+  math_role<Element, kGather>(args, smem, part, kv_head, s0, j0);
   if (threadIdx.x / 128 == 1) JFM_SPAN_END();
 }
 
@@ -319,9 +405,9 @@ struct DeviceSetup {
   int cluster_ctas;    // resident CTAs in clusters of kClusterTiles; 0 if unknown
 };
 
-template <typename Element>
+template <typename Element, bool kGather>
 DeviceSetup query_device_setup(int device) {
-  const auto kernel = dense_decode_kernel<Element>;
+  const auto kernel = dense_decode_kernel<Element, kGather>;
   // A failed query sets the runtime's last error; clear it only if it was clear before, so
   // that an error of someone else's stays for them to see.
   const bool error_slot_clear = cudaPeekAtLastError() == cudaSuccess;
@@ -359,22 +445,20 @@ DeviceSetup query_device_setup(int device) {
   return setup;
 }
 
-template <typename Element>
+template <typename Element, bool kGather>
 DeviceSetup device_setup() {
-  return per_device_once([](int device) { return query_device_setup<Element>(device); },
-                         [](const DeviceSetup& setup) {
-                           return setup.status == cudaSuccess && setup.plain_ctas > 0;
-                         });
+  return per_device_once(
+      [](int device) { return query_device_setup<Element, kGather>(device); },
+      [](const DeviceSetup& setup) { return setup.status == cudaSuccess && setup.plain_ctas > 0; });
 }
 
-// Launches the kernel for one element type (instantiated in decode_dense_<type>.cu): in
-// clusters of kClusterTiles query tiles where their number allows it and clusters keep as many
-// CTAs resident as a plain launch. A KV block all of whose readers are in one cluster is dead
-// once they have read it (evict first); otherwise it stays in the L2 for the other tiles'
-// reads (evict normal).
-template <typename Element>
-cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
-  const DeviceSetup setup = device_setup<Element>();
+// Launches one variant of the kernel: in clusters of kClusterTiles query tiles where their
+// number allows it and clusters keep as many CTAs resident as a plain launch. A KV block all of
+// whose readers are in one cluster is dead once they have read it (evict first); otherwise it
+// stays in the L2 for the other tiles' reads (evict normal).
+template <typename Element, bool kGather>
+cudaError_t launch_variant(const KernelArgs& args, cudaStream_t stream) {
+  const DeviceSetup setup = device_setup<Element, kGather>();
   if (setup.status != cudaSuccess) return setup.status;
   const dim3 grid(static_cast<unsigned>(args.params.num_parts),
                   static_cast<unsigned>(args.params.h_kv),
@@ -388,7 +472,15 @@ cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
       cluster_tiles == args.tile.num_tiles ? kCacheEvictFirst : kCacheEvictNormal;
   const LaunchShape shape{grid, dim3(kThreads), kSmemBytes, dim3(1, 1, cluster_tiles),
                           /*pdl=*/true};
-  return launch_kernel(dense_decode_kernel<Element>, shape, stream, launch_args);
+  return launch_kernel(dense_decode_kernel<Element, kGather>, shape, stream, launch_args);
+}
+
+// Launches the kernel for one element type (instantiated in decode_dense_<type>.cu): blocks
+// by TMA where pages are a multiple of 64 tokens, else gathered token by token.
+template <typename Element>
+cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
+  return args.page % kBlockTokens == 0 ? launch_variant<Element, false>(args, stream)
+                                       : launch_variant<Element, true>(args, stream);
 }
 
 }  // namespace jfm::sm90::decode_dense

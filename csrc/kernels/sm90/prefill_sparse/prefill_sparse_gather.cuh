@@ -1,17 +1,15 @@
 // The sparse prefill kernels' loaders (forward and backward): the query-side head tiles by
 // TMA, and the gather, in which a loader warpgroup copies a token's blocks of 64 selected kv
-// rows straight into a shared-memory stage of 64-dim chunks (64 rows x 128 bytes, 128-byte
-// swizzled, the layout wgmma reads), with 16-byte cp.async.
-// Row `row` of a block is copied by the 8 threads of lane group `lane / 8`: thread j copies
-// 16-byte unit j of every chunk into unit j ^ (row % 8) of that chunk's row. A slot that
-// selects nothing (not counted, or an index outside [0, s_kv)) is zero-filled with a source
-// size of 0: no byte of it is read.
+// rows straight into a shared-memory stage of 64-dim chunks (row_gather.cuh), the rows of a
+// block by the 8 threads of lane group `lane / 8`. A slot that selects nothing (not counted,
+// or an index outside [0, s_kv)) is zero-filled: no byte of it is read.
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/sm90/hopper.cuh"
 #include "kernels/sm90/mla_tile.cuh"
+#include "kernels/sm90/row_gather.cuh"
 
 namespace jfm::sm90::prefill_sparse {
 
@@ -77,16 +75,7 @@ __device__ __forceinline__ uint32_t gather_block(const uint8_t* kv, int64_t s_kv
     const bool selects = selects_row(index, s_kv);
     // A slot that selects nothing reads no byte: its row is zero-filled from row 0's address.
     const uint8_t* src = kv + j * 16 + (selects ? index : 0) * kRowBytes;
-    const uint32_t dst = stage_base + row * 128 + ((j ^ (row % 8)) << 4);
-#pragma unroll
-    for (int c = 0; c < kQKChunks; ++c) {
-      cp_async_16(dst + c * kChunkBytes, src + c * 128, selects ? 16 : 0);
-    }
-    // Lanes 0, 8, 16, 24 speak for the 4 rows of this pass.
-    const uint32_t ballot = __ballot_sync(0xffffffffu, selects);
-    const uint32_t four =
-        (ballot & 1u) | ((ballot >> 7) & 2u) | ((ballot >> 14) & 4u) | ((ballot >> 21) & 8u);
-    attending |= four << (4 * pass);
+    attending |= copy_row_units<kQKChunks>(stage_base, row, j, src, selects) << (4 * pass);
   }
   return attending;
 }
