@@ -3,8 +3,9 @@
 # parts that each take under 10 minutes (times measured or estimated on the H200, 16 cores):
 #
 #   bash tests/gpu_validate.sh kernel    # build; quick dense GPU tests (~250-300 s); the C++
-#                                        # tests decode_check and graph_capture, plain and
-#                                        # under memcheck (~20-90 s)
+#                                        # tests decode_check and graph_capture (TMA and
+#                                        # gathering variants), plain and under memcheck
+#                                        # (~20-90 s)
 #   bash tests/gpu_validate.sh sparse    # build; the C++ tests decode_sparse_check and
 #                                        # graph_capture sparse, plain and under memcheck
 #                                        # (~10 s); quick sparse GPU tests (100-150 s on an
@@ -55,8 +56,8 @@
 # Logs and results go to ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}: quick_tests.log,
 # quick_sparse_tests.log, quick_prefill_sparse_tests.log, NAME.txt and NAME_memcheck.txt for
 # each C++ test NAME (decode_check, decode_sparse_check, prefill_sparse_check, graph_capture,
-# graph_capture_sparse), decode_dense.{json,txt,png}, decode_sparse.{json,txt,png},
-# prefill_sparse.{json,txt,png}, the full matrix shard logs,
+# graph_capture_gather, graph_capture_sparse), decode_dense.{json,txt,png},
+# decode_sparse.{json,txt,png}, prefill_sparse.{json,txt,png}, the full matrix shard logs,
 # memcheck_{decode,rules,schedule,graphs,sparse}.log. Exit status non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -151,7 +152,8 @@ case "${1:-}" in
     cpp_build=$!
     step build build
     step "quick GPU tests" quick_tests quick_tests.log "${QUICK_FILES[@]}"
-    step "C++ tests + memcheck" cpp_tests "$cpp_build" decode_check graph_capture ;;
+    step "C++ tests + memcheck" cpp_tests "$cpp_build" decode_check graph_capture \
+      graph_capture:gather ;;
   sparse)
     build_cpp_tests &
     cpp_build=$!

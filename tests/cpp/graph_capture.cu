@@ -1,8 +1,9 @@
 // C++ test: the launch functions are safe to capture into a CUDA graph, also on their very
 // first call in a process, and the replayed graph gives the same bits as eager launches.
-// `graph_capture` checks the dense decode; `graph_capture sparse` the sparse FP8 decode (V32
-// cache, page 61, an attention sink), each in a process of its own, so that each launcher's
-// one-time setup runs under the capture.
+// `graph_capture` checks the dense decode (page 64: blocks by TMA); `graph_capture gather` the
+// dense decode with pages of 16 tokens (its gathering variant); `graph_capture sparse` the
+// sparse FP8 decode (V32 cache, page 61, an attention sink), each in a process of its own, so
+// that each launcher's one-time setup runs under the capture.
 //
 // 1. A foreign, non-sticky error is left in the runtime's last-error slot (an impossible
 //    cudaMalloc), as another library on the thread might leave one.
@@ -40,14 +41,18 @@
 
 namespace {
 
-constexpr int kBatch = 6, kSq = 2, kHq = 128, kMaxBlocks = 40, kNumParts = 66;
-constexpr int kPage = jfm::kDefaultPageSize, kDqk = jfm::kHeadDimQK, kDv = jfm::kHeadDimV;
+// The dense cases: kCacheTokens tokens per request, in pages of `page` tokens.
+constexpr int kBatch = 6, kSq = 2, kHq = 128, kCacheTokens = 40 * 64, kNumParts = 66;
+constexpr int kDqk = jfm::kHeadDimQK, kDv = jfm::kHeadDimV;
 // The sparse case: V32 tokens of 656 bytes in blocks of 61, 256 slots per query token.
 constexpr int kSparsePage = 61, kSparseBlocks = 33, kTopk = 256, kTokenBytes = 656;
 constexpr int kSparseTokens = kSparsePage * kSparseBlocks;
 constexpr int kSparseParts = 132 / (kSq * 2);  // as the op computes it for h_q 128
 
 bool sparse = false;  // which decode the test captures (argv[1] == "sparse")
+int page = jfm::kDefaultPageSize;  // the dense cache's page (argv[1] == "gather": 16)
+
+int max_blocks() { return kCacheTokens / page; }  // block-table entries per request
 
 bool failed = false;
 
@@ -159,9 +164,9 @@ cudaError_t enqueue(const Buffers& d, cudaStream_t stream) {
   p.s_q = kSq;
   p.h_q = kHq;
   p.h_kv = 1;
-  p.num_blocks = kBatch * kMaxBlocks;
-  p.page = kPage;
-  p.max_blocks_per_seq = kMaxBlocks;
+  p.num_blocks = kBatch * max_blocks();
+  p.page = page;
+  p.max_blocks_per_seq = max_blocks();
   p.num_parts = kNumParts;
   p.softmax_scale = 1.f / 24.f;
   p.causal = true;
@@ -191,14 +196,16 @@ Result read_back(const Buffers& d, cudaStream_t stream) {
 
 int main(int argc, char** argv) {
   sparse = argc > 1 && std::strcmp(argv[1], "sparse") == 0;
-  std::printf("graph capture of the %s decode\n", sparse ? "sparse FP8" : "dense");
+  if (argc > 1 && std::strcmp(argv[1], "gather") == 0) page = 16;
+  std::printf("graph capture of the %s decode\n",
+              sparse ? "sparse FP8" : page == 16 ? "dense (page 16, gathered)" : "dense");
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   Buffers d;
   d.q = device_alloc<uint16_t>(kQElems);
-  d.cache = device_alloc<uint16_t>(size_t(kBatch) * kMaxBlocks * kPage * kDqk);
+  d.cache = device_alloc<uint16_t>(size_t(kBatch) * kCacheTokens * kDqk);
   d.out = device_alloc<uint16_t>(kOutElems);
-  d.table = device_alloc<int>(size_t(kBatch) * kMaxBlocks);
+  d.table = device_alloc<int>(size_t(kBatch) * max_blocks());
   d.lengths = device_alloc<int>(kBatch);
   d.num_splits = device_alloc<int>(kBatch + 1);
   d.metadata = device_alloc<jfm::MetadataRow>(kNumParts);
@@ -206,9 +213,9 @@ int main(int argc, char** argv) {
   d.partial_o = device_alloc<float>(kPartialRows * kDv);
   d.partial_lse = device_alloc<float>(kPartialRows);
 
-  const std::vector<uint16_t> cache = random_bf16(size_t(kBatch) * kMaxBlocks * kPage * kDqk, 7);
+  const std::vector<uint16_t> cache = random_bf16(size_t(kBatch) * kCacheTokens * kDqk, 7);
   CHECK(cudaMemcpy(d.cache, cache.data(), cache.size() * 2, cudaMemcpyHostToDevice));
-  std::vector<int> table(size_t(kBatch) * kMaxBlocks);
+  std::vector<int> table(size_t(kBatch) * max_blocks());
   for (size_t i = 0; i < table.size(); ++i) table[i] = int((i * 37) % table.size());
   CHECK(cudaMemcpy(d.table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
   const int lengths[kBatch] = {2500, 1, 0, 700, 2560, 64};
