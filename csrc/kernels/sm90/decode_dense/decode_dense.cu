@@ -73,7 +73,7 @@ cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream)
   // k_cache [num_blocks * page, h_kv, 576]: one box is 64 tokens x 64 dims of one KV head (no
   // map where the loaders gather).
   const bool kv_ok =
-      p.num_blocks == 0 || p.page % kSchedulerBlockTokens != 0 ||
+      p.num_blocks == 0 || sm90::decode_dense::gathers_blocks(p.page) ||
       encode_map_16bit<3>(&args.kv_map, p.k_cache,
                           {kHeadDimQK, static_cast<cuuint64_t>(p.h_kv),
                            static_cast<cuuint64_t>(p.num_blocks * p.page)},

@@ -40,6 +40,10 @@ inline TileShape tile_shape(int64_t s_q, int64_t h_q, int64_t h_kv) {
   return t;
 }
 
+// Whether the loaders gather a cache's blocks token by token: where its pages are not a
+// multiple of the 64-token KV block (else each block lies in one page and comes by TMA).
+inline bool gathers_blocks(int64_t page) { return page % kSchedulerBlockTokens != 0; }
+
 struct KernelArgs {
   CUtensorMap q_map;   // [batch * s_q, h_kv, group, 576] viewed 4-D, box {64, hpt, 1, spt}
   CUtensorMap kv_map;  // [num_blocks * page, h_kv, 576] viewed 3-D, box {64, 1, 64}; unset

@@ -217,19 +217,17 @@ __device__ __forceinline__ ThreadRows thread_rows(const TileShape& tile, int64_t
   return t;
 }
 
-// Rows the block does not attend (past the sequence end, or of a page that was not loaded) may
-// hold anything (NaN): zero their V part, so that 0 * NaN cannot reach the output through P V.
-// Each warp of the score warpgroup clears its rows r = warp (mod 4) outside `keep`.
-__device__ __forceinline__ void zero_value_rows(uint8_t* kv, uint64_t keep) {
-  const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-  for (int row = warp; row < kBlockTokens; row += 4) {
-    if ((keep >> row) & 1) continue;
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {  // the row's 64 16-byte units of V, 8 per chunk
-      const int unit = lane + 32 * k;
-      *reinterpret_cast<uint4*>(kv + unit / 8 * kChunkBytes + row * 128 + unit % 8 * 16) =
-          make_uint4(0, 0, 0, 0);
-    }
+// Rows past the sequence end in a request's last block may hold anything (NaN): zero their V
+// part so that 0 * NaN cannot reach the output through P V. (Only blocks loaded whole need it:
+// the gather zero-fills every row it does not load.)
+__device__ __forceinline__ void zero_value_tail(uint8_t* kv, int valid_rows) {
+  const int units = (kBlockTokens - valid_rows) * (kHeadDimV / 8);
+  for (int u = threadIdx.x % 128; u < units; u += 128) {
+    const int row = valid_rows + u / (kHeadDimV / 8);
+    const int piece = u % (kHeadDimV / 8);  // 16-byte piece of the row's V
+    const int chunk = piece / 8, unit = piece % 8;
+    *reinterpret_cast<uint4*>(kv + chunk * kChunkBytes + row * 128 + unit * 16) =
+        make_uint4(0, 0, 0, 0);
   }
   fence_proxy_async_smem();  // the zeros before the wgmma reads of V
 }
@@ -314,10 +312,10 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
           issue_scores<Element, kQKChunks>(smem.q, kv, s);
           wgmma_wait<0>();
           if (blk == w.hi - 1) mbarrier_arrive(&smem.q_empty);  // Q is free for the next request
-          const int valid_rows = w.length - blk * kBlockTokens;
-          const uint64_t keep =
-              (valid_rows < kBlockTokens ? (1ull << valid_rows) - 1 : ~0ull) & loaded;
-          if (keep != ~0ull) zero_value_rows(kv, keep);
+          if constexpr (!kGather) {
+            const int valid_rows = w.length - blk * kBlockTokens;
+            if (valid_rows < kBlockTokens) zero_value_tail(kv, valid_rows);
+          }
           uint32_t packed[16];
           float factor[2];
           const auto attends = [&](int i, int h, int e) {
@@ -479,8 +477,8 @@ cudaError_t launch_variant(const KernelArgs& args, cudaStream_t stream) {
 // by TMA where pages are a multiple of 64 tokens, else gathered token by token.
 template <typename Element>
 cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
-  return args.page % kBlockTokens == 0 ? launch_variant<Element, false>(args, stream)
-                                       : launch_variant<Element, true>(args, stream);
+  return gathers_blocks(args.page) ? launch_variant<Element, true>(args, stream)
+                                   : launch_variant<Element, false>(args, stream);
 }
 
 }  // namespace jfm::sm90::decode_dense
