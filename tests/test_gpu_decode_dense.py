@@ -783,7 +783,9 @@ def test_quick_scan_over_layers(causal, h_q, h_kv):
 
 def test_matrix_layout():
     """The matrix has the advertised size and the quick sample covers every axis value."""
-    assert len(ALL_CASES) == len(BATCHES) * len(S_QS) * len(S_KS) * len(HEAD_PAIRS) * 4
+    assert len(ALL_CASES) == (
+        len(BATCHES) * len(S_QS) * len(S_KS) * len(HEAD_PAIRS) * len(PAGES) * 4
+    )
     assert len(QUICK_CASES) + len(FULL_CASES) == len(ALL_CASES)
     for axis, value_of in AXES.items():
         assert {value_of(c) for c in QUICK_CASES} == {value_of(c) for c in ALL_CASES}, axis
