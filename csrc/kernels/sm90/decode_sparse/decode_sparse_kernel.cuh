@@ -2,11 +2,13 @@
 //
 // Roles (384 threads, three warpgroups), one device function each:
 //   load_role (WG0, all 128 threads): the query tile by TMA (one thread), and every block of 64
-//     selected tokens: each token is gathered by 8 threads with 16-byte loads straight into
-//     registers (32 tokens of a block in flight at once), dequantised (FP8 x scale to
-//     bfloat16, exactly) and stored into the stage's 128-byte-swizzled K chunks, zeros for a
-//     slot that selects nothing; the stage's 64-bit mask of attending slots goes beside it. A
-//     2-stage ring, completed on mbarriers by all 128 threads.
+//     selected tokens: each token is gathered by 4 threads with 16-byte loads straight into
+//     registers (the whole block in flight at once, its slot indices read a block ahead),
+//     dequantised (FP8 x scale to bfloat16, exactly) and stored into the stage's
+//     128-byte-swizzled K chunks, zeros for a slot that selects nothing; the stage's mask of
+//     attending slots goes beside it. A 2-stage ring, completed on mbarriers by all 128
+//     threads. At h_q > 64 the two head tiles of a part run as a cluster of two CTAs, each
+//     gathering half of every block into both CTAs' stages (st.async to the other one).
 //   WG1 and WG2, the math warpgroups, as in the dense decode (mla_tile.cuh): WG1 computes S,
 //     the online softmax under the stage's mask, hands P to WG2 through the stage's chunk 8
 //     (V32's RoPE chunk, which nothing reads once S is done; unused by MODEL1) and accumulates
@@ -37,18 +39,23 @@ constexpr int kStageBytes = kStageChunks * kChunkBytes;
 constexpr int kStages = 2;
 constexpr int kThreads = 384;
 constexpr int kLoaderThreads = 128;
-constexpr int kTokenThreads = 8;  // loader threads per token: 8 x 16 bytes = one 128-byte row
-constexpr int kPasses = kBlockSlots * kTokenThreads / kLoaderThreads;  // tokens per thread: 4
-constexpr int kWarpSlots = kBlockSlots / 4;                            // slots per loader warp
-constexpr int kPassesInFlight = 2;
+// Each selected token is gathered by 4 loader threads, thread j taking the 16-byte columns j,
+// j + 4, j + 8, ... of its bytes (4 threads read 64 contiguous bytes per load); a pass covers
+// 32 slots and a block two passes, whose loads are all in flight at once.
+constexpr int kTokenThreads = 4;
+constexpr int kPassSlots = kLoaderThreads / kTokenThreads;  // 32
+constexpr int kPasses = kBlockSlots / kPassSlots;           // tokens per thread per block: 2
 // Registers per thread after the split: the CTA keeps what it was launched with, 168 per
 // thread (384 threads, one CTA per SM), so the loaders must give up as many as the math
-// warpgroups take, or setmaxnreg.inc waits forever. The math warpgroups hold O (128), S (32)
-// and P (16); the loaders the loads in flight.
+// warpgroups take, or setmaxnreg.inc waits forever. Both math warpgroups hold O (128); WG1 also
+// S (32), P (16) and the softmax state, WG2 P; the loaders a whole block's loads (2 tokens of
+// 11 16-byte loads) and the next block's slot indices.
 constexpr uint32_t kLaunchRegisters = 168;
-constexpr uint32_t kMathRegisters = 200;
-constexpr uint32_t kLoaderRegisters = 104;
-static_assert(2 * 128 * kMathRegisters + 128 * kLoaderRegisters <= kThreads * kLaunchRegisters,
+constexpr uint32_t kScoreRegisters = 208;
+constexpr uint32_t kValueRegisters = 176;
+constexpr uint32_t kLoaderRegisters = 120;
+static_assert(128 * (kScoreRegisters + kValueRegisters + kLoaderRegisters) <=
+                  kThreads * kLaunchRegisters,
               "the math warpgroups take no more registers than the loaders give up");
 
 // Where a layout keeps a token's parts (docs/ops.md, FP8 cache layouts).
@@ -85,7 +92,10 @@ struct alignas(1024) SharedStorage {
   uint64_t kv_empty[kStages];
   uint64_t q_full;
   uint64_t q_empty;
-  uint16_t attending[kStages][4];  // per loader warp: bit t = its slot t selects a token
+  // Word g of a stage: bit t = slot 8 g + t selects a token (bits 8-31 repeat bits 0-7; one
+  // word per loader warp and pass, so that a CTA of a pair can send its words to the other
+  // with 4-byte stores).
+  alignas(16) uint32_t attending[kStages][kBlockSlots / 8];
 };
 
 // ---- FP8 to bfloat16 ------------------------------------------------------------------------
@@ -183,46 +193,51 @@ __device__ __forceinline__ RequestWork request_work(const KernelArgs& args,
 
 // ---- Load role ------------------------------------------------------------------------------
 
-// One selected token as a loader thread holds it: its share of the NoPE bytes (pieces
-// j, j + 8, j + 16, j + 24 for thread j of the token's 8), RoPE piece j and the scales.
+// One selected token as a loader thread holds it: thread j of the token's 4 holds the NoPE
+// pieces j + 4 i (16 e4m3 values each; piece j + 4 i fills units 2 j and 2 j + 1 of K chunk i),
+// the RoPE units j and j + 4, and the token's scales.
+template <Fp8Layout kLayout>
 struct TokenShare {
-  uint4 nope[4];
-  uint4 rope;
+  static constexpr int kNope = LayoutTraits<kLayout>::kNopePieces / kTokenThreads;
+  uint4 nope[kNope];
+  uint4 rope[2];
   uint4 scales;  // V32: 4 x float32; MODEL1: 8 e8m0 bytes in .x and .y
   bool selects;  // the slot counts and its index is inside the cache
 };
 
-// Issues the loads of this thread's share of the token selected by `index` (nothing when the
-// index is outside [0, num_tokens)).
+// Issues the loads of thread j's share of the token selected by `index` (nothing, and zeros,
+// when the index is outside [0, num_tokens); an uncounted slot comes as -1).
 template <Fp8Layout kLayout>
-__device__ __forceinline__ TokenShare gather_token(const uint8_t* cache, int64_t num_tokens,
-                                                   int64_t page, int64_t index, bool counted,
-                                                   int j) {
+__device__ __forceinline__ TokenShare<kLayout> gather_token(const uint8_t* cache,
+                                                            int64_t num_tokens, int64_t page,
+                                                            int32_t index, int j) {
   using L = LayoutTraits<kLayout>;
-  TokenShare share;
-  share.selects = counted && index >= 0 && index < num_tokens;
+  using Share = TokenShare<kLayout>;
+  Share share;
+  share.selects = index >= 0 && index < num_tokens;
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) share.nope[i] = zero;
-  share.rope = share.scales = zero;
+  for (int i = 0; i < Share::kNope; ++i) share.nope[i] = zero;
+  share.rope[0] = share.rope[1] = share.scales = zero;
   if (!share.selects) return share;
   if constexpr (kLayout == Fp8Layout::kV32) {
-    const uint8_t* token = cache + index * fp8_bytes_per_token(kLayout);
+    const uint8_t* token = cache + int64_t{index} * fp8_bytes_per_token(kLayout);
+    const uint8_t* column = token + j * 16;  // the loads below: immediate offsets from here
 #pragma unroll
-    for (int i = 0; i < 4; ++i) share.nope[i] = load_16(token + (j + 8 * i) * 16);
-    share.rope = load_16(token + L::kRopeOffset + j * 16);
+    for (int i = 0; i < Share::kNope; ++i) share.nope[i] = load_16(column + 64 * i);
+    share.rope[0] = load_16(column + L::kRopeOffset);
+    share.rope[1] = load_16(column + L::kRopeOffset + 64);
     share.scales = load_16(token + kHeadDimLatent);
   } else {
     // 0 <= index < 2^31 and page < 2^31: a 32-bit division is exact.
     const uint32_t block = static_cast<uint32_t>(index) / static_cast<uint32_t>(page);
     const uint32_t row = static_cast<uint32_t>(index) - block * static_cast<uint32_t>(page);
     const uint8_t* block_base = cache + int64_t{block} * page * fp8_bytes_per_token(kLayout);
-    const uint8_t* token = block_base + int64_t{row} * L::kTokenDataBytes;
+    const uint8_t* column = block_base + int64_t{row} * L::kTokenDataBytes + j * 16;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (j + 8 * i < L::kNopePieces) share.nope[i] = load_16_of_8_aligned(token + (j + 8 * i) * 16);
-    }
-    share.rope = load_16_of_8_aligned(token + L::kRopeOffset + j * 16);
+    for (int i = 0; i < Share::kNope; ++i) share.nope[i] = load_16_of_8_aligned(column + 64 * i);
+    share.rope[0] = load_16_of_8_aligned(column + L::kRopeOffset);
+    share.rope[1] = load_16_of_8_aligned(column + L::kRopeOffset + 64);
     const uint2 record =
         load_8(block_base + page * L::kTokenDataBytes + int64_t{row} * L::kScaleRecordBytes);
     share.scales = make_uint4(record.x, record.y, 0, 0);
@@ -242,103 +257,163 @@ __device__ __forceinline__ __nv_bfloat162 piece_scale(const uint4& scales, int p
   }
 }
 
-// Stores this thread's share of a token, dequantised, into row `row` of the stage's chunks
-// (16-byte unit u of a row sits at unit u ^ (row % 8)). Thread j's pieces j + 8 i all fill
-// units 2 (j % 4) and 2 (j % 4) + 1 of their chunks, so two swizzled offsets serve them all;
-// threads 4-7 of a token write the second unit first, so that the 8 threads of a store hit 8
-// distinct bank groups.
-template <Fp8Layout kLayout>
-__device__ __forceinline__ void store_token(uint32_t stage, const TokenShare& share, int row,
-                                            int j) {
-  using L = LayoutTraits<kLayout>;
-  const int swizzle = row % 8, unit = 2 * (j % 4);
-  const uint32_t lo_unit = stage + row * 128 + ((unit ^ swizzle) << 4);
-  const uint32_t hi_unit = stage + row * 128 + (((unit + 1) ^ swizzle) << 4);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int piece = j + 8 * i;
-    if (piece >= L::kNopePieces) continue;
-    uint4 lo, hi;
-    dequantize_piece(share.nope[i], piece_scale<kLayout>(share.scales, piece), lo, hi);
-    const uint32_t chunk_offset = (piece / 4) * kChunkBytes;
-    if (j < 4) {
-      store_shared_16(lo_unit + chunk_offset, lo);
-      store_shared_16(hi_unit + chunk_offset, hi);
-    } else {
-      store_shared_16(hi_unit + chunk_offset, hi);
-      store_shared_16(lo_unit + chunk_offset, lo);
-    }
+// Where a loader thread's stores go: its own CTA's stage and, in a pair, the other CTA's same
+// stage (st.async, counted on that CTA's full barrier).
+template <bool kPaired>
+struct StageTarget {
+  uint32_t stage;      // shared::cta address of the stage
+  uint32_t peer;       // shared::cluster address of the other CTA's stage (pairs)
+  uint32_t peer_full;  // shared::cluster address of the other CTA's full barrier (pairs)
+
+  __device__ __forceinline__ void put(uint32_t offset, const uint4& v) const {
+    store_shared_16(stage + offset, v);
+    if constexpr (kPaired) store_async_16(peer + offset, v, peer_full);
   }
-  store_shared_16(stage + L::kRopeChunk * kChunkBytes + row * 128 + ((j ^ swizzle) << 4),
-                  share.rope);
+};
+
+// Stores thread j's share of a token, dequantised, into row `row` of the stage's chunks
+// (16-byte unit u of a row sits at unit u ^ (row % 8)). The 8 threads of a store phase hold
+// the same j and 8 consecutive rows, so they hit 8 distinct bank groups.
+template <Fp8Layout kLayout, bool kPaired>
+__device__ __forceinline__ void store_token(const StageTarget<kPaired>& target,
+                                            const TokenShare<kLayout>& share, int row, int j) {
+  using L = LayoutTraits<kLayout>;
+  const int swizzle = row % 8;
+  const uint32_t lo_unit = row * 128 + (((2 * j) ^ swizzle) << 4);
+  const uint32_t hi_unit = row * 128 + (((2 * j + 1) ^ swizzle) << 4);
+#pragma unroll
+  for (int i = 0; i < TokenShare<kLayout>::kNope; ++i) {
+    uint4 lo, hi;
+    dequantize_piece(share.nope[i], piece_scale<kLayout>(share.scales, j + 4 * i), lo, hi);
+    target.put(lo_unit + i * kChunkBytes, lo);
+    target.put(hi_unit + i * kChunkBytes, hi);
+  }
+  const uint32_t rope_row = row * 128 + L::kRopeChunk * kChunkBytes;
+  target.put(rope_row + ((j ^ swizzle) << 4), share.rope[0]);
+  target.put(rope_row + (((j + 4) ^ swizzle) << 4), share.rope[1]);
 }
 
-// WG0: for each request with work, the query tile (thread 0, TMA), then its blocks of 64 slots
-// through the stage ring, all 128 threads gathering and dequantising.
+// Where block `blk` of request `req` (its main blocks first, then its extra ones) takes its
+// slots from.
+struct BlockSlots {
+  const SparseKeySource* source;
+  const int32_t* index;  // the block's first slot
+  int counted;           // slots of the block that count (may exceed 64)
+};
+
+__device__ __forceinline__ BlockSlots block_slots(const SparseDecodeParams& p,
+                                                  const RequestWork& w, int req, int token,
+                                                  int blk) {
+  const bool extra = blk >= w.main_blocks;
+  const SparseKeySource& source = extra ? p.extra : p.main;
+  const int first_slot = (extra ? blk - w.main_blocks : blk) * kBlockSlots;
+  return {&source,
+          source.indices + (static_cast<int64_t>(req) * p.s_q + token) * source.topk + first_slot,
+          (extra ? w.extra_slots : w.main_slots) - first_slot};
+}
+
+// The index that slot `slot` of a block selects, -1 for a slot that does not count.
+__device__ __forceinline__ int32_t slot_index(const BlockSlots& b, int slot) {
+  return slot < b.counted ? b.index[slot] : -1;
+}
+
+// Bytes one CTA of a pair writes into the other per block: its 32 rows of every K chunk the
+// layout fills, and its 4 words of the attending mask.
 template <Fp8Layout kLayout>
+constexpr uint32_t kPeerBlockBytes =
+    kPassSlots * (LayoutTraits<kLayout>::kQKChunks * 128) + 4 * sizeof(uint32_t);
+
+// WG0: for each request with work, the query tile (thread 0, TMA), then its blocks of 64 slots
+// through the stage ring, all 128 threads gathering and dequantising: one token per thread and
+// pass of 32 slots, two passes per block (in a pair, one: the CTA's half of the block). A
+// block's loads are all issued before the wait for a free stage, and its slot indices are read
+// while the previous block's loads are in flight, so that each block costs one round trip to
+// memory.
+template <Fp8Layout kLayout, bool kPaired>
 __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage& smem,
                                           const MetadataRow& part, int token, int head_tile) {
   using L = LayoutTraits<kLayout>;
+  constexpr int kTokens = kPaired ? 1 : kPasses;  // per thread and block
   const SparseDecodeParams& p = args.params;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int j = lane % kTokenThreads;
+  const int j = lane / 8;  // the token's 16-byte columns j, j + 4, ...
+  const uint32_t peer_rank = kPaired ? cluster_rank() ^ 1 : 0;
+  int slot[kTokens];  // this thread's slots of every block: 8 per warp and pass
+#pragma unroll
+  for (int k = 0; k < kTokens; ++k) {
+    slot[k] = (kPaired ? static_cast<int>(peer_rank ^ 1) : k) * kPassSlots + warp * 8 + lane % 8;
+  }
   if (tid == 0) prefetch_tensor_map(&args.q_map);
-  const uint32_t q_bytes = L::kQKChunks * 128 * args.q_box_rows;
   uint32_t blocks_done = 0;  // stage = blocks_done % 2, its phase = blocks_done / 2 % 2
-  uint32_t q_phase = 0;
   for (int req = part.begin_req; req <= part.end_req; ++req) {
     const RequestWork w = request_work(args, part, req);
     // Q comes for every request, also one without blocks here, so that the Q barriers' phases
     // follow the request count on both sides.
     if (tid == 0) {
-      mbarrier_wait(&smem.q_empty, q_phase ^ 1);
-      mbarrier_arrive_expect_tx(&smem.q_full, q_bytes);
+      // One Q per request: the Q barriers' phase is the request's parity in the part.
+      mbarrier_wait(&smem.q_empty, ((req - part.begin_req) & 1) ^ 1);
+      mbarrier_arrive_expect_tx(&smem.q_full, L::kQKChunks * 128 * args.q_box_rows);
       for (int c = 0; c < L::kQKChunks; ++c) {
         tma_load_3d(smem.q + c * kChunkBytes, &args.q_map, &smem.q_full, c * kChunkElems,
                     head_tile * kQueryTileRows, static_cast<int>(req * p.s_q + token),
                     kCacheEvictNormal);
       }
     }
-    q_phase ^= 1;
+    if (w.lo >= w.hi) continue;
+    int32_t next_index[kTokens];
+    {
+      const BlockSlots first = block_slots(p, w, req, token, w.lo);
+#pragma unroll
+      for (int k = 0; k < kTokens; ++k) next_index[k] = slot_index(first, slot[k]);
+    }
+#pragma unroll 1
     for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
       const int stage = blocks_done % kStages;
-      const uint32_t kv_phase = blocks_done / kStages % 2;
-      const bool extra = blk >= w.main_blocks;
-      const SparseKeySource& source = extra ? p.extra : p.main;
-      const int first_slot = (extra ? blk - w.main_blocks : blk) * kBlockSlots;
-      const int counted = (extra ? w.extra_slots : w.main_slots) - first_slot;
-      const int32_t* slot_index =
-          source.indices + (static_cast<int64_t>(req) * p.s_q + token) * source.topk + first_slot;
-      const uint8_t* cache = static_cast<const uint8_t*>(source.cache);
-      const int64_t num_tokens = source.num_blocks * source.page;
-      // Two passes (8 tokens per warp) in flight at a time: what the loaders' registers hold.
-      uint32_t attending = 0;
-#pragma unroll 1
-      for (int group = 0; group < kPasses / kPassesInFlight; ++group) {
-        TokenShare shares[kPassesInFlight];
+      const SparseKeySource& source = *block_slots(p, w, req, token, blk).source;
+      int32_t index[kTokens];
 #pragma unroll
-        for (int k = 0; k < kPassesInFlight; ++k) {
-          const int slot = warp * kWarpSlots + (group * kPassesInFlight + k) * 4 + lane / 8;
-          const bool is_counted = slot < counted;
-          const int64_t index = is_counted ? slot_index[slot] : -1;
-          shares[k] = gather_token<kLayout>(cache, num_tokens, source.page, index, is_counted, j);
-        }
-        if (group == 0) mbarrier_wait(&smem.kv_empty[stage], kv_phase ^ 1);
+      for (int k = 0; k < kTokens; ++k) index[k] = next_index[k];
+      // The next block's indices go out first, while few registers are live.
+      if (blk + 1 < w.hi) {
+        const BlockSlots next = block_slots(p, w, req, token, blk + 1);
 #pragma unroll
-        for (int k = 0; k < kPassesInFlight; ++k) {
-          const int pass = group * kPassesInFlight + k;
-          store_token<kLayout>(smem_address(smem.kv[stage]), shares[k],
-                               warp * kWarpSlots + pass * 4 + lane / 8, j);
-          // Lanes 0, 8, 16, 24 speak for the 4 tokens of this pass.
-          const uint32_t ballot = __ballot_sync(0xffffffffu, shares[k].selects);
-          const uint32_t four = (ballot & 1u) | ((ballot >> 7) & 2u) | ((ballot >> 14) & 4u) |
-                                ((ballot >> 21) & 8u);
-          attending |= four << (4 * pass);
+        for (int k = 0; k < kTokens; ++k) next_index[k] = slot_index(next, slot[k]);
+      }
+      TokenShare<kLayout> shares[kTokens];
+#pragma unroll
+      for (int k = 0; k < kTokens; ++k) {
+        shares[k] = gather_token<kLayout>(static_cast<const uint8_t*>(source.cache),
+                                          source.num_blocks * source.page, source.page, index[k],
+                                          j);
+      }
+      mbarrier_wait(&smem.kv_empty[stage], (blocks_done / kStages % 2) ^ 1);
+      const uint32_t local = smem_address(smem.kv[stage]);
+      StageTarget<kPaired> target{local, 0, 0};
+      if constexpr (kPaired) {
+        target.peer = cluster_peer_address(local, peer_rank);
+        target.peer_full = cluster_peer_address(smem_address(&smem.kv_full[stage]), peer_rank);
+      }
+#pragma unroll
+      for (int k = 0; k < kTokens; ++k) {
+        // Bits 0-7 (column 0) are this warp's 8 tokens of the pass (each byte repeats them).
+        const uint32_t ballot = __ballot_sync(0xffffffffu, shares[k].selects);
+        if (lane == 0) {
+          const uint32_t word = smem_address(&smem.attending[stage][slot[k] / 8]);
+          store_shared_4(word, ballot);
+          if constexpr (kPaired) {
+            store_async_4(cluster_peer_address(word, peer_rank), ballot, target.peer_full);
+          }
         }
       }
-      if (lane == 0) smem.attending[stage][warp] = static_cast<uint16_t>(attending);
+#pragma unroll
+      for (int k = 0; k < kTokens; ++k) store_token<kLayout, kPaired>(target, shares[k], slot[k], j);
       fence_proxy_async_smem();  // the stores before the wgmma reads of this stage
-      mbarrier_arrive(&smem.kv_full[stage]);
+      // In a pair, thread 0's arrival also announces the bytes the other CTA sends.
+      if (kPaired && tid == 0) {
+        mbarrier_arrive_expect_tx(&smem.kv_full[stage], kPeerBlockBytes<kLayout>);
+      } else {
+        mbarrier_arrive(&smem.kv_full[stage]);
+      }
     }
   }
 }
@@ -388,12 +463,13 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
   }
 }
 
-// WG1 and WG2: every request of the part, block by block, then its epilogue.
-template <Fp8Layout kLayout>
+// WG1 (score_wg) and WG2: every request of the part, block by block, then its epilogue. In a
+// pair, a stage is free once both CTAs' math warpgroups are done with it (each warp also
+// arrives on the other CTA's empty barrier).
+template <Fp8Layout kLayout, bool kPaired, bool score_wg>
 __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage& smem,
                                           const MetadataRow& part, int token, int head_tile) {
   using L = LayoutTraits<kLayout>;
-  const bool score_wg = threadIdx.x / 128 == 1;
   const AccumulatorRows t = accumulator_rows();
   uint32_t blocks_done = 0;  // stage = blocks_done % 2, its phase = blocks_done / 2 % 2
   int request_parity = 0;    // also the phase of the Q barriers (one Q per request)
@@ -412,7 +488,11 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
       mbarrier_wait(&smem.kv_full[stage], blocks_done / kStages % 2);
       uint8_t* kv = smem.kv[stage];
       uint8_t* p_tile = kv + kPChunk * kChunkBytes;
-      const uint64_t attending = *reinterpret_cast<const uint64_t*>(smem.attending[stage]);
+      uint64_t attending = 0;
+#pragma unroll
+      for (int g = 0; g < kBlockSlots / 8; ++g) {
+        attending |= static_cast<uint64_t>(smem.attending[stage][g] & 0xFFu) << (8 * g);
+      }
       if (score_wg) {
         if (attending != 0) {
           float s[32];
@@ -435,12 +515,21 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
         accumulate_pv<Element>(packed, kv + 4 * kChunkBytes, o);
       }
       mbarrier_arrive(&smem.kv_empty[stage]);
+      if constexpr (kPaired) {
+        __syncwarp();
+        if (t.lane == 0) {
+          mbarrier_arrive_cluster(
+              cluster_peer_address(smem_address(&smem.kv_empty[stage]), cluster_rank() ^ 1));
+        }
+      }
     }
     finish_request(args, smem, w, req, token, head_tile, score_wg, t, request_parity, rows, o);
   }
 }
 
-template <Fp8Layout kLayout>
+// kPaired: h_q > 64, the two head tiles of a part and query token run as a cluster of two CTAs
+// that share the gathering (each loads half of every block for both).
+template <Fp8Layout kLayout, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_decode_kernel(const __grid_constant__ KernelArgs args) {
   extern __shared__ uint8_t smem_raw[];
@@ -452,13 +541,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   // (which may produce q, the indices or the metadata), then let the combine kernel launch.
   pdl_wait();
   pdl_launch_dependents();
+  // Both CTAs of a pair read the same part, so both return here or neither does.
   const MetadataRow part = load_part(args.params.tile_metadata, part_index, args.params.batch);
   if (part.begin_req > part.end_req) return;  // an empty part
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&smem.kv_full[s], kLoaderThreads);
-      mbarrier_init(&smem.kv_empty[s], kConsumerThreads);
+      mbarrier_init(&smem.kv_empty[s], kConsumerThreads + (kPaired ? kConsumerThreads / 32 : 0));
     }
     mbarrier_init(&smem.q_full, 1);
     mbarrier_init(&smem.q_empty, 128);
@@ -467,31 +557,49 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (args.q_box_rows < kQueryTileRows) {
     zero_unloaded_query_rows(smem.q, kStageChunks, args.q_box_rows, kThreads);
   }
-  __syncthreads();
+  if constexpr (kPaired) {
+    cluster_sync();  // the other CTA's barriers are ready before anything reaches them
+  } else {
+    __syncthreads();
+  }
 
+  // Each role its own copy of the code, compiled to its own register count.
   if (threadIdx.x < kLoaderThreads) {
     registers_decrease<kLoaderRegisters>();
-    load_role<kLayout>(args, smem, part, token, head_tile);
+    load_role<kLayout, kPaired>(args, smem, part, token, head_tile);
+  } else if (threadIdx.x < kLoaderThreads + 128) {
+    registers_increase<kScoreRegisters>();
+    math_role<kLayout, kPaired, true>(args, smem, part, token, head_tile);
   } else {
-    registers_increase<kMathRegisters>();
-    math_role<kLayout>(args, smem, part, token, head_tile);
+    registers_increase<kValueRegisters>();
+    math_role<kLayout, kPaired, false>(args, smem, part, token, head_tile);
   }
+  // The other CTA may still store into this one's shared memory or arrive on its barriers
+  // until it is done too.
+  if constexpr (kPaired) cluster_sync();
 }
 
 constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage)) + 1024;  // + alignment slack
 
-// Launches the kernel for one layout (instantiated in decode_sparse_<layout>.cu), after its
-// one-time setup on the device (launch.cuh).
-template <Fp8Layout kLayout>
-cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
-  constexpr auto kKernel = sparse_decode_kernel<kLayout>;
+template <Fp8Layout kLayout, bool kPaired>
+cudaError_t launch_variant(const KernelArgs& args, cudaStream_t stream) {
+  constexpr auto kKernel = sparse_decode_kernel<kLayout, kPaired>;
   const cudaError_t setup =
       prepare_register_split_kernel<kKernel>(kLaunchRegisters, kSmemBytes);
   if (setup != cudaSuccess) return setup;
   const dim3 grid(static_cast<unsigned>(args.params.num_parts),
                   static_cast<unsigned>(args.params.s_q), static_cast<unsigned>(args.head_tiles));
-  const LaunchShape shape{grid, dim3(kThreads), kSmemBytes, dim3(1, 1, 1), /*pdl=*/true};
+  const LaunchShape shape{grid, dim3(kThreads), kSmemBytes, dim3(1, 1, kPaired ? 2 : 1),
+                          /*pdl=*/true};
   return launch_kernel(kKernel, shape, stream, args);
+}
+
+// Launches the kernel for one layout (instantiated in decode_sparse_<layout>.cu), after its
+// one-time setup on the device (launch.cuh): paired when there are two head tiles.
+template <Fp8Layout kLayout>
+cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
+  if (args.head_tiles == 2) return launch_variant<kLayout, true>(args, stream);
+  return launch_variant<kLayout, false>(args, stream);
 }
 
 }  // namespace jfm::sm90::decode_sparse
