@@ -91,6 +91,9 @@ std::vector<Case> all_cases() {
        false, true},
       {"model1-b2-sq2-h128-topk192-page576", model1, 2, 2, 128, {576, 192, 2, false},
        {69, 64, 3, true}},
+      // CTA pairs (h_q > 64) with requests of 0 to 3 blocks, and a second tile of 8 heads.
+      {"v32-b4-sq2-h128-topk192-page16-lengths", v32, 4, 2, 128, {16, 192, 60, true}, none, true},
+      {"model1-b3-sq1-h72-topk256-page64", model1, 3, 1, 72, {64, 256, 12, false}, none},
   };
 }
 
