@@ -60,6 +60,20 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t phase) {
       : "memory");
 }
 
+// As mbarrier_wait, acquiring at cluster scope: for a barrier that another CTA of the cluster
+// completes (its st.async bytes or remote arrivals release at cluster scope).
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t phase) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(smem_address(bar)),
+      "r"(phase)
+      : "memory");
+}
+
 // ---- Asynchronous copies (cp.async) -------------------------------------------------------
 // 16 bytes from global to shared memory, bypassing L1; `bytes` of them read (16, or 0 to write
 // zeros without reading: the source address is then not accessed).
