@@ -47,31 +47,32 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                : "memory");
 }
 
-// Blocks until the barrier's phase with parity `phase` has completed.
+// Blocks until the barrier's phase with parity `phase` has completed. kClusterScope: acquire at
+// cluster scope, for a barrier that another CTA of the cluster completes (its st.async bytes or
+// remote arrivals release at cluster scope).
+template <bool kClusterScope = false>
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t phase) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "wait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n"
-      "}\n" ::"r"(smem_address(bar)),
-      "r"(phase)
-      : "memory");
-}
-
-// As mbarrier_wait, acquiring at cluster scope: for a barrier that another CTA of the cluster
-// completes (its st.async bytes or remote arrivals release at cluster scope).
-__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t phase) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "wait_%=:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n"
-      "}\n" ::"r"(smem_address(bar)),
-      "r"(phase)
-      : "memory");
+  if constexpr (kClusterScope) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "wait_%=:\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait_%=;\n"
+        "}\n" ::"r"(smem_address(bar)),
+        "r"(phase)
+        : "memory");
+  } else {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "wait_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait_%=;\n"
+        "}\n" ::"r"(smem_address(bar)),
+        "r"(phase)
+        : "memory");
+  }
 }
 
 // ---- Asynchronous copies (cp.async) -------------------------------------------------------

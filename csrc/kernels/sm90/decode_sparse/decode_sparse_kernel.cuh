@@ -386,12 +386,7 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
                                           source.num_blocks * source.page, source.page, index[k],
                                           j);
       }
-      const uint32_t empty_phase = (blocks_done / kStages % 2) ^ 1;
-      if constexpr (kPaired) {
-        mbarrier_wait_cluster(&smem.kv_empty[stage], empty_phase);
-      } else {
-        mbarrier_wait(&smem.kv_empty[stage], empty_phase);
-      }
+      mbarrier_wait<kPaired>(&smem.kv_empty[stage], (blocks_done / kStages % 2) ^ 1);
       const uint32_t local = smem_address(smem.kv[stage]);
       StageTarget<kPaired> target{local, 0, 0};
       if constexpr (kPaired) {
@@ -490,14 +485,10 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
     }
     for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
       const int stage = blocks_done % kStages;
-      if constexpr (kPaired) {
-        // The other CTA's half came by st.async (generic proxy) and is read by wgmma (async
-        // proxy): the proxy fence goes on this side, after the barrier acquired it.
-        mbarrier_wait_cluster(&smem.kv_full[stage], blocks_done / kStages % 2);
-        fence_proxy_async_smem();
-      } else {
-        mbarrier_wait(&smem.kv_full[stage], blocks_done / kStages % 2);
-      }
+      mbarrier_wait<kPaired>(&smem.kv_full[stage], blocks_done / kStages % 2);
+      // In a pair the other CTA's half came by st.async (generic proxy) and is read by wgmma
+      // (async proxy): the proxy fence goes on this side, after the barrier acquired it.
+      if constexpr (kPaired) fence_proxy_async_smem();
       uint8_t* kv = smem.kv[stage];
       uint8_t* p_tile = kv + kPChunk * kChunkBytes;
       uint64_t attending = 0;
