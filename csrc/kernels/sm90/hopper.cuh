@@ -47,32 +47,20 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                : "memory");
 }
 
-// Blocks until the barrier's phase with parity `phase` has completed. kClusterScope: acquire at
-// cluster scope, for a barrier that another CTA of the cluster completes (its st.async bytes or
-// remote arrivals release at cluster scope).
-template <bool kClusterScope = false>
+// Blocks until the barrier's phase with parity `phase` has completed (acquire at CTA scope, also
+// for a barrier that another CTA of the cluster completes: what it publishes is shared memory
+// written by st.async and counted on this barrier, as TMA bytes are; a cluster-scope acquire
+// would only add an invalidation of the L1 cache (CCTL.IVALL) on every wait).
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t phase) {
-  if constexpr (kClusterScope) {
-    asm volatile(
-        "{\n"
-        ".reg .pred done;\n"
-        "wait_%=:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra wait_%=;\n"
-        "}\n" ::"r"(smem_address(bar)),
-        "r"(phase)
-        : "memory");
-  } else {
-    asm volatile(
-        "{\n"
-        ".reg .pred done;\n"
-        "wait_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra wait_%=;\n"
-        "}\n" ::"r"(smem_address(bar)),
-        "r"(phase)
-        : "memory");
-  }
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(smem_address(bar)),
+      "r"(phase)
+      : "memory");
 }
 
 // ---- Asynchronous copies (cp.async) -------------------------------------------------------
@@ -243,11 +231,11 @@ __device__ __forceinline__ void store_async_4(uint32_t address, uint32_t v, uint
                : "memory");
 }
 
-// Arrives on an mbarrier of another CTA of the cluster (a shared::cluster address), releasing
-// this thread's earlier reads and writes to it.
+// Arrives on an mbarrier of another CTA of the cluster (a shared::cluster address). Release at
+// CTA scope: the caller's reads that the arrival frees (wgmma operands) have completed already;
+// a cluster-scope release costs a full memory barrier (MEMBAR) on every arrival.
 __device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t bar) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar)
-               : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
 }  // namespace jfm::sm90

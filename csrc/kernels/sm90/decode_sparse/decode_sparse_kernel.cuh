@@ -386,7 +386,7 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
                                           source.num_blocks * source.page, source.page, index[k],
                                           j);
       }
-      mbarrier_wait<kPaired>(&smem.kv_empty[stage], (blocks_done / kStages % 2) ^ 1);
+      mbarrier_wait(&smem.kv_empty[stage], (blocks_done / kStages % 2) ^ 1);
       const uint32_t local = smem_address(smem.kv[stage]);
       StageTarget<kPaired> target{local, 0, 0};
       if constexpr (kPaired) {
@@ -485,7 +485,7 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
     }
     for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
       const int stage = blocks_done % kStages;
-      mbarrier_wait<kPaired>(&smem.kv_full[stage], blocks_done / kStages % 2);
+      mbarrier_wait(&smem.kv_full[stage], blocks_done / kStages % 2);
       // In a pair the other CTA's half came by st.async (generic proxy) and is read by wgmma
       // (async proxy): the proxy fence goes on this side, after the barrier acquired it.
       if constexpr (kPaired) fence_proxy_async_smem();
