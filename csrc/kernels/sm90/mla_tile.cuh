@@ -44,6 +44,7 @@ template <>
 struct ElementTraits<__nv_bfloat16> {
   using ScoreMma = GMMA::MMA_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;
   using ValueMmaRS = GMMA::MMA_64x256x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::MN>;
+  using ValueMmaSS = GMMA::MMA_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>;
   __device__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -54,6 +55,7 @@ template <>
 struct ElementTraits<__half> {
   using ScoreMma = GMMA::MMA_64x64x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>;
   using ValueMmaRS = GMMA::MMA_64x256x16_F32F16F16_RS<GMMA::Major::K, GMMA::Major::MN>;
+  using ValueMmaSS = GMMA::MMA_64x256x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::MN>;
   __device__ static uint32_t pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -205,7 +207,9 @@ __device__ __forceinline__ void online_softmax(float (&s)[32], const Attends& at
 }
 
 // The score warpgroup hands P and the row factors to the value warpgroup: P with stmatrix into
-// `p_tile` (read back with ldmatrix, a generic-proxy read: no proxy fence on this path).
+// `p_tile`. kPForWgmma: the value warpgroup's wgmma reads P there (async proxy), so the writes
+// are fenced for it; else it reads P back with ldmatrix (generic proxy, no fence).
+template <bool kPForWgmma = false>
 __device__ __forceinline__ void publish_p(uint8_t* p_tile, const uint32_t (&packed)[16],
                                           const float (&factor)[2], float* row_factor,
                                           const AccumulatorRows& t, int stage) {
@@ -214,6 +218,7 @@ __device__ __forceinline__ void publish_p(uint8_t* p_tile, const uint32_t (&pack
     stmatrix_x4(p_tile + p_offset(t, k16), packed[4 * k16], packed[4 * k16 + 1],
                 packed[4 * k16 + 2], packed[4 * k16 + 3]);
   }
+  if constexpr (kPForWgmma) fence_proxy_async_smem();
   if (t.lane % 4 == 0) {
     row_factor[t.rows[0]] = factor[0];
     row_factor[t.rows[1]] = factor[1];
@@ -221,13 +226,20 @@ __device__ __forceinline__ void publish_p(uint8_t* p_tile, const uint32_t (&pack
   named_barrier_arrive(kBarPReady + stage, kConsumerThreads);
 }
 
-// The value warpgroup takes P and the row factors, rescaling its half of O first where needed.
-__device__ __forceinline__ void receive_p(const uint8_t* p_tile, const float* row_factor,
-                                          const AccumulatorRows& t, int stage,
-                                          float (&o)[kAccumulators], uint32_t (&packed)[16]) {
+// The value warpgroup waits for P and the row factors, rescaling its half of O first where
+// needed.
+__device__ __forceinline__ void receive_factors(const float* row_factor, const AccumulatorRows& t,
+                                                int stage, float (&o)[kAccumulators]) {
   named_barrier_sync(kBarPReady + stage, kConsumerThreads);
   const float factor[2] = {row_factor[t.rows[0]], row_factor[t.rows[1]]};
   if (__any_sync(0xffffffff, factor[0] != 1.f || factor[1] != 1.f)) scale_rows(o, factor);
+}
+
+// The same, then P read back into registers.
+__device__ __forceinline__ void receive_p(const uint8_t* p_tile, const float* row_factor,
+                                          const AccumulatorRows& t, int stage,
+                                          float (&o)[kAccumulators], uint32_t (&packed)[16]) {
+  receive_factors(row_factor, t, stage, o);
 #pragma unroll
   for (int k16 = 0; k16 < 4; ++k16) ldmatrix_x4(p_tile + p_offset(t, k16), packed + 4 * k16);
 }
@@ -242,6 +254,24 @@ __device__ __forceinline__ void accumulate_pv(const uint32_t (&packed)[16], cons
   for (int k = 0; k < 4; ++k) {
     const uint64_t b = smem_desc_sw128(smem_address(v) + k * 2048, kChunkBytes, 1024);
     mma_rs<typename ElementTraits<Element>::ValueMmaRS>(packed + 4 * k, b, o,
+                                                        std::make_index_sequence<kAccumulators>{});
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+// O[:, half] += P V[:, half] with P from shared memory too (`p_tile`, as publish_p<true> left
+// it: 64 x 64, 128-byte swizzled rows, the layout of a K-major A operand), which keeps P out of
+// the value warpgroup's registers.
+template <typename Element>
+__device__ __forceinline__ void accumulate_pv_ss(const uint8_t* p_tile, const uint8_t* v,
+                                                 float (&o)[kAccumulators]) {
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint64_t a = smem_desc_sw128(smem_address(p_tile) + k * 32, 0, 1024);
+    const uint64_t b = smem_desc_sw128(smem_address(v) + k * 2048, kChunkBytes, 1024);
+    mma_ss<typename ElementTraits<Element>::ValueMmaSS>(a, b, o, true,
                                                         std::make_index_sequence<kAccumulators>{});
   }
   wgmma_commit();

@@ -12,7 +12,8 @@
 //   WG1 and WG2, the math warpgroups, as in the dense decode (mla_tile.cuh): WG1 computes S,
 //     the online softmax under the stage's mask, hands P to WG2 through the stage's chunk 8
 //     (V32's RoPE chunk, which nothing reads once S is done; unused by MODEL1) and accumulates
-//     O[:, 0:256]; WG2 accumulates O[:, 256:512]. A block with no attending slot is skipped.
+//     O[:, 0:256]; WG2 accumulates O[:, 256:512] with P read by its wgmma straight from there.
+//     A block with no attending slot is skipped.
 //   finish_request, the epilogue: the output (with the attention sink applied) and lse of an
 //     unsplit request, else its fp32 partial row for the combine kernel.
 #pragma once
@@ -48,15 +49,19 @@ constexpr int kPasses = kBlockSlots / kPassSlots;           // tokens per thread
 // Registers per thread after the split: the CTA keeps what it was launched with, 168 per
 // thread (384 threads, one CTA per SM), so the loaders must give up as many as the math
 // warpgroups take, or setmaxnreg.inc waits forever. Both math warpgroups hold O (128); WG1 also
-// S (32), P (16) and the softmax state, WG2 P; the loaders a whole block's loads (2 tokens of
-// 11 16-byte loads) and the next block's slot indices.
+// S (32), P (16) and the softmax state, while WG2 reads P from shared memory (wgmma with both
+// operands there), which leaves the loaders room for a whole block's loads (2 tokens of 11
+// 16-byte loads), their dequantisation and the next block's slot indices.
 constexpr uint32_t kLaunchRegisters = 168;
 constexpr uint32_t kScoreRegisters = 208;
-constexpr uint32_t kValueRegisters = 176;
-constexpr uint32_t kLoaderRegisters = 120;
+constexpr uint32_t kValueRegisters = 160;
+constexpr uint32_t kLoaderRegisters = 136;
 static_assert(128 * (kScoreRegisters + kValueRegisters + kLoaderRegisters) <=
                   kThreads * kLaunchRegisters,
               "the math warpgroups take no more registers than the loaders give up");
+static_assert(kScoreRegisters >= kLaunchRegisters && kValueRegisters <= kLaunchRegisters &&
+                  kLoaderRegisters <= kLaunchRegisters,
+              "WG1 raises its count (setmaxnreg.inc), WG2 and the loaders lower theirs (.dec)");
 
 // Where a layout keeps a token's parts (docs/ops.md, FP8 cache layouts).
 template <Fp8Layout kLayout>
@@ -100,12 +105,26 @@ struct alignas(1024) SharedStorage {
 
 // ---- FP8 to bfloat16 ------------------------------------------------------------------------
 
-// Two e4m3 values, in bytes 0 and 2 of `x` (bytes 1 and 3 zero), as bfloat16 bit patterns of
-// 2^-120 times their values: sign, exponent and mantissa moved into bfloat16's fields, whose
-// exponent bias is 120 more than e4m3's. Exact for every finite value, zero and subnormals
-// included (the bfloat16 products below keep subnormals).
-__device__ __forceinline__ uint32_t e4m3_pair_bits(uint32_t x) {
-  return ((x << 4) & 0x07F007F0u) | ((x << 8) & 0x80008000u);
+// Two e4m3 values of `word` (bytes 0 and 1 when kHigh is 0, else bytes 2 and 3), as bfloat16
+// bit patterns of 2^-120 times their values: sign, exponent and mantissa moved into bfloat16's
+// fields, whose exponent bias is 120 more than e4m3's. Exact for every finite value, zero and
+// subnormals included (the bfloat16 products below keep subnormals). One byte permute puts
+// each value in the low byte of its 16-bit half and its sign bit replicated over the high byte
+// (prmt's sign mode), so a shift by 4 and one mask finish it: the sign lands on bit 15,
+// exponent and mantissa on bits 10-4.
+template <int kHigh>
+__device__ __forceinline__ uint32_t e4m3_pair_bits(uint32_t word) {
+  constexpr uint32_t kSelector = kHigh ? 0xB3A2 : 0x9180;  // sign of byte, byte, per half
+  uint32_t bits;
+  asm("{\n"
+      ".reg .b32 spread;\n"
+      "prmt.b32 spread, %1, 0, %2;\n"
+      "shl.b32 spread, spread, 4;\n"
+      "and.b32 %0, spread, 0x87F087F0;\n"
+      "}"
+      : "=r"(bits)
+      : "r"(word), "n"(kSelector));
+  return bits;
 }
 
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, __nv_bfloat162 b) {
@@ -124,7 +143,7 @@ __device__ __forceinline__ void dequantize_piece(const uint4& piece, __nv_bfloat
   for (int k = 0; k < 4; ++k) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {  // values 4k + {0, 1}, then 4k + {2, 3}
-      const uint32_t bits = e4m3_pair_bits(__byte_perm(words[k], 0, half ? 0x4342 : 0x4140));
+      const uint32_t bits = half ? e4m3_pair_bits<1>(words[k]) : e4m3_pair_bits<0>(words[k]);
       out[2 * k + half] = bf16x2_mul(bf16x2_mul(bits, two_pow_120), scale);
     }
   }
@@ -507,15 +526,14 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
           uint32_t packed[16];
           float factor[2];
           online_softmax<Element>(s, attends, args.scale_log2, rows, o, packed, factor);
-          publish_p(p_tile, packed, factor, smem.row_factor[stage], t, stage);
+          publish_p<true>(p_tile, packed, factor, smem.row_factor[stage], t, stage);
           accumulate_pv<Element>(packed, kv, o);
         } else if (blk == w.hi - 1) {
           mbarrier_arrive(&smem.q_empty);
         }
       } else if (attending != 0) {
-        uint32_t packed[16];
-        receive_p(p_tile, smem.row_factor[stage], t, stage, o, packed);
-        accumulate_pv<Element>(packed, kv + 4 * kChunkBytes, o);
+        receive_factors(smem.row_factor[stage], t, stage, o);
+        accumulate_pv_ss<Element>(p_tile, kv + 4 * kChunkBytes, o);
       }
       mbarrier_arrive(&smem.kv_empty[stage]);
       if constexpr (kPaired) {
@@ -574,7 +592,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     registers_increase<kScoreRegisters>();
     math_role<kLayout, kPaired, true>(args, smem, part, token, head_tile);
   } else {
-    registers_increase<kValueRegisters>();
+    registers_decrease<kValueRegisters>();  // setmaxnreg.inc may not lower the count
     math_role<kLayout, kPaired, false>(args, smem, part, token, head_tile);
   }
   // The other CTA may still store into this one's shared memory or arrive on its barriers
