@@ -4,6 +4,7 @@ timings (a fake peer here: torch and the peers exist only on the GPU machine).""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import sys
@@ -735,3 +736,43 @@ def test_bench_prefill_sparse_indices_are_distinct_per_token(s_kv):
     assert all(not np.array_equal(np.sort(row), row) for row in rows)  # an indexer's order
     assert len({tuple(np.sort(row)) for row in rows}) == (1 if s_kv == 128 else 32)
     np.testing.assert_array_equal(bench.draw_indices(cfg, seed=3), indices)  # seeded
+
+
+def test_ncu_stalls_summarises_each_launch(tmp_path, capsys):
+    """The ncu source-page summary: per launch, samples by reason and opcode, the top lines."""
+    spec = importlib.util.spec_from_file_location(
+        "ncu_stalls", BENCHMARKS / "probes" / "ncu_stalls.py"
+    )
+    ncu_stalls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ncu_stalls)
+    header = [
+        "Address",
+        "Source",
+        ncu_stalls.SAMPLES,
+        ncu_stalls.EXECUTED,
+        "stall_long_sb",
+        "stall_long_sb (Not Issued)",
+        "stall_membar",
+    ]
+    lines = [
+        ["Kernel Name", "kernel_a"],
+        header,
+        ["0x10", "LDG.E.128 R4, desc[UR4][R2.64]", "10", "1,000", "0", "0", "0"],
+        ["0x20", "@!P0  ERRBAR", "60", "100", "0", "0", "60"],
+        ["0x30", "IMAD.MOV.U32 R8, RZ, RZ, R4", "30", "1,000", "30", "28", "0"],
+        ["Kernel Name", "kernel_b"],
+        header,
+        ["0x10", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "5", "64", "5", "5", "0"],
+    ]
+    path = tmp_path / "source.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(lines)
+    assert ncu_stalls.main([str(path), "--top", "2", "--kernel", "kernel_a"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel_b" not in out
+    assert "samples 100, SASS lines 3" in out
+    assert "by reason: membar 60.0%, long_sb 30.0%" in out
+    assert "ERRBAR" in out.split("by opcode")[1].split("\n")[1]
+    top = out.split("top 2 instructions:")[1].strip().splitlines()
+    assert len(top) == 2 and "ERRBAR" in top[0] and "IMAD.MOV" in top[1]
+    assert ncu_stalls.main([str(path), "--kernel", "missing"]) == 1
