@@ -356,11 +356,12 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
   const SparseDecodeParams& p = args.params;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int j = lane / 8;  // the token's 16-byte columns j, j + 4, ...
-  const uint32_t peer_rank = kPaired ? cluster_rank() ^ 1 : 0;
+  const uint32_t rank = kPaired ? cluster_rank() : 0;  // in a pair, the CTA's half of a block
+  const uint32_t peer_rank = rank ^ 1;
   int slot[kTokens];  // this thread's slots of every block: 8 per warp and pass
 #pragma unroll
   for (int k = 0; k < kTokens; ++k) {
-    slot[k] = (kPaired ? static_cast<int>(peer_rank ^ 1) : k) * kPassSlots + warp * 8 + lane % 8;
+    slot[k] = (kPaired ? static_cast<int>(rank) : k) * kPassSlots + warp * 8 + lane % 8;
   }
   if (tid == 0) prefetch_tensor_map(&args.q_map);
   uint32_t blocks_done = 0;  // stage = blocks_done % 2, its phase = blocks_done / 2 % 2
