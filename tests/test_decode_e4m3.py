@@ -118,7 +118,8 @@ def test_e4m3_equals_decode_on_dequantised_cache(rng):
 
 
 def test_e4m3_kernel_not_built_yet():
-    """No FP8 dense kernel yet: "cuda" says so at trace time; None runs the reference."""
+    """No kernel for the E4M3 cache yet: "cuda" says so at trace time; None runs the
+    reference."""
     structs = (
         S((2, 1, 16, 576), jnp.bfloat16),
         S((8, 64, 1, 576), jnp.float8_e4m3fn),
@@ -126,7 +127,7 @@ def test_e4m3_kernel_not_built_yet():
         S((2,), jnp.int32),
         S((), jnp.float32),
     )
-    reason = platform.extension_unavailable_reason() or "FP8 dense decode kernel is not built"
+    reason = platform.extension_unavailable_reason() or "E4M3 FP8 cache has no kernel yet"
     with platform.assume_device(), pytest.raises(ValueError) as info:
         jax.jit(
             lambda q, c, t, n, s: fm.flash_mla_with_kvcache(

@@ -192,8 +192,8 @@ def test_sparse_decode_lowers_to_custom_call(layout, d_qk, token_bytes, with_len
 
 
 def test_dense_decode_kernel_only_for_its_shapes():
-    """Any page size runs the kernel; an FP8 dense cache goes to the reference, and
-    implementation='cuda' says why."""
+    """Any page size runs the kernel; an E4M3 FP8 dense cache goes to the reference, and
+    implementation='cuda' says why (the V32 one: tests/test_decode_fp8_dense.py)."""
     q = jax.ShapeDtypeStruct((2, 1, 16, 576), jnp.bfloat16)
     table = jax.ShapeDtypeStruct((2, 4), jnp.int32)
     lens = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -212,7 +212,7 @@ def test_dense_decode_kernel_only_for_its_shapes():
 
     hlo = cuda_hlo(fp8_decode, q, fp8_cache, table, lens, k_scale)
     assert not custom_calls(hlo)
-    with platform.assume_device(), pytest.raises(ValueError, match="FP8 dense decode kernel"):
+    with platform.assume_device(), pytest.raises(ValueError, match="E4M3 FP8 cache has no kernel"):
         jax.jit(lambda *a: fp8_decode(*a, implementation="cuda")).trace(
             q, fp8_cache, table, lens, k_scale
         )

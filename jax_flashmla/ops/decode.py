@@ -12,6 +12,7 @@ from jax_flashmla._src.forward_only import forward_only
 from jax_flashmla._src.geometry import (
     HEAD_DIM_QK,
     HEAD_DIM_V,
+    INT32_MAX,
     METADATA_FIELDS,
     SPARSE_HEAD_DIMS_QK,
 )
@@ -98,7 +99,9 @@ def flash_mla_with_kvcache(
         d_qk ** -0.5.
       causal: static bool, bottom-right causal mask over the s_q queries (dense mode only).
       is_fp8_kvcache: static bool, the cache is FP8 (required in sparse mode; in dense mode
-        the FP8 cache is dequantised).
+        the sparse kernel reads a V32 cache over each query's positions, while an E4M3 cache
+        is dequantised for the reference; the kernel path makes its own schedule, so a given
+        one is checked but not used).
       fp8_layout: static str or None, with is_fp8_kvcache: "V32", "MODEL1" or "E4M3"; None
         takes it from the cache's last dim (656: V32, 584: MODEL1, 576: E4M3).
       k_scale: float32 [], [1] or [h_kv]: the scale of an "E4M3" cache (one for the cache or
@@ -110,8 +113,7 @@ def flash_mla_with_kvcache(
       extra_indices_in_kvcache: int32 [b, s_q, extra_topk] into extra_k_cache.
       extra_topk_length: int32 [b].
       implementation: None (the kernel when it supports the inputs and device, else the XLA
-        reference; in sparse mode the reference until the sparse kernel has passed its GPU
-        tests), "cuda" (the kernel or a ValueError saying why not) or "xla".
+        reference), "cuda" (the kernel or a ValueError saying why not) or "xla".
 
     Returns:
       out: [b, s_q, h_q, 512] in q's dtype; 0 for a query with no key to attend.
@@ -212,8 +214,13 @@ def flash_mla_with_kvcache(
     metadata = () if tile_scheduler_metadata is None else (tile_scheduler_metadata, num_splits)
 
     if indices is None:
-        reason = _dense_kernel_unsupported_reason(q, k_cache, is_fp8)
+        reason = _dense_kernel_unsupported_reason(q, k_cache, layout)
         use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
+        if use_kernel and layout is not None:
+            compute = functools.partial(
+                _dense_fp8_decode, softmax_scale=scale, causal=causal, layout=layout
+            )
+            return forward_only(OP, compute)(q, k_cache, block_table, cache_seqlens)
         cache = k_cache
         if layout == quant.SCALED_LAYOUT:
             cache = quant.dequantize_k_cache_e4m3(k_cache, k_scale, dtype=jnp.bfloat16)
@@ -288,6 +295,68 @@ def _dense_decode(
         given_sizes={"g": h_q // h_kv},
         local_fn=per_shard if metadata else None,
     )
+
+
+def _dense_fp8_decode(q, cache, block_table, cache_seqlens, *, softmax_scale, causal, layout):
+    """Dense decode of a V32 FP8 cache on the sparse decode kernel, which dequantises on chip:
+    each query token's visible positions, mapped through the block table, are its indices.
+    Partitioned over batch and heads; the schedule is made from the lengths (a schedule from
+    get_mla_metadata for the dense kernel does not fit the sparse kernel's grid)."""
+
+    def compute(q, cache, block_table, cache_seqlens):
+        indices, lengths = _positions_as_indices(
+            block_table,
+            cache_seqlens,
+            s_q=q.shape[1],
+            page=cache.shape[1],
+            num_blocks=cache.shape[0],
+            causal=causal,
+        )
+        given = {"topk_length": lengths}
+        operands = decode_sparse.with_placeholders(
+            q, cache, indices, lengths, None, None, None, None
+        )
+        return decode_sparse.decode_sparse(
+            *operands,
+            *_sparse_schedule(q, indices, given),
+            use_kernel=True,
+            softmax_scale=softmax_scale,
+            layout=layout,
+        )
+
+    return sharding.partitioned_call(
+        OP,
+        compute,
+        (q, cache, block_table, cache_seqlens),
+        ("b s (k g) d", "n p k d", "b m", "b"),
+        _DECODE_RESULT_DIMS,
+        shardable=frozenset({"b", "g"}),
+        given_sizes={"g": q.shape[2]},
+    )
+
+
+def _positions_as_indices(
+    block_table, cache_seqlens, *, s_q: int, page: int, num_blocks: int, causal: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Dense mode's keys as sparse indices: int32 [b, s_q, topk] (topk = the table's capacity
+    rounded up to a multiple of TOPK_MULTIPLE) holding block_table[i, t // page] * page +
+    t % page for each position t that query j of request i sees, -1 elsewhere (past its length,
+    causal, or behind a block id outside [0, num_blocks)); and the lengths, clamped to
+    [0, capacity], as topk_length."""
+    b, max_blocks = block_table.shape
+    capacity = max_blocks * page
+    topk = max(-(-capacity // TOPK_MULTIPLE), 1) * TOPK_MULTIPLE  # the kernel takes topk >= 64
+    lengths = jnp.clip(cache_seqlens, 0, capacity)
+    pos = jnp.arange(topk, dtype=jnp.int32)
+    if max_blocks == 0:
+        return jnp.full((b, s_q, topk), -1, jnp.int32), lengths
+    block = block_table[:, jnp.minimum(pos // page, max_blocks - 1)]  # [b, topk]
+    known = (block >= 0) & (block < num_blocks)
+    token = jnp.where(known, block * page + pos % page, -1)  # no overflow: capacity < 2**31
+    # Query j sees positions t < L_i - (s_q - 1 - j) when causal, else t < L_i.
+    shift = (jnp.arange(s_q, dtype=jnp.int32) - (s_q - 1)) if causal else jnp.zeros(s_q, jnp.int32)
+    visible = pos[None, None, :] < (lengths[:, None] + shift[None, :])[:, :, None]
+    return jnp.where(visible, token[:, None, :], -1), lengths
 
 
 def _sparse_decode(
@@ -396,14 +465,25 @@ def _check_head_dims(d_qk: int, d_v: int, *, sparse: bool) -> None:
         )
 
 
-def _dense_kernel_unsupported_reason(q, k_cache, is_fp8: bool) -> str:
-    """Why the Hopper dense decode kernel cannot take these inputs ("" when it can)."""
-    if is_fp8:
-        return "the FP8 dense decode kernel is not built yet"
+def _dense_kernel_unsupported_reason(q, k_cache, layout: str | None) -> str:
+    """Why no Hopper kernel can take these dense-mode inputs ("" when one can): the dense
+    decode kernel for a 16-bit cache, the sparse one for a V32 FP8 cache (_dense_fp8_decode)."""
     num_blocks, page, h_kv, _ = k_cache.shape
     if num_blocks == 0:
         return "the kernel needs a cache of at least one block"
     b, s_q, h_q, _ = q.shape
+    if layout == quant.SCALED_LAYOUT:
+        return f"dense decode of the {layout} FP8 cache has no kernel yet"
+    if layout is not None:
+        capacity = num_blocks * page
+        if capacity > INT32_MAX:
+            return (
+                f"an FP8 cache is addressed by int32 token indices: num_blocks * page must be "
+                f"<= 2**31 - 1; got {num_blocks} * {page} = {capacity}"
+            )
+        return decode_sparse.launch_limit_error(
+            batch=b, s_q=s_q, h_q=h_q, num_parts=metadata_op.sparse_num_sm_parts(s_q, h_q)
+        )
     return decode_dense.launch_limit_error(
         batch=b,
         s_q=s_q,
