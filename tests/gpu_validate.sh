@@ -39,7 +39,7 @@
 #                                                 # command-buffer test (~35 s on an H100)
 #   bash tests/gpu_validate.sh memcheck-sparse    # build; memcheck over the quick tests of
 #                                                 # test_gpu_decode_sparse.py (~120 s on an
-#                                                 # H100)
+#                                                 # H100) and test_gpu_decode_fp8_dense.py
 #
 # Under the sanitizer a dense pytest test takes ~1.3 s on an H100 with its reference on the host
 # (tests/gpu_memcheck.sh); split a part over several calls with -k where needed.
@@ -71,7 +71,7 @@ status=0
 QUICK_FILES=(tests/test_gpu_decode_dense.py tests/test_gpu_schedule.py
              tests/test_gpu_decode_rescale.py tests/test_gpu_command_buffers.py
              tests/test_gpu_decode_inputs.py tests/test_gpu_sharding.py)
-SPARSE_QUICK_FILES=(tests/test_gpu_decode_sparse.py)
+SPARSE_QUICK_FILES=(tests/test_gpu_decode_sparse.py tests/test_gpu_decode_fp8_dense.py)
 PREFILL_SPARSE_QUICK_FILES=(tests/test_gpu_prefill_sparse.py
                             tests/test_gpu_prefill_sparse_grad.py)
 step() {  # step NAME COMMAND...: runs, logs the time and the exit status
@@ -204,7 +204,7 @@ case "${1:-}" in
   memcheck-sparse)
     step build build
     step "memcheck, quick sparse decode tests" memcheck sparse quick \
-      tests/test_gpu_decode_sparse.py ;;
+      tests/test_gpu_decode_sparse.py tests/test_gpu_decode_fp8_dense.py ;;
   *) echo "usage: $0 kernel|sparse|prefill-sparse|bench|bench-sparse|bench-prefill-sparse|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
      exit 2 ;;
 esac
