@@ -134,6 +134,33 @@ def test_bench_decode_side_by_side_records_and_plot(tmp_path):
     assert png.stat().st_size > 1000
 
 
+FP8_KEYS = SIDE_BY_SIDE_KEYS | {"cache", "bf16_us", "bf16_ratio"}
+
+
+def test_bench_decode_fp8_records(tmp_path):
+    """Our FP8 call beside our bf16 call and FlashMLA's (on the bf16 cache): the ratios follow
+    from the three times, and the bytes are the FP8 cache's."""
+    out = tmp_path / "fp8.json"
+    bench = load("bench_decode_fp8")
+    calls = []
+    argv = [*SMOKE_ARGS[:-2], "--only", "128,1,16,4096,0", "--only", "128,2,128,1024,1"]
+    status = bench.main([*argv, "--json", str(out)], measure_peers=fake_peers(50.0, 1.0, calls))
+    assert status == 0 and len(calls) == 2
+    records = json.loads(out.read_text())
+    assert len(records) == 2
+    for record, (s_q, h_q) in zip(records, [(1, 16), (2, 128)], strict=True):
+        assert set(record) == FP8_KEYS, record
+        assert (record["s_q"], record["h_q"], record["cache"]) == (s_q, h_q, "fp8_v32")
+        rounding = 0.006 / record["us"]
+        assert record["bf16_ratio"] == pytest.approx(
+            record["bf16_us"] / record["us"], rel=rounding, abs=1e-3
+        )
+        assert record["ratio"] == pytest.approx(50.0 / record["us"], rel=rounding, abs=1e-3)
+        moved = bench.bytes_moved(bench.dense.Config("only", 2, s_q, h_q, 1, 0, False), 0.0)
+        assert moved == 2 * s_q * h_q * (576 + 512) * 2  # q and out; the cache adds 656 / token
+        assert record["gbps"] > 0 and record["side_by_side"] is True
+
+
 def test_bench_decode_fails_when_a_peer_disagrees(tmp_path, capsys):
     out = tmp_path / "decode.json"
     bench = load("bench_decode")
