@@ -138,8 +138,8 @@ FP8_KEYS = SIDE_BY_SIDE_KEYS | {"cache", "bf16_us", "bf16_ratio"}
 
 
 def test_bench_decode_fp8_records(tmp_path):
-    """Our FP8 call beside our bf16 call and FlashMLA's (on the bf16 cache): the ratios follow
-    from the three times, and the bytes are the FP8 cache's."""
+    """Our call on each FP8 cache beside our bf16 call and FlashMLA's (on the bf16 cache): the
+    ratios follow from the times, and the bytes are each FP8 cache's."""
     out = tmp_path / "fp8.json"
     bench = load("bench_decode_fp8")
     calls = []
@@ -147,18 +147,19 @@ def test_bench_decode_fp8_records(tmp_path):
     status = bench.main([*argv, "--json", str(out)], measure_peers=fake_peers(50.0, 1.0, calls))
     assert status == 0 and len(calls) == 2
     records = json.loads(out.read_text())
-    assert len(records) == 2
-    for record, (s_q, h_q) in zip(records, [(1, 16), (2, 128)], strict=True):
+    expected = [(s_q, h_q, c) for s_q, h_q in [(1, 16), (2, 128)] for c in ("fp8_v32", "fp8_e4m3")]
+    assert [(r["s_q"], r["h_q"], r["cache"]) for r in records] == expected
+    for record in records:
         assert set(record) == FP8_KEYS, record
-        assert (record["s_q"], record["h_q"], record["cache"]) == (s_q, h_q, "fp8_v32")
         rounding = 0.006 / record["us"]
         assert record["bf16_ratio"] == pytest.approx(
             record["bf16_us"] / record["us"], rel=rounding, abs=1e-3
         )
         assert record["ratio"] == pytest.approx(50.0 / record["us"], rel=rounding, abs=1e-3)
-        moved = bench.bytes_moved(bench.dense.Config("only", 2, s_q, h_q, 1, 0, False), 0.0)
-        assert moved == 2 * s_q * h_q * (576 + 512) * 2  # q and out; the cache adds 656 / token
         assert record["gbps"] > 0 and record["side_by_side"] is True
+    cfg = bench.dense.Config("only", 2, 1, 16, 1, 0, False)
+    assert bench.bytes_moved(cfg, 10.0, "V32") == 2 * (16 * (576 + 512) * 2 + 10 * 656)
+    assert bench.bytes_moved(cfg, 10.0, "E4M3") == 2 * (16 * (576 + 512) * 2 + 10 * 576)
 
 
 def test_bench_decode_fails_when_a_peer_disagrees(tmp_path, capsys):

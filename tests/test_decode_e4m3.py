@@ -117,21 +117,41 @@ def test_e4m3_equals_decode_on_dequantised_cache(rng):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-def test_e4m3_kernel_not_built_yet():
-    """No kernel for the E4M3 cache yet: "cuda" says so at trace time; None runs the
-    reference."""
-    structs = (
-        S((2, 1, 16, 576), jnp.bfloat16),
-        S((8, 64, 1, 576), jnp.float8_e4m3fn),
-        S((2, 4), jnp.int32),
-        S((2,), jnp.int32),
-        S((), jnp.float32),
-    )
-    reason = platform.extension_unavailable_reason() or "E4M3 FP8 cache has no kernel yet"
-    with platform.assume_device(), pytest.raises(ValueError) as info:
-        jax.jit(
-            lambda q, c, t, n, s: fm.flash_mla_with_kvcache(
-                q, c, t, n, 512, is_fp8_kvcache=True, k_scale=s, implementation="cuda"
-            )
-        ).trace(*structs)
-    assert "implementation='cuda' is unavailable" in str(info.value) and reason in str(info.value)
+@pytest.mark.skipif(platform.extension() is None, reason=platform.extension_unavailable_reason())
+def test_e4m3_kernel_takes_one_kv_head():
+    """With one KV head the E4M3 cache runs the sparse kernel (k_scale [] or [1]); with more,
+    "cuda" says why not at trace time and None runs the reference."""
+
+    def call(implementation):
+        return lambda q, c, t, n, s: fm.flash_mla_with_kvcache(
+            q, c, t, n, 512, is_fp8_kvcache=True, k_scale=s, implementation=implementation
+        )
+
+    def structs(h_kv, scale_shape):
+        return (
+            S((2, 1, 16, 576), jnp.bfloat16),
+            S((8, 64, h_kv, 576), jnp.float8_e4m3fn),
+            S((2, 4), jnp.int32),
+            S((2,), jnp.int32),
+            S(scale_shape, jnp.float32),
+        )
+
+    with platform.assume_device():
+        for scale_shape in ((), (1,)):
+            for implementation in (None, "cuda"):
+                text = (
+                    jax.jit(call(implementation))
+                    .trace(*structs(1, scale_shape))
+                    .lower(lowering_platforms=("cuda",))
+                    .as_text()
+                )
+                assert "@jax_flashmla_decode_sparse_sm90" in text
+        text = (
+            jax.jit(call(None)).trace(*structs(2, ())).lower(lowering_platforms=("cuda",)).as_text()
+        )
+        assert "@jax_flashmla_decode_sparse_sm90" not in text
+        with pytest.raises(ValueError) as info:
+            jax.jit(call("cuda")).trace(*structs(2, ()))
+    message = str(info.value)
+    assert "implementation='cuda' is unavailable" in message
+    assert "E4M3 FP8 cache runs on the kernel with one KV head" in message and "h_kv = 2" in message

@@ -1,23 +1,26 @@
-"""Dense decode over the V32 FP8 cache (implementation="cuda") against the fp32 reference, on
-the GPU.
+"""Dense decode over the FP8 caches (implementation="cuda") against the fp32 reference, on the
+GPU: the V32 cache and the plain "E4M3" cache with its k_scale, both with one KV head.
 
 `flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, is_fp8_kvcache=True,
 implementation="cuda")` runs the sparse FP8 decode kernel over each query's visible positions
 (dequantised on chip, docs/design/decode_sparse_fp8_sm90.md). The comparison side is the dense
 reference (`jax_flashmla.reference.decode.dense_decode`) in fp32 on the cache as
-`dequantize_k_cache` returns it, so quantisation error is not part of the tolerance: the
-dense-decode tolerances of docs/ops.md hold.
+`dequantize_k_cache` / `dequantize_k_cache_e4m3` return it in float32, so quantisation error is
+not part of the tolerance: the dense-decode tolerances of docs/ops.md hold.
 
 Data as test_gpu_decode_dense.py: q and the bf16 cache ~ N(0, 1) / 10, varlen or fixed lengths,
 randomly permuted block tables whose entries past each request's blocks are 2147480000, and
-NaN in every cache row no request may read; the cache is then quantised by `quantize_k_cache`,
-so an unreadable token has NaN e4m3 bytes, NaN float32 scales and NaN RoPE values, and any read
-of it shows up as NaN. Device memory is poisoned before each kernel call.
+NaN in every cache row no request may read; the cache is then quantised. V32
+(`quantize_k_cache`): an unreadable token has NaN e4m3 bytes, NaN float32 scales and NaN RoPE
+values, so any read of it shows up as NaN. E4M3 (`quantize_k_cache_e4m3` with k_scale 16 times
+the readable values' amax / 448): an unreadable token's bytes are e4m3 NaN, which the kernel
+reads as 480 (docs/design/decode_sparse_fp8_sm90.md), 17 times any readable value, so a read of
+one moves the output far past the tolerance. Device memory is poisoned before each kernel call.
 
-Cases: a sample of the dense matrix at h_kv 1 (the V32 layout holds one KV head) that covers
-every batch size, s_q, s_k, head count, varlen and causal, at pages 1, 16, 53 and 64; lengths
-0 and past the table's capacity; a wild block id inside a request's length (its tokens masked);
-and bitwise determinism.
+Cases, for each layout: a sample of the dense matrix at h_kv 1 that covers every batch size,
+s_q, s_k, head count, varlen and causal, at pages 1, 16, 53 and 64; lengths 0 and past the
+table's capacity; a wild block id inside a request's length (its tokens masked); and bitwise
+determinism.
 
     python -P -m pytest -q -m gpu tests/test_gpu_decode_fp8_dense.py
 """
@@ -42,8 +45,23 @@ from jax_flashmla.reference import decode as reference_decode
 pytestmark = pytest.mark.gpu
 
 
+LAYOUTS = ("V32", "E4M3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Inputs:
+    """A decode call's inputs with the cache quantised to `layout` (k_scale: E4M3's, [1])."""
+
+    inputs: Inputs
+    layout: str
+    k_scale: jax.Array | None
+
+    def args(self) -> tuple:
+        return (*self.inputs.args(), self.k_scale)
+
+
 @functools.partial(jax.jit, static_argnames=("causal",))
-def _kernel(q, fp8_cache, block_table, cache_seqlens, *, causal):
+def _kernel(q, fp8_cache, block_table, cache_seqlens, k_scale, *, causal):
     return fm.flash_mla_with_kvcache(
         q,
         fp8_cache,
@@ -52,6 +70,7 @@ def _kernel(q, fp8_cache, block_table, cache_seqlens, *, causal):
         D_V,
         causal=causal,
         is_fp8_kvcache=True,
+        k_scale=k_scale,
         implementation="cuda",
     )
 
@@ -59,30 +78,43 @@ def _kernel(q, fp8_cache, block_table, cache_seqlens, *, causal):
 @functools.partial(
     jax.jit, static_argnames=("causal",), compiler_options={"xla_gpu_autotune_level": 0}
 )
-def _reference(q, fp8_cache, block_table, cache_seqlens, *, causal):
+def _reference(q, fp8_cache, block_table, cache_seqlens, k_scale, *, causal):
     """The fp32 reference on the dequantised cache."""
-    cache = fm.dequantize_k_cache(fp8_cache, layout="V32", dtype=jnp.float32)
+    if k_scale is None:
+        cache = fm.dequantize_k_cache(fp8_cache, layout="V32", dtype=jnp.float32)
+    else:
+        cache = fm.dequantize_k_cache_e4m3(fp8_cache, k_scale, dtype=jnp.float32)
     return reference_decode.dense_decode(
         q.astype(jnp.float32), cache, block_table, cache_seqlens, head_dim_v=D_V, causal=causal
     )
 
 
-_quantize = jax.jit(functools.partial(fm.quantize_k_cache, layout="V32"))
+@jax.jit
+def _e4m3_scale(cache: jax.Array) -> jax.Array:
+    """16 times the readable values' amax / 448, as [1]: readable values use e4m3 up to 28."""
+    amax = jnp.nanmax(jnp.abs(cache.astype(jnp.float32)))
+    return jnp.reshape(16 * amax / 448, (1,))
 
 
-def fp8_inputs(inputs: Inputs) -> Inputs:
-    """The same inputs with the cache quantised to V32 (NaN rows stay NaN in every byte)."""
-    return dataclasses.replace(inputs, k_cache=_quantize(inputs.k_cache))
+def fp8_inputs(inputs: Inputs, layout: str) -> Fp8Inputs:
+    """The same inputs with the cache quantised (NaN rows stay NaN)."""
+    if layout == "V32":
+        return Fp8Inputs(
+            dataclasses.replace(inputs, k_cache=fm.quantize_k_cache(inputs.k_cache)), layout, None
+        )
+    k_scale = _e4m3_scale(inputs.k_cache)
+    cache, _ = fm.quantize_k_cache_e4m3(inputs.k_cache, k_scale)
+    return Fp8Inputs(dataclasses.replace(inputs, k_cache=cache), layout, k_scale)
 
 
-def run_and_check(inputs: Inputs, *, causal: bool) -> tuple[np.ndarray, np.ndarray]:
-    b, s_q, h_q, _ = inputs.q.shape
+def run_and_check(fp8: Fp8Inputs, *, causal: bool) -> tuple[np.ndarray, np.ndarray]:
+    b, s_q, h_q, _ = fp8.inputs.q.shape
     poison_device_memory(max(b * s_q * h_q * D_V * 4, 1 << 20))
-    out, lse = (np.asarray(x) for x in _kernel(*inputs.args(), causal=causal))
+    out, lse = (np.asarray(x) for x in _kernel(*fp8.args(), causal=causal))
     assert out.shape == (b, s_q, h_q, D_V) and out.dtype == np.dtype(jnp.bfloat16)
     assert lse.shape == (b, h_q, s_q) and lse.dtype == np.float32
     ref_out, ref_lse = (
-        np.asarray(x) for x in _reference(*reference_placement(inputs.args()), causal=causal)
+        np.asarray(x) for x in _reference(*reference_placement(fp8.args()), causal=causal)
     )
     check_close(out, ref_out, name="out", **DENSE_DECODE_OUT_TOL)
     check_close(lse, ref_lse, name="lse", **DENSE_DECODE_LSE_TOL)
@@ -143,17 +175,19 @@ CASES = _sample()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_quick_fp8_dense_matrix(case: Case):
+@pytest.mark.parametrize("fp8_layout", LAYOUTS)
+def test_quick_fp8_dense_matrix(fp8_layout, case: Case):
     rng = np.random.default_rng(seed_of("fp8", case.id))
     layout = make_layout(
         rng, b=case.b, s_q=case.s_q, s_k=case.s_k, varlen=case.varlen, page=case.page
     )
     values = make_values(seed_of("fp8", case.id), layout, s_q=case.s_q, h_q=case.h_q, h_kv=1)
-    run_and_check(fp8_inputs(values), causal=case.causal)
+    run_and_check(fp8_inputs(values, fp8_layout), causal=case.causal)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_quick_fp8_dense_lengths_and_wild_ids(causal):
+@pytest.mark.parametrize("fp8_layout", LAYOUTS)
+def test_quick_fp8_dense_lengths_and_wild_ids(fp8_layout, causal):
     """Lengths 0, negative and past the table's capacity (cut to it); a wild block id inside a
     request's length masks that block's tokens."""
     rng = np.random.default_rng(7)
@@ -163,17 +197,18 @@ def test_quick_fp8_dense_lengths_and_wild_ids(causal):
     table = layout.block_table.copy()
     table[3, 1] = GARBAGE_BLOCK  # inside request 3's length: its 64 tokens are masked
     values = make_values(11, dataclasses.replace(layout, block_table=table), s_q=2, h_q=16, h_kv=1)
-    inputs = dataclasses.replace(fp8_inputs(values), cache_seqlens=jnp.asarray(seqlens, jnp.int32))
-    run_and_check(inputs, causal=causal)
+    values = dataclasses.replace(values, cache_seqlens=jnp.asarray(seqlens, jnp.int32))
+    run_and_check(fp8_inputs(values, fp8_layout), causal=causal)
 
 
-def test_quick_fp8_dense_deterministic():
+@pytest.mark.parametrize("fp8_layout", LAYOUTS)
+def test_quick_fp8_dense_deterministic(fp8_layout):
     rng = np.random.default_rng(3)
     layout = make_layout(rng, b=6, s_q=2, s_k=1000, varlen=True)
-    inputs = fp8_inputs(make_values(5, layout, s_q=2, h_q=128, h_kv=1))
-    first = run_and_check(inputs, causal=True)
+    fp8 = fp8_inputs(make_values(5, layout, s_q=2, h_q=128, h_kv=1), fp8_layout)
+    first = run_and_check(fp8, causal=True)
     for _ in range(3):
-        again = [np.asarray(x) for x in _kernel(*inputs.args(), causal=True)]
+        again = [np.asarray(x) for x in _kernel(*fp8.args(), causal=True)]
         for a, b in zip(first, again, strict=True):
             np.testing.assert_array_equal(
                 a.view(f"u{a.dtype.itemsize}"), b.view(f"u{b.dtype.itemsize}")

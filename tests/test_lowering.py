@@ -184,7 +184,8 @@ def test_sparse_decode_lowers_to_custom_call(layout, d_qk, token_bytes, with_len
         f"(tensor<{b}x{s_q}x{h_q}x{d_qk}xbf16>, tensor<10x7x1x{token_bytes}xf8E4M3FN>, "
         f"tensor<{b}x{s_q}x{topk}xi32>, {topk_length}, tensor<0xf32>, "
         f"tensor<4x5x1x{token_bytes}xf8E4M3FN>, tensor<{b}x{s_q}x{extra_topk}xi32>, "
-        f"tensor<0xi32>, tensor<{parts}x{METADATA_FIELDS}xi32>, tensor<{b + 1}xi32>) -> "
+        f"tensor<0xi32>, tensor<0xf32>, tensor<{parts}x{METADATA_FIELDS}xi32>, "
+        f"tensor<{b + 1}xi32>) -> "
         f"(tensor<{b}x{s_q}x{h_q}x512xbf16>, tensor<{b}x{h_q}x{s_q}xf32>, "
         f"tensor<{b + parts}x{s_q}x{h_q}x512xf32>, tensor<{b + parts}x{s_q}x{h_q}xf32>)"
     ) in decode_call, decode_call
@@ -192,8 +193,9 @@ def test_sparse_decode_lowers_to_custom_call(layout, d_qk, token_bytes, with_len
 
 
 def test_dense_decode_kernel_only_for_its_shapes():
-    """Any page size runs the kernel; an E4M3 FP8 dense cache goes to the reference, and
-    implementation='cuda' says why (the V32 one: tests/test_decode_fp8_dense.py)."""
+    """Any page size runs the dense kernel; an E4M3 FP8 cache with two KV heads goes to the
+    reference, and implementation='cuda' says why (one KV head and the V32 cache run the sparse
+    kernel: tests/test_decode_fp8_dense.py, tests/test_decode_e4m3.py)."""
     q = jax.ShapeDtypeStruct((2, 1, 16, 576), jnp.bfloat16)
     table = jax.ShapeDtypeStruct((2, 4), jnp.int32)
     lens = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -201,7 +203,7 @@ def test_dense_decode_kernel_only_for_its_shapes():
         cache = jax.ShapeDtypeStruct((8, page, 1, 576), jnp.bfloat16)
         hlo = cuda_hlo(lambda *a: fm.flash_mla_with_kvcache(*a, 512), q, cache, table, lens)
         assert custom_calls(hlo), page
-    fp8_cache = jax.ShapeDtypeStruct((8, 64, 1, 576), jnp.float8_e4m3fn)
+    fp8_cache = jax.ShapeDtypeStruct((8, 64, 2, 576), jnp.float8_e4m3fn)
     k_scale = jax.ShapeDtypeStruct((), jnp.float32)
 
     def fp8_decode(*args, implementation=None):
@@ -212,7 +214,7 @@ def test_dense_decode_kernel_only_for_its_shapes():
 
     hlo = cuda_hlo(fp8_decode, q, fp8_cache, table, lens, k_scale)
     assert not custom_calls(hlo)
-    with platform.assume_device(), pytest.raises(ValueError, match="E4M3 FP8 cache has no kernel"):
+    with platform.assume_device(), pytest.raises(ValueError, match="with one KV head"):
         jax.jit(lambda *a: fp8_decode(*a, implementation="cuda")).trace(
             q, fp8_cache, table, lens, k_scale
         )

@@ -2,14 +2,16 @@
 // decode kernel followed by the split-KV combine. An absent optional operand is passed with a
 // zero-sized dim (named below).
 //
-//   operands:   q                  bfloat16 [b, s_q, h_q, d_qk]   (d_qk 576: V32, 512: MODEL1)
-//               k_cache            float8_e4m3fn or uint8 [num_blocks, page, 1, 656 | 584]
+//   operands:   q                  bfloat16 [b, s_q, h_q, d_qk]   (d_qk 512 for MODEL1, else 576)
+//               k_cache            float8_e4m3fn or uint8 [num_blocks, page, 1, 656 | 584 | 576]
+//                                  (the layout: V32, MODEL1 or E4M3)
 //               indices            int32[b, s_q, topk]
 //               topk_length        int32[b], or int32[0] for none
 //               attn_sink          float32[h_q], or float32[0] for none
-//               extra_k_cache      k_cache's dtype [extra_num_blocks, extra_page, 1, 656 | 584]
+//               extra_k_cache      k_cache's dtype and layout [extra_num_blocks, extra_page, 1, ...]
 //               extra_indices      int32[b, s_q, extra_topk]; extra_topk 0: no extra cache
 //               extra_topk_length  int32[b], or int32[0] for none
+//               k_scale            float32[1], the scale of an E4M3 cache; float32[0] otherwise
 //               tile_metadata      int32[num_parts, 8]   (get_mla_metadata)
 //               num_splits         int32[b + 1]
 //   results:    out                bfloat16 [b, s_q, h_q, 512]
@@ -51,7 +53,8 @@ ffi::Error DecodeSparseImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffe
                             ffi::AnyBuffer indices, ffi::AnyBuffer topk_length,
                             ffi::AnyBuffer attn_sink, ffi::AnyBuffer extra_k_cache,
                             ffi::AnyBuffer extra_indices, ffi::AnyBuffer extra_topk_length,
-                            ffi::AnyBuffer tile_metadata, ffi::AnyBuffer num_splits,
+                            ffi::AnyBuffer k_scale, ffi::AnyBuffer tile_metadata,
+                            ffi::AnyBuffer num_splits,
                             ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                             ffi::Result<ffi::AnyBuffer> partial_o,
                             ffi::Result<ffi::AnyBuffer> partial_lse, float softmax_scale) {
@@ -62,16 +65,25 @@ ffi::Error DecodeSparseImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffe
                                    {kAnyDim, kAnyDim, kAnyDim, kAnyDim}, "[b, s_q, h_q, d_qk]"));
   const auto qd = q.dimensions();
   const int64_t b = qd[0], s_q = qd[1], h_q = qd[2], d_qk = qd[3];
-  if (d_qk != fp8_head_dim_qk(Fp8Layout::kV32) && d_qk != fp8_head_dim_qk(Fp8Layout::kModel1)) {
-    return ffi_helpers::invalid_argument(
-        kTarget, "q's d_qk must be 576 (V32) or 512 (MODEL1); got " + ffi_helpers::describe(q));
-  }
-  const Fp8Layout layout =
-      d_qk == fp8_head_dim_qk(Fp8Layout::kV32) ? Fp8Layout::kV32 : Fp8Layout::kModel1;
-  const int64_t token_bytes = fp8_bytes_per_token(layout);
   JFM_RETURN_IF_ERROR(check_buffer(kTarget, "k_cache", k_cache, fp8,
-                                   {kAnyDim, kAnyDim, 1, token_bytes},
-                                   "[num_blocks, page, 1, bytes per token of q's layout]"));
+                                   {kAnyDim, kAnyDim, 1, kAnyDim},
+                                   "[num_blocks, page, 1, bytes per token]"));
+  // The layout is the one whose bytes per token are the cache's last dim.
+  const int64_t token_bytes = k_cache.dimensions()[3];
+  Fp8Layout layout = Fp8Layout::kV32;
+  bool known = false;
+  for (const Fp8Layout candidate : {Fp8Layout::kV32, Fp8Layout::kModel1, Fp8Layout::kE4M3}) {
+    if (fp8_bytes_per_token(candidate) == token_bytes) {
+      layout = candidate;
+      known = true;
+    }
+  }
+  if (!known || d_qk != fp8_head_dim_qk(layout)) {
+    return ffi_helpers::invalid_argument(
+        kTarget, "k_cache's last dim must be 656 (V32, d_qk 576), 584 (MODEL1, d_qk 512) or 576 "
+                 "(E4M3, d_qk 576), with q's d_qk that of its layout; got " +
+                     ffi_helpers::describe(k_cache) + " and " + ffi_helpers::describe(q));
+  }
   JFM_RETURN_IF_ERROR(check_buffer(kTarget, "indices", indices, s32, {b, s_q, kAnyDim},
                                    "[b, s_q, topk]"));
   SparseDecodeParams params;
@@ -91,6 +103,12 @@ ffi::Error DecodeSparseImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffe
                                      "[extra_num_blocks, extra_page, 1, bytes per token]"));
     JFM_RETURN_IF_ERROR(optional_lengths("extra_topk_length", extra_topk_length, b,
                                          params.extra.topk_length));
+  }
+  JFM_RETURN_IF_ERROR(check_buffer(kTarget, "k_scale", k_scale, f32,
+                                   {layout == Fp8Layout::kE4M3 ? 1 : 0},
+                                   "[1] for an E4M3 cache, else [0]"));
+  if (layout == Fp8Layout::kE4M3) {
+    params.k_scale = static_cast<const float*>(k_scale.untyped_data());
   }
   JFM_RETURN_IF_ERROR(check_buffer(kTarget, "tile_metadata", tile_metadata, s32,
                                    {kAnyDim, kMetadataFields}, "[num_parts, 8]"));
@@ -147,6 +165,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashmlaDecodeSparseSm90, jfm::DecodeSparseImpl
                                   .Arg<::xla::ffi::AnyBuffer>()  // extra_k_cache
                                   .Arg<::xla::ffi::AnyBuffer>()  // extra_indices
                                   .Arg<::xla::ffi::AnyBuffer>()  // extra_topk_length
+                                  .Arg<::xla::ffi::AnyBuffer>()  // k_scale
                                   .Arg<::xla::ffi::AnyBuffer>()  // tile_metadata
                                   .Arg<::xla::ffi::AnyBuffer>()  // num_splits
                                   .Ret<::xla::ffi::AnyBuffer>()  // out

@@ -99,9 +99,9 @@ def flash_mla_with_kvcache(
         d_qk ** -0.5.
       causal: static bool, bottom-right causal mask over the s_q queries (dense mode only).
       is_fp8_kvcache: static bool, the cache is FP8 (required in sparse mode; in dense mode
-        the sparse kernel reads a V32 cache over each query's positions, while an E4M3 cache
-        is dequantised for the reference; the kernel path makes its own schedule, so a given
-        one is checked but not used).
+        the sparse kernel reads a V32 cache, or an E4M3 one with h_kv 1, over each query's
+        positions, while an E4M3 cache with more KV heads is dequantised for the reference;
+        the kernel path makes its own schedule, so a given one is checked but not used).
       fp8_layout: static str or None, with is_fp8_kvcache: "V32", "MODEL1" or "E4M3"; None
         takes it from the cache's last dim (656: V32, 584: MODEL1, 576: E4M3).
       k_scale: float32 [], [1] or [h_kv]: the scale of an "E4M3" cache (one for the cache or
@@ -220,7 +220,8 @@ def flash_mla_with_kvcache(
             compute = functools.partial(
                 _dense_fp8_decode, softmax_scale=scale, causal=causal, layout=layout
             )
-            return forward_only(OP, compute)(q, k_cache, block_table, cache_seqlens)
+            scales = () if k_scale is None else (jnp.reshape(k_scale, (1,)),)
+            return forward_only(OP, compute)(q, k_cache, block_table, cache_seqlens, *scales)
         cache = k_cache
         if layout == quant.SCALED_LAYOUT:
             cache = quant.dequantize_k_cache_e4m3(k_cache, k_scale, dtype=jnp.bfloat16)
@@ -297,13 +298,16 @@ def _dense_decode(
     )
 
 
-def _dense_fp8_decode(q, cache, block_table, cache_seqlens, *, softmax_scale, causal, layout):
-    """Dense decode of a V32 FP8 cache on the sparse decode kernel, which dequantises on chip:
-    each query token's visible positions, mapped through the block table, are its indices.
-    Partitioned over batch and heads; the schedule is made from the lengths (a schedule from
-    get_mla_metadata for the dense kernel does not fit the sparse kernel's grid)."""
+def _dense_fp8_decode(
+    q, cache, block_table, cache_seqlens, *k_scale, softmax_scale, causal, layout
+):
+    """Dense decode of an FP8 cache (V32, or E4M3 with one KV head and its k_scale [1]) on the
+    sparse decode kernel, which dequantises on chip: each query token's visible positions,
+    mapped through the block table, are its indices. Partitioned over batch and heads; the
+    schedule is made from the lengths (a schedule from get_mla_metadata for the dense kernel
+    does not fit the sparse kernel's grid)."""
 
-    def compute(q, cache, block_table, cache_seqlens):
+    def compute(q, cache, block_table, cache_seqlens, *k_scale):
         indices, lengths = _positions_as_indices(
             block_table,
             cache_seqlens,
@@ -314,7 +318,7 @@ def _dense_fp8_decode(q, cache, block_table, cache_seqlens, *, softmax_scale, ca
         )
         given = {"topk_length": lengths}
         operands = decode_sparse.with_placeholders(
-            q, cache, indices, lengths, None, None, None, None
+            q, cache, indices, lengths, None, None, None, None, *k_scale
         )
         return decode_sparse.decode_sparse(
             *operands,
@@ -327,8 +331,8 @@ def _dense_fp8_decode(q, cache, block_table, cache_seqlens, *, softmax_scale, ca
     return sharding.partitioned_call(
         OP,
         compute,
-        (q, cache, block_table, cache_seqlens),
-        ("b s (k g) d", "n p k d", "b m", "b"),
+        (q, cache, block_table, cache_seqlens, *k_scale),
+        ("b s (k g) d", "n p k d", "b m", "b", *("k" for _ in k_scale)),
         _DECODE_RESULT_DIMS,
         shardable=frozenset({"b", "g"}),
         given_sizes={"g": q.shape[2]},
@@ -467,13 +471,16 @@ def _check_head_dims(d_qk: int, d_v: int, *, sparse: bool) -> None:
 
 def _dense_kernel_unsupported_reason(q, k_cache, layout: str | None) -> str:
     """Why no Hopper kernel can take these dense-mode inputs ("" when one can): the dense
-    decode kernel for a 16-bit cache, the sparse one for a V32 FP8 cache (_dense_fp8_decode)."""
+    decode kernel for a 16-bit cache, the sparse one for an FP8 cache (_dense_fp8_decode)."""
     num_blocks, page, h_kv, _ = k_cache.shape
     if num_blocks == 0:
         return "the kernel needs a cache of at least one block"
     b, s_q, h_q, _ = q.shape
-    if layout == quant.SCALED_LAYOUT:
-        return f"dense decode of the {layout} FP8 cache has no kernel yet"
+    if layout == quant.SCALED_LAYOUT and h_kv != 1:
+        return (
+            f"the {layout} FP8 cache runs on the kernel with one KV head (MLA's latent); got "
+            f"h_kv = {h_kv}"
+        )
     if layout is not None:
         capacity = num_blocks * page
         if capacity > INT32_MAX:

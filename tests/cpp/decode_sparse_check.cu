@@ -4,10 +4,11 @@
 // lse abs 1e-6 / rel 8.01/65536; inf/NaN positions must coincide; a query with nothing
 // selected gives out 0 and lse +inf).
 //
-// Inputs: FP8 caches in both layouts written byte by byte: e4m3 values with exponent fields
-// 0-9 (zero and subnormals included) and power-of-two scales (V32: float32; MODEL1: e8m0), so
-// that the dequantised value, e4m3 * scale, is exact in float64 and in bfloat16; RoPE values
-// N(0, 1) / 10 in bfloat16; q likewise. Indices select tokens of the cache at random, with -1,
+// Inputs: FP8 caches in the three layouts written byte by byte: e4m3 values with exponent
+// fields 0-9 (zero and subnormals included) and power-of-two scales (V32: float32; MODEL1:
+// e8m0), so that the dequantised value, e4m3 * scale, is exact in float64 and in bfloat16; RoPE
+// values N(0, 1) / 10 in bfloat16; q likewise. E4M3 has every dim an e4m3 value and one scale
+// for the case, not a power of two (the kernel applies it in float32, exactly). Indices select tokens of the cache at random, with -1,
 // num_blocks * page, 2^31 - 1 and -2^31 mixed in, duplicates in some cases; topk_length and
 // extra_topk_length (clamped, 0 and past topk included) where a case has them. Every byte of
 // every token that no counted valid slot selects is 0xFF (NaN as e4m3, as a float32 scale
@@ -70,8 +71,11 @@ struct Case {
   float scale_mul = 1.f;  // softmax_scale = scale_mul / sqrt(d_qk)
 };
 
+// The scale of the E4M3 caches of every case (not a power of two).
+constexpr float kE4m3Scale = 0.0371f;
+
 std::vector<Case> all_cases() {
-  const Fp8Layout v32 = Fp8Layout::kV32, model1 = Fp8Layout::kModel1;
+  const Fp8Layout v32 = Fp8Layout::kV32, model1 = Fp8Layout::kModel1, e4m3 = Fp8Layout::kE4M3;
   const Source none{1, 0, 0, false};
   return {
       {"v32-b2-sq1-h64-topk64-page64", v32, 2, 1, 64, {64, 64, 6, false}, none},
@@ -94,6 +98,10 @@ std::vector<Case> all_cases() {
       // CTA pairs (h_q > 64) with requests of 0 to 3 blocks, and a second tile of 8 heads.
       {"v32-b4-sq2-h128-topk192-page16-lengths", v32, 4, 2, 128, {16, 192, 60, true}, none, true},
       {"model1-b3-sq1-h72-topk256-page64", model1, 3, 1, 72, {64, 256, 12, false}, none},
+      {"e4m3-b3-sq2-h128-topk128-page61-sink", e4m3, 3, 2, 128, {61, 128, 9, false}, none, true},
+      {"e4m3-b4-sq1-h16-topk576-page2-lengths", e4m3, 4, 1, 16, {2, 576, 900, true}, none, true},
+      {"e4m3-b2-sq3-h64-topk192-page1-extra-dup", e4m3, 2, 3, 64, {1, 192, 500, false},
+       {16, 64, 9, true}, false, true},
   };
 }
 
@@ -109,7 +117,11 @@ struct LayoutShape {
   int d_qk, nope, tile, bytes_per_token;
 };
 LayoutShape shape_of(Fp8Layout layout) {
-  return layout == Fp8Layout::kV32 ? LayoutShape{576, 512, 128, 656} : LayoutShape{512, 448, 64, 584};
+  switch (layout) {
+    case Fp8Layout::kV32: return {576, 512, 128, 656};
+    case Fp8Layout::kModel1: return {512, 448, 64, 584};
+    default: return {576, 576, 576, 576};  // E4M3: every dim e4m3, one scale per cache
+  }
 }
 
 // One cache: its bytes and, per token, the dequantised row (what the reference reads).
@@ -126,8 +138,17 @@ void write_token(Fp8Layout layout, int page, int64_t t, std::mt19937& rng, Cache
   std::normal_distribution<float> gauss(0.f, 0.1f);
   const int64_t block = t / page, row = t % page;
   uint8_t* block_base = cache.bytes.data() + block * page * s.bytes_per_token;
-  uint8_t* data = layout == Fp8Layout::kV32 ? block_base + row * 656 : block_base + row * 576;
+  uint8_t* data = block_base + row * (layout == Fp8Layout::kV32 ? 656 : 576);
   double* out = &cache.rows[size_t(t) * s.d_qk];
+  if (layout == Fp8Layout::kE4M3) {
+    for (int d = 0; d < s.d_qk; ++d) {
+      const uint8_t byte =
+          static_cast<uint8_t>(sign(rng) << 7 | exponent(rng) << 3 | mantissa(rng));
+      data[d] = byte;
+      out[d] = e4m3_value(byte) * double(kE4m3Scale);
+    }
+    return;
+  }
   for (int tile = 0; tile < s.nope / s.tile; ++tile) {
     const int e = scale_exp(rng);
     if (layout == Fp8Layout::kV32) {
@@ -305,6 +326,7 @@ Result run(const Case& c, const Inputs& in, int num_parts, bool lengths_schedule
   p.num_parts = num_parts;
   p.softmax_scale = in.softmax_scale;
   p.layout = c.layout;
+  if (c.layout == Fp8Layout::kE4M3) p.k_scale = buffers.copy(std::vector<float>{kE4m3Scale});
 
   // The schedule, as the op makes it: per-request whole blocks of counted slots, or fixed.
   jfm::SchedulerParams sched;

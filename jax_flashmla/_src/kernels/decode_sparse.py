@@ -17,13 +17,14 @@ GRID_YZ_MAX = 65535
 
 class SparseDecodeKernel(KernelPrimitive):
     """(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-    extra_topk_length, metadata, num_splits) -> (out, lse) and the split-KV workspace
+    extra_topk_length, k_scale, metadata, num_splits) -> (out, lse) and the split-KV workspace
     (partial_o, partial_lse) of b + num_parts rows.
 
-    The caches are FP8 in `layout`. An absent optional operand is a zero-sized array (see
-    `with_placeholders`): topk_length, attn_sink and extra_topk_length of length 0, and
-    extra_indices with extra_topk 0 (extra_k_cache is then ignored). metadata and num_splits
-    may be None on the reference path.
+    The caches are FP8 in `layout` ("V32", "MODEL1", or "E4M3" with its scale k_scale
+    float32 [1]). An absent optional operand is a zero-sized array (see `with_placeholders`):
+    topk_length, attn_sink, extra_topk_length and k_scale of length 0, and extra_indices with
+    extra_topk 0 (extra_k_cache is then ignored). metadata and num_splits may be None on the
+    reference path.
     """
 
     name = "jax_flashmla_decode_sparse"
@@ -40,6 +41,7 @@ class SparseDecodeKernel(KernelPrimitive):
         extra_k_cache,
         extra_indices,
         extra_topk_length,
+        k_scale,
         metadata,
         num_splits,
         *,
@@ -65,6 +67,7 @@ class SparseDecodeKernel(KernelPrimitive):
         extra_k_cache,
         extra_indices,
         extra_topk_length,
+        k_scale,
         metadata,
         num_splits,
         *,
@@ -78,6 +81,8 @@ class SparseDecodeKernel(KernelPrimitive):
         has_extra = extra_indices.shape[2] > 0
 
         def dequantised(cache):
+            if layout == quant.SCALED_LAYOUT:
+                return quant.dequantize_k_cache_e4m3(cache, k_scale, dtype=jnp.bfloat16)
             return quant.dequantize_k_cache(cache, layout=layout, dtype=jnp.bfloat16)
 
         return decode.sparse_decode(
@@ -101,9 +106,18 @@ decode_sparse = SparseDecodeKernel()
 
 
 def with_placeholders(
-    q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices, extra_topk_length
+    q,
+    k_cache,
+    indices,
+    topk_length,
+    attn_sink,
+    extra_k_cache,
+    extra_indices,
+    extra_topk_length,
+    k_scale=None,
 ) -> tuple[jax.Array, ...]:
-    """The family's first eight operands, absent (None) optional ones as zero-sized arrays."""
+    """The family's first nine operands, absent (None) optional ones as zero-sized arrays; a
+    k_scale given as [] or [1] as [1]."""
     b, s_q = q.shape[:2]
 
     def empty(dtype):
@@ -121,6 +135,7 @@ def with_placeholders(
         extra_k_cache,
         extra_indices,
         empty(jnp.int32) if extra_topk_length is None else extra_topk_length,
+        empty(jnp.float32) if k_scale is None else jnp.reshape(k_scale, (1,)),
     )
 
 

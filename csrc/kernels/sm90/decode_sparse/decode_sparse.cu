@@ -37,7 +37,13 @@ const char* sparse_decode_params_error(const SparseDecodeParams& p) {
   if (p.batch < 0 || p.s_q < 1 || p.h_q < 1 || p.num_parts < 1) {
     return "sizes must be positive (batch may be 0)";
   }
-  if (p.layout != Fp8Layout::kV32 && p.layout != Fp8Layout::kModel1) return "unknown FP8 layout";
+  if (p.layout != Fp8Layout::kV32 && p.layout != Fp8Layout::kModel1 &&
+      p.layout != Fp8Layout::kE4M3) {
+    return "unknown FP8 layout";
+  }
+  if (p.layout == Fp8Layout::kE4M3 && p.k_scale == nullptr) {
+    return "the E4M3 layout needs k_scale";
+  }
   if (p.main.cache == nullptr) return "k_cache is missing";
   if (const char* error = key_source_error(p.main)) return error;
   if (p.extra.cache != nullptr) {
@@ -79,10 +85,17 @@ cudaError_t launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t strea
     return cudaErrorInvalidValue;
   }
 
-  const cudaError_t err =
-      p.layout == Fp8Layout::kV32
-          ? sm90::decode_sparse::launch_typed<Fp8Layout::kV32>(args, stream)
-          : sm90::decode_sparse::launch_typed<Fp8Layout::kModel1>(args, stream);
+  cudaError_t err;
+  switch (p.layout) {
+    case Fp8Layout::kV32:
+      err = sm90::decode_sparse::launch_typed<Fp8Layout::kV32>(args, stream);
+      break;
+    case Fp8Layout::kModel1:
+      err = sm90::decode_sparse::launch_typed<Fp8Layout::kModel1>(args, stream);
+      break;
+    default:
+      err = sm90::decode_sparse::launch_typed<Fp8Layout::kE4M3>(args, stream);
+  }
   if (err != cudaSuccess) return err;
 
   CombineParams combine;

@@ -2,7 +2,7 @@
 // No JAX/XLA/CuTe includes: the FFI handler includes only this header.
 //
 // Each query token (request i, token s) attends the cache tokens its `indices` select, plus
-// those its `extra_indices` select in a second cache; the caches hold FP8 tokens in one of two
+// those its `extra_indices` select in a second cache; the caches hold FP8 tokens in one of three
 // layouts (docs/ops.md, FP8 cache layouts) and are dequantised on chip. One CTA handles one
 // split-KV part (a row of the scheduler metadata), one query token and one tile of up to 64
 // query heads: for each request of its part it gathers the selected tokens in blocks of 64
@@ -32,8 +32,8 @@ namespace jfm {
 
 // The FP8 token layouts (docs/ops.md): "V32", 656 bytes per token, d_qk 576; "MODEL1", 584
 // bytes per token (576 bytes of data per token, then the block's 8-byte scale records), d_qk
-// 512.
-enum class Fp8Layout : int { kV32 = 0, kModel1 = 1 };
+// 512; "E4M3", 576 e4m3 values per token, d_qk 576, one float32 scale for the whole cache.
+enum class Fp8Layout : int { kV32 = 0, kModel1 = 1, kE4M3 = 2 };
 
 // One FP8 cache and the slots that select from it.
 struct SparseKeySource {
@@ -62,14 +62,15 @@ struct SparseDecodeParams {
   int64_t num_parts = 0;
   float softmax_scale = 0.f;  // any finite value
   Fp8Layout layout = Fp8Layout::kV32;
+  const float* k_scale = nullptr;  // E4M3: the caches' scale (one float32), else unused
 };
 
 // Bytes per token of a layout, and the query/key head dim it holds.
 inline constexpr int64_t fp8_bytes_per_token(Fp8Layout layout) {
-  return layout == Fp8Layout::kV32 ? 656 : 584;
+  return layout == Fp8Layout::kV32 ? 656 : layout == Fp8Layout::kModel1 ? 584 : kHeadDimQK;
 }
 inline constexpr int64_t fp8_head_dim_qk(Fp8Layout layout) {
-  return layout == Fp8Layout::kV32 ? kHeadDimQK : kHeadDimV;
+  return layout == Fp8Layout::kModel1 ? kHeadDimV : kHeadDimQK;
 }
 
 // nullptr when the parameters are valid for the kernel, else a static message naming the

@@ -70,8 +70,9 @@ struct LayoutTraits;
 template <>
 struct LayoutTraits<Fp8Layout::kV32> {
   static constexpr int kQKChunks = 9;        // 512 NoPE + 64 RoPE dims
-  static constexpr int kNopePieces = 32;     // 16-byte pieces of e4m3 NoPE values
-  static constexpr int kPiecesPerScale = 8;  // one float32 scale per 128 values
+  static constexpr int kE4m3Pieces = 32;     // 16-byte pieces of e4m3 values: the NoPE dims
+  static constexpr bool kScaledPieces = true;  // the pieces carry their own scales
+  static constexpr bool kBf16Rope = true;    // the RoPE dims are stored as bfloat16
   static constexpr int kRopeChunk = 8;
   static constexpr int kRopeOffset = 528;    // after 512 e4m3 values and 4 float32 scales
 };
@@ -79,12 +80,24 @@ struct LayoutTraits<Fp8Layout::kV32> {
 template <>
 struct LayoutTraits<Fp8Layout::kModel1> {
   static constexpr int kQKChunks = 8;        // 448 NoPE + 64 RoPE dims
-  static constexpr int kNopePieces = 28;
-  static constexpr int kPiecesPerScale = 4;  // one e8m0 exponent per 64 values
+  static constexpr int kE4m3Pieces = 28;
+  static constexpr bool kScaledPieces = true;
+  static constexpr bool kBf16Rope = true;
   static constexpr int kRopeChunk = 7;
   static constexpr int kRopeOffset = 448;
   static constexpr int kTokenDataBytes = 576;  // per token, then page * 8 bytes of scales
   static constexpr int kScaleRecordBytes = 8;
+};
+
+// Every one of the 576 dims an e4m3 value; the cache's one scale is not applied here but folded
+// into the softmax scale (S = scale * Q K_e4m3^T) and the output (O = scale * P V_e4m3), exactly
+// in float32, so the stage holds the e4m3 values themselves.
+template <>
+struct LayoutTraits<Fp8Layout::kE4M3> {
+  static constexpr int kQKChunks = 9;
+  static constexpr int kE4m3Pieces = 36;  // the 576 values, RoPE included
+  static constexpr bool kScaledPieces = false;
+  static constexpr bool kBf16Rope = false;
 };
 
 struct alignas(1024) SharedStorage {
@@ -132,8 +145,10 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, __nv_bfloat162 b) {
   return *reinterpret_cast<const uint32_t*>(&r);
 }
 
-// 16 e4m3 values (one 16-byte piece) times `scale`, as 16 bfloat16 values in two 16-byte units.
-// The factor 2^120 goes in first, on its own, so that no scale can overflow it.
+// 16 e4m3 values (one 16-byte piece) times `scale` (kScaled) or as they are, as 16 bfloat16
+// values in two 16-byte units. The factor 2^120 goes in first, on its own, so that no scale can
+// overflow it.
+template <bool kScaled>
 __device__ __forceinline__ void dequantize_piece(const uint4& piece, __nv_bfloat162 scale,
                                                  uint4& lo, uint4& hi) {
   const __nv_bfloat162 two_pow_120 = __bfloat162bfloat162(__ushort_as_bfloat16(0x7B80));
@@ -144,7 +159,8 @@ __device__ __forceinline__ void dequantize_piece(const uint4& piece, __nv_bfloat
 #pragma unroll
     for (int half = 0; half < 2; ++half) {  // values 4k + {0, 1}, then 4k + {2, 3}
       const uint32_t bits = half ? e4m3_pair_bits<1>(words[k]) : e4m3_pair_bits<0>(words[k]);
-      out[2 * k + half] = bf16x2_mul(bf16x2_mul(bits, two_pow_120), scale);
+      const uint32_t value = bf16x2_mul(bits, two_pow_120);
+      out[2 * k + half] = kScaled ? bf16x2_mul(value, scale) : value;
     }
   }
   lo = make_uint4(out[0], out[1], out[2], out[3]);
@@ -212,13 +228,13 @@ __device__ __forceinline__ RequestWork request_work(const KernelArgs& args,
 
 // ---- Load role ------------------------------------------------------------------------------
 
-// One selected token as a loader thread holds it: thread j of the token's 4 holds the NoPE
-// pieces j + 4 i (16 e4m3 values each; piece j + 4 i fills units 2 j and 2 j + 1 of K chunk i),
-// the RoPE units j and j + 4, and the token's scales.
+// One selected token as a loader thread holds it: thread j of the token's 4 holds the e4m3
+// pieces j + 4 i (16 values each; piece j + 4 i fills units 2 j and 2 j + 1 of K chunk i), and
+// in the layouts with bfloat16 RoPE the RoPE units j and j + 4 and the token's scales.
 template <Fp8Layout kLayout>
 struct TokenShare {
-  static constexpr int kNope = LayoutTraits<kLayout>::kNopePieces / kTokenThreads;
-  uint4 nope[kNope];
+  static constexpr int kPieces = LayoutTraits<kLayout>::kE4m3Pieces / kTokenThreads;
+  uint4 pieces[kPieces];
   uint4 rope[2];
   uint4 scales;  // V32: 4 x float32; MODEL1: 8 e8m0 bytes in .x and .y
   bool selects;  // the slot counts and its index is inside the cache
@@ -236,14 +252,18 @@ __device__ __forceinline__ TokenShare<kLayout> gather_token(const uint8_t* cache
   share.selects = index >= 0 && index < num_tokens;
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
-  for (int i = 0; i < Share::kNope; ++i) share.nope[i] = zero;
+  for (int i = 0; i < Share::kPieces; ++i) share.pieces[i] = zero;
   share.rope[0] = share.rope[1] = share.scales = zero;
   if (!share.selects) return share;
-  if constexpr (kLayout == Fp8Layout::kV32) {
+  if constexpr (kLayout == Fp8Layout::kE4M3) {
+    const uint8_t* column = cache + int64_t{index} * fp8_bytes_per_token(kLayout) + j * 16;
+#pragma unroll
+    for (int i = 0; i < Share::kPieces; ++i) share.pieces[i] = load_16(column + 64 * i);
+  } else if constexpr (kLayout == Fp8Layout::kV32) {
     const uint8_t* token = cache + int64_t{index} * fp8_bytes_per_token(kLayout);
     const uint8_t* column = token + j * 16;  // the loads below: immediate offsets from here
 #pragma unroll
-    for (int i = 0; i < Share::kNope; ++i) share.nope[i] = load_16(column + 64 * i);
+    for (int i = 0; i < Share::kPieces; ++i) share.pieces[i] = load_16(column + 64 * i);
     share.rope[0] = load_16(column + L::kRopeOffset);
     share.rope[1] = load_16(column + L::kRopeOffset + 64);
     share.scales = load_16(token + kHeadDimLatent);
@@ -254,7 +274,9 @@ __device__ __forceinline__ TokenShare<kLayout> gather_token(const uint8_t* cache
     const uint8_t* block_base = cache + int64_t{block} * page * fp8_bytes_per_token(kLayout);
     const uint8_t* column = block_base + int64_t{row} * L::kTokenDataBytes + j * 16;
 #pragma unroll
-    for (int i = 0; i < Share::kNope; ++i) share.nope[i] = load_16_of_8_aligned(column + 64 * i);
+    for (int i = 0; i < Share::kPieces; ++i) {
+      share.pieces[i] = load_16_of_8_aligned(column + 64 * i);
+    }
     share.rope[0] = load_16_of_8_aligned(column + L::kRopeOffset);
     share.rope[1] = load_16_of_8_aligned(column + L::kRopeOffset + 64);
     const uint2 record =
@@ -264,15 +286,17 @@ __device__ __forceinline__ TokenShare<kLayout> gather_token(const uint8_t* cache
   return share;
 }
 
-// The scale of NoPE piece `piece`, as bfloat16 (both halves).
+// The scale of e4m3 piece `piece`, as bfloat16 (both halves); none for E4M3 (see its traits).
 template <Fp8Layout kLayout>
 __device__ __forceinline__ __nv_bfloat162 piece_scale(const uint4& scales, int piece) {
-  const int tile = piece / LayoutTraits<kLayout>::kPiecesPerScale;
   const uint32_t words[4] = {scales.x, scales.y, scales.z, scales.w};
   if constexpr (kLayout == Fp8Layout::kV32) {
-    return __float2bfloat162_rn(__uint_as_float(words[tile]));
-  } else {
+    return __float2bfloat162_rn(__uint_as_float(words[piece / 8]));  // one per 128 values
+  } else if constexpr (kLayout == Fp8Layout::kModel1) {
+    const int tile = piece / 4;  // one e8m0 exponent per 64 values
     return __bfloat162bfloat162(e8m0_to_bf16((words[tile / 4] >> (8 * (tile % 4))) & 0xFF));
+  } else {
+    return __float2bfloat162_rn(1.f);
   }
 }
 
@@ -301,15 +325,18 @@ __device__ __forceinline__ void store_token(const StageTarget<kPaired>& target,
   const uint32_t lo_unit = row * 128 + (((2 * j) ^ swizzle) << 4);
   const uint32_t hi_unit = row * 128 + (((2 * j + 1) ^ swizzle) << 4);
 #pragma unroll
-  for (int i = 0; i < TokenShare<kLayout>::kNope; ++i) {
+  for (int i = 0; i < TokenShare<kLayout>::kPieces; ++i) {
     uint4 lo, hi;
-    dequantize_piece(share.nope[i], piece_scale<kLayout>(share.scales, j + 4 * i), lo, hi);
+    dequantize_piece<L::kScaledPieces>(share.pieces[i],
+                                       piece_scale<kLayout>(share.scales, j + 4 * i), lo, hi);
     target.put(lo_unit + i * kChunkBytes, lo);
     target.put(hi_unit + i * kChunkBytes, hi);
   }
-  const uint32_t rope_row = row * 128 + L::kRopeChunk * kChunkBytes;
-  target.put(rope_row + ((j ^ swizzle) << 4), share.rope[0]);
-  target.put(rope_row + (((j + 4) ^ swizzle) << 4), share.rope[1]);
+  if constexpr (L::kBf16Rope) {
+    const uint32_t rope_row = row * 128 + L::kRopeChunk * kChunkBytes;
+    target.put(rope_row + ((j ^ swizzle) << 4), share.rope[0]);
+    target.put(rope_row + (((j + 4) ^ swizzle) << 4), share.rope[1]);
+  }
 }
 
 // Where block `blk` of request `req` (its main blocks first, then its extra ones) takes its
@@ -441,13 +468,14 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
 // ---- Math warpgroups ------------------------------------------------------------------------
 
 // Epilogue of one request: WG1 shares the final row sums and maxima, both warpgroups normalise
-// their half of O and store it: the output (times the sink factor) and lse of an unsplit
-// request, else its fp32 partial row (the combine kernel applies the sink).
+// their half of O (times `value_scale`, the scale of values stored unscaled) and store it: the
+// output (times the sink factor) and lse of an unsplit request, else its fp32 partial row (the
+// combine kernel applies the sink).
 __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedStorage& smem,
                                                const RequestWork& w, int req, int token,
                                                int head_tile, bool score_wg,
                                                const AccumulatorRows& t, int& request_parity,
-                                               SoftmaxRows& rows,
+                                               SoftmaxRows& rows, float value_scale,
                                                const float (&o)[kAccumulators]) {
   const SparseDecodeParams& p = args.params;
   share_row_sums_and_maxima(score_wg, t, smem.row_sum[request_parity],
@@ -460,7 +488,7 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
     if (head >= p.h_q) continue;  // a padding row of the last tile
     const bool lonely = rows.sum[h] == 0.f;
     const float lse = (rows.max[h] + log2f(rows.sum[h])) * kLn2;
-    float factor = lonely ? 0.f : 1.f / rows.sum[h];
+    float factor = lonely ? 0.f : value_scale / rows.sum[h];
     if (!w.split && p.attn_sink != nullptr && !lonely) {
       factor *= 1.f / (1.f + expf(p.attn_sink[head] - lse));
     }
@@ -491,6 +519,10 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
                                           const MetadataRow& part, int token, int head_tile) {
   using L = LayoutTraits<kLayout>;
   const AccumulatorRows t = accumulator_rows();
+  // E4M3 keys and values sit in the stages unscaled: the cache's scale goes into S's scale
+  // and O's normalisation instead.
+  const float k_scale = kLayout == Fp8Layout::kE4M3 ? *args.params.k_scale : 1.f;
+  const float scale_log2 = args.scale_log2 * k_scale;
   uint32_t blocks_done = 0;  // stage = blocks_done % 2, its phase = blocks_done / 2 % 2
   int request_parity = 0;    // also the phase of the Q barriers (one Q per request)
   for (int req = part.begin_req; req <= part.end_req; ++req) {
@@ -526,7 +558,7 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
           const auto attends = [&](int i, int, int e) { return (mine >> (i * 8 + e)) & 1; };
           uint32_t packed[16];
           float factor[2];
-          online_softmax<Element>(s, attends, args.scale_log2, rows, o, packed, factor);
+          online_softmax<Element>(s, attends, scale_log2, rows, o, packed, factor);
           publish_p<true>(p_tile, packed, factor, smem.row_factor[stage], t, stage);
           accumulate_pv<Element>(packed, kv, o);
         } else if (blk == w.hi - 1) {
@@ -545,7 +577,8 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
         }
       }
     }
-    finish_request(args, smem, w, req, token, head_tile, score_wg, t, request_parity, rows, o);
+    finish_request(args, smem, w, req, token, head_tile, score_wg, t, request_parity, rows,
+                   k_scale, o);
   }
 }
 
