@@ -160,6 +160,9 @@ def test_bench_decode_fp8_records(tmp_path):
     cfg = bench.dense.Config("only", 2, 1, 16, 1, 0, False)
     assert bench.bytes_moved(cfg, 10.0, "V32") == 2 * (16 * (576 + 512) * 2 + 10 * 656)
     assert bench.bytes_moved(cfg, 10.0, "E4M3") == 2 * (16 * (576 + 512) * 2 + 10 * 576)
+    png = tmp_path / "fp8.png"
+    assert load("plot_decode_fp8").main([str(out), "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
 
 
 def test_bench_decode_fails_when_a_peer_disagrees(tmp_path, capsys):
