@@ -19,6 +19,8 @@
 #                                            # (~230 s)
 #   bash tests/gpu_validate.sh bench-sparse  # build; benchmarks/bench_decode_sparse.py and its
 #                                            # plot (~60 s on an H100)
+#   bash tests/gpu_validate.sh bench-fp8     # build; benchmarks/bench_decode_fp8.py (dense
+#                                            # decode over the FP8 caches) and its plot
 #   bash tests/gpu_validate.sh bench-prefill-sparse  # build; benchmarks/bench_prefill_sparse.py
 #                                                    # and its plot (both directions: ~300 s
 #                                                    # on an H100 without the peers)
@@ -57,8 +59,8 @@
 # quick_sparse_tests.log, quick_prefill_sparse_tests.log, NAME.txt and NAME_memcheck.txt for
 # each C++ test NAME (decode_check, decode_sparse_check, prefill_sparse_check, graph_capture,
 # graph_capture_gather, graph_capture_sparse), decode_dense.{json,txt,png},
-# decode_sparse.{json,txt,png}, prefill_sparse.{json,txt,png}, the full matrix shard logs,
-# memcheck_{decode,rules,schedule,graphs,sparse}.log. Exit status non-zero if any step failed.
+# decode_sparse.{json,txt,png}, decode_dense_fp8.{json,txt,png}, prefill_sparse.{json,txt,png},
+# the full matrix shard logs, memcheck_{decode,rules,schedule,graphs,sparse}.log. Exit status non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}
@@ -176,6 +178,10 @@ case "${1:-}" in
     step build build
     peers
     step "bench, sparse decode" bench decode_sparse decode_sparse ;;
+  bench-fp8)
+    step build build
+    peers
+    step "bench, dense decode over FP8 caches" bench decode_fp8 decode_dense_fp8 ;;
   bench-prefill-sparse)
     step build build
     peers
@@ -205,7 +211,7 @@ case "${1:-}" in
     step build build
     step "memcheck, quick sparse decode tests" memcheck sparse quick \
       tests/test_gpu_decode_sparse.py tests/test_gpu_decode_fp8_dense.py ;;
-  *) echo "usage: $0 kernel|sparse|prefill-sparse|bench|bench-sparse|bench-prefill-sparse|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
+  *) echo "usage: $0 kernel|sparse|prefill-sparse|bench|bench-sparse|bench-fp8|bench-prefill-sparse|matrix|memcheck|memcheck-rules|memcheck-schedule|memcheck-graphs|memcheck-sparse" >&2
      exit 2 ;;
 esac
 exit $status

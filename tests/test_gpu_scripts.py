@@ -29,9 +29,9 @@ def test_parts_call_defined_helpers_and_are_listed():
     text = validate_text()
     defined = set(re.findall(r"^([a-z_]+)\(\) \{", text, re.M))
     cases = text[text.index('case "${1:-}" in') :]
-    parts = re.findall(r"^  ([a-z-]+)\)$", cases, re.M)
+    parts = re.findall(r"^  ([a-z0-9-]+)\)$", cases, re.M)
     assert {"kernel", "sparse", "bench", "bench-sparse", "memcheck-sparse"} <= set(parts)
-    usage = re.search(r"usage: \$0 ([a-z|-]+)", text).group(1).split("|")
+    usage = re.search(r"usage: \$0 ([a-z0-9|-]+)", text).group(1).split("|")
     assert sorted(usage) == sorted(parts)
     # Helpers run by `step "name" helper ...`, and those called directly in a part.
     called = set(re.findall(r'step "[^"]*" ([a-z_]+)', cases))
