@@ -70,15 +70,11 @@ ffi::Error DecodeSparseImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffe
                                    "[num_blocks, page, 1, bytes per token]"));
   // The layout is the one whose bytes per token are the cache's last dim.
   const int64_t token_bytes = k_cache.dimensions()[3];
-  Fp8Layout layout = Fp8Layout::kV32;
-  bool known = false;
-  for (const Fp8Layout candidate : {Fp8Layout::kV32, Fp8Layout::kModel1, Fp8Layout::kE4M3}) {
-    if (fp8_bytes_per_token(candidate) == token_bytes) {
-      layout = candidate;
-      known = true;
-    }
-  }
-  if (!known || d_qk != fp8_head_dim_qk(layout)) {
+  const Fp8Layout layout =
+      token_bytes == fp8_bytes_per_token(Fp8Layout::kV32)     ? Fp8Layout::kV32
+      : token_bytes == fp8_bytes_per_token(Fp8Layout::kModel1) ? Fp8Layout::kModel1
+                                                               : Fp8Layout::kE4M3;
+  if (token_bytes != fp8_bytes_per_token(layout) || d_qk != fp8_head_dim_qk(layout)) {
     return ffi_helpers::invalid_argument(
         kTarget, "k_cache's last dim must be 656 (V32, d_qk 576), 584 (MODEL1, d_qk 512) or 576 "
                  "(E4M3, d_qk 576), with q's d_qk that of its layout; got " +

@@ -367,7 +367,8 @@ def _positions_as_indices(
         return jnp.full((b, s_q, topk), -1, jnp.int32), lengths
     block = block_table[:, jnp.minimum(pos // page, max_blocks - 1)]  # [b, topk]
     known = (block >= 0) & (block < num_blocks)
-    token = jnp.where(known, block * page + pos % page, -1)  # no overflow: capacity < 2**31
+    # No overflow where known: num_blocks * page <= 2**31 - 1 (_dense_kernel_unsupported_reason).
+    token = jnp.where(known, block * page + pos % page, -1)
     # Query j sees positions t < L_i - (s_q - 1 - j) when causal, else t < L_i.
     shift = (jnp.arange(s_q, dtype=jnp.int32) - (s_q - 1)) if causal else jnp.zeros(s_q, jnp.int32)
     visible = pos[None, None, :] < (lengths[:, None] + shift[None, :])[:, :, None]

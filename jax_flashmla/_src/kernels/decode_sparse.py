@@ -116,8 +116,8 @@ def with_placeholders(
     extra_topk_length,
     k_scale=None,
 ) -> tuple[jax.Array, ...]:
-    """The family's first nine operands, absent (None) optional ones as zero-sized arrays; a
-    k_scale given as [] or [1] as [1]."""
+    """The family's first nine operands, absent (None) optional ones as zero-sized arrays
+    (k_scale, when given, is already float32 [1])."""
     b, s_q = q.shape[:2]
 
     def empty(dtype):
@@ -135,7 +135,7 @@ def with_placeholders(
         extra_k_cache,
         extra_indices,
         empty(jnp.int32) if extra_topk_length is None else extra_topk_length,
-        empty(jnp.float32) if k_scale is None else jnp.reshape(k_scale, (1,)),
+        empty(jnp.float32) if k_scale is None else k_scale,
     )
 
 
