@@ -102,6 +102,12 @@ std::vector<Case> all_cases() {
       {"e4m3-b4-sq1-h16-topk576-page2-lengths", e4m3, 4, 1, 16, {2, 576, 900, true}, none, true},
       {"e4m3-b2-sq3-h64-topk192-page1-extra-dup", e4m3, 2, 3, 64, {1, 192, 500, false},
        {16, 64, 9, true}, false, true},
+      // Tiles of 24 and 8 heads (the narrow kernel's) with an extra cache, lengths, invalid
+      // indices and duplicates.
+      {"v32-b5-sq2-h24-topk192-page16-extra-lengths", v32, 5, 2, 24, {16, 192, 80, true},
+       {3, 64, 20, true}, true},
+      {"e4m3-b3-sq1-h8-topk128-page53-extra-dup", e4m3, 3, 1, 8, {53, 128, 12, false},
+       {1, 64, 150, true}, false, true},
   };
 }
 
