@@ -26,6 +26,15 @@ __device__ __forceinline__ void store_shared_4(uint32_t address, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;" ::"r"(address), "r"(v) : "memory");
 }
 
+__device__ __forceinline__ uint4 load_shared_16(uint32_t address) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(address)
+               : "memory");
+  return v;
+}
+
 // ---- mbarriers ---------------------------------------------------------------------------
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(arrivals));
@@ -64,6 +73,17 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t phase) {
 }
 
 // ---- Asynchronous copies (cp.async) -------------------------------------------------------
+// `bytes` contiguous bytes from global to shared memory by the copy engine (a multiple of 16,
+// both addresses 16-byte aligned), counted as transaction bytes on `bar`.
+__device__ __forceinline__ void bulk_copy_to_shared(uint32_t smem_dst, const void* src,
+                                                    uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(smem_dst),
+      "l"(src), "r"(bytes), "r"(smem_address(bar))
+      : "memory");
+}
+
 // 16 bytes from global to shared memory, bypassing L1; `bytes` of them read (16, or 0 to write
 // zeros without reading: the source address is then not accessed).
 __device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* src, uint32_t bytes) {
@@ -181,6 +201,16 @@ __device__ __forceinline__ void stmatrix_x4(void* row_address, uint32_t r0, uint
                                             uint32_t r2, uint32_t r3) {
   asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(
                    smem_address(row_address)),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+
+// The same, each 8 x 8 matrix transposed: lane l gives the address of row l % 8 of matrix l / 8,
+// which receives column l % 8 of that matrix's fragment.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t row_address, uint32_t r0, uint32_t r1,
+                                                  uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(
+                   row_address),
                "r"(r0), "r"(r1), "r"(r2), "r"(r3)
                : "memory");
 }

@@ -333,15 +333,17 @@ __device__ __forceinline__ void store_output_row(Element* dst, const float (&o)[
   }
 }
 
-// Query rows past `loaded_rows` of a tile narrower than 64 heads are never loaded: zeroed once
-// (by all `threads` threads of the CTA), so that S of those rows is 0, not whatever shared
-// memory held. `q` holds `chunks` chunks of the tile.
+// Query rows past `loaded_rows` of a tile narrower than its `tile_rows` rows (64 heads, or the
+// narrow sparse decode's 16 or 32) are never loaded: zeroed once (by all `threads` threads of
+// the CTA), so that S of those rows is 0, not whatever shared memory held. `q` holds `chunks`
+// chunks of the tile, each tile_rows x 128 bytes.
 __device__ __forceinline__ void zero_unloaded_query_rows(uint8_t* q, int chunks, int loaded_rows,
-                                                         int threads) {
-  const int units_per_chunk = (kQueryTileRows - loaded_rows) * 8;
+                                                         int threads,
+                                                         int tile_rows = kQueryTileRows) {
+  const int units_per_chunk = (tile_rows - loaded_rows) * 8;
   for (int u = threadIdx.x; u < chunks * units_per_chunk; u += threads) {
     const int chunk = u / units_per_chunk, rest = u % units_per_chunk;
-    *reinterpret_cast<uint4*>(q + chunk * kChunkBytes + (loaded_rows + rest / 8) * 128 +
+    *reinterpret_cast<uint4*>(q + chunk * tile_rows * 128 + (loaded_rows + rest / 8) * 128 +
                               (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
   }
   fence_proxy_async_smem();

@@ -16,12 +16,17 @@
 //     A block with no attending slot is skipped.
 //   finish_request, the epilogue: the output (with the attention sink applied) and lse of an
 //     unsplit request, else its fp32 partial row for the combine kernel.
+// The narrow kernel (h_q <= 32, V32 and E4M3) has the same roles over other tiles: the staged
+// loader (staged_load_role: raw tokens by bulk copies into a ring, dequantised from shared
+// memory) and the narrow math (narrow_math_role: heads as the wgmma N dimension).
 #pragma once
 
 #include <cuda_bf16.h>
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "kernels/common/launch.cuh"
 #include "kernels/common/schedule_piece.cuh"
@@ -37,9 +42,10 @@ constexpr int kBlockSlots = 64;   // selected tokens per KV block (one 64-row ch
 constexpr int kStageChunks = 9;   // the K chunks of the widest layout
 constexpr int kPChunk = 8;        // where P goes once S is computed
 constexpr int kStageBytes = kStageChunks * kChunkBytes;
-constexpr int kStages = 2;
 constexpr int kThreads = 384;
 constexpr int kLoaderThreads = 128;
+// Named barrier of the staged loaders (the math warpgroups use 1-3, mla_tile.cuh).
+constexpr uint32_t kBarRawConverted = 4;
 // Each selected token is gathered by 4 loader threads, thread j taking the 16-byte columns j,
 // j + 4, j + 8, ... of its bytes (4 threads read 64 contiguous bytes per load); a pass covers
 // 32 slots and a block two passes, whose loads are all in flight at once.
@@ -100,20 +106,67 @@ struct LayoutTraits<Fp8Layout::kE4M3> {
   static constexpr bool kBf16Rope = false;
 };
 
-struct alignas(1024) SharedStorage {
-  uint8_t q[kStageChunks * kChunkBytes];
-  uint8_t kv[kStages][kStageBytes];
-  float row_factor[kStages][kQueryTileRows];  // exp2(m_old - m_new) per row and block
-  float row_sum[2][kQueryTileRows];           // final softmax denominators, per request parity
-  float row_max[2][kQueryTileRows];           // final reference maxima, per request parity
-  uint64_t kv_full[kStages];
-  uint64_t kv_empty[kStages];
+// Where a kernel variant keeps its tiles. The plain one (kNarrowHeads 0): the 64-row query
+// tile and two K stages, which the loaders fill from registers. The narrow one (kNarrowHeads
+// 16 or 32: h_q up to that, tokens that are 16-byte multiples, so V32 and E4M3) puts the heads
+// in the wgmma N dimension, so its query tile has kNarrowHeads rows, and copies each selected
+// token whole into a ring of raw stages by the copy engine, dequantising from there into one K
+// stage; the ring takes the room of the second K stage and of the query rows it does not need.
+template <Fp8Layout kLayout, int kNarrowHeads>
+struct Geometry {
+  static constexpr bool kNarrow = kNarrowHeads > 0;
+  static constexpr int kQRows = kNarrow ? kNarrowHeads : kQueryTileRows;
+  static constexpr int kQChunkStride = kQRows * 128;  // one 64-dim chunk of every query row
+  static constexpr int kQBytes = kStageChunks * kQChunkStride;
+  static constexpr int kKvStages = kNarrow ? 1 : 2;
+  static constexpr int kRawStages = kNarrow ? 2 : 0;
+  static constexpr int kTokenBytes = static_cast<int>(fp8_bytes_per_token(kLayout));
+  // A token's place in a raw stage: an odd number of 16-byte units apart, so that the same unit
+  // of 8 consecutive tokens lies in 8 distinct bank groups (V32 656 bytes, E4M3 592).
+  static constexpr int kRawTokenStride = ((kTokenBytes / 16) | 1) * 16;
+  static constexpr int kRawStageBytes = kBlockSlots * kRawTokenStride;
+  static_assert(!kNarrow || (kLayout != Fp8Layout::kModel1 && kTokenBytes % 16 == 0),
+                "bulk copies move whole 16-byte units from 16-byte aligned tokens");
+  static_assert(kNarrowHeads == 0 || kNarrowHeads == 16 || kNarrowHeads == 32,
+                "a narrow tile has 16 or 32 heads");
+};
+
+template <int kBytes>
+struct RawRing {
+  uint8_t raw[kBytes];  // the raw stages, kRawStageBytes each (a 1024-byte multiple)
+};
+template <>
+struct RawRing<0> {};
+
+// How the narrow math warpgroups exchange per-head values (a head's 64 keys of a block lie in
+// the 4 warps of the score warpgroup): partial maxima and, per request parity, partial sums
+// per warp, the final maxima, and the factors of a block's rescale for the value warpgroup.
+struct ColumnExchange {
+  float block_max[4][32];
+  float sum[2][4][32];
+  float max[2][32];
+  float factor[32];
+};
+struct NoExchange {};
+
+template <class G>
+struct alignas(1024) SharedStorage : RawRing<G::kRawStages * G::kRawStageBytes> {
+  uint8_t q[G::kQBytes];
+  uint8_t kv[G::kKvStages][kStageBytes];
+  float row_factor[G::kKvStages][kQueryTileRows];  // exp2(m_old - m_new) per row and block
+  float row_sum[2][kQueryTileRows];                // final softmax denominators, per request parity
+  float row_max[2][kQueryTileRows];                // final reference maxima, per request parity
+  uint64_t kv_full[G::kKvStages];
+  uint64_t kv_empty[G::kKvStages];
   uint64_t q_full;
   uint64_t q_empty;
+  uint64_t raw_full[2];      // narrow: a raw stage's copies have landed
+  uint64_t raw_selected[2];  // narrow: bit t = slot t of the raw stage selects a token
   // Word g of a stage: bit t = slot 8 g + t selects a token (bits 8-31 repeat bits 0-7; one
   // word per loader warp and pass, so that a CTA of a pair can send its words to the other
   // with 4-byte stores).
-  alignas(16) uint32_t attending[kStages][kBlockSlots / 8];
+  alignas(16) uint32_t attending[G::kKvStages][kBlockSlots / 8];
+  std::conditional_t<G::kNarrow, ColumnExchange, NoExchange> columns;
 };
 
 // ---- FP8 to bfloat16 ------------------------------------------------------------------------
@@ -376,9 +429,11 @@ constexpr uint32_t kPeerBlockBytes =
 // while the previous block's loads are in flight, so that each block costs one round trip to
 // memory.
 template <Fp8Layout kLayout, bool kPaired>
-__device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage& smem,
+__device__ __forceinline__ void load_role(const KernelArgs& args,
+                                          SharedStorage<Geometry<kLayout, 0>>& smem,
                                           const MetadataRow& part, int token, int head_tile) {
   using L = LayoutTraits<kLayout>;
+  constexpr int kStages = Geometry<kLayout, 0>::kKvStages;
   constexpr int kTokens = kPaired ? 1 : kPasses;  // per thread and block
   const SparseDecodeParams& p = args.params;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -465,13 +520,184 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
   }
 }
 
+// ---- Staged load role (h_q <= 32; V32 and E4M3) ------------------------------------------
+
+// Walks a part's blocks in the order the math warpgroups take them: request by request, the
+// blocks [lo, hi) of each request that has any.
+struct BlockCursor {
+  const KernelArgs& args;
+  const MetadataRow& part;
+  int token;
+  int req;
+  int blk;
+  RequestWork w;
+
+  __device__ BlockCursor(const KernelArgs& a, const MetadataRow& pt, int tok)
+      : args(a), part(pt), token(tok), req(pt.begin_req - 1), blk(0) {
+    next_request();
+  }
+  __device__ bool valid() const { return req <= part.end_req; }
+  __device__ void next_request() {
+    while (++req <= part.end_req) {
+      w = request_work(args, part, req);
+      blk = w.lo;
+      if (w.lo < w.hi) return;
+    }
+  }
+  __device__ void advance() {
+    if (++blk >= w.hi) next_request();
+  }
+  __device__ BlockSlots slots() const { return block_slots(args.params, w, req, token, blk); }
+};
+
+// Warp 0's share of a raw stage: lane l copies the tokens of slots l and l + 32 (16-byte
+// aligned and a 16-byte multiple long, so one bulk copy each), lane 0 first announcing the
+// bytes on the stage's barrier and recording which slots select a token.
+template <class G>
+__device__ __forceinline__ void fetch_block(SharedStorage<G>& smem, const SparseKeySource& source,
+                                            const int32_t (&index)[2], int raw_stage, int lane) {
+  const int64_t num_tokens = source.num_blocks * source.page;
+  bool selects[2];
+  uint32_t ballot[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    selects[k] = index[k] >= 0 && index[k] < num_tokens;
+    ballot[k] = __ballot_sync(0xffffffffu, selects[k]);
+  }
+  if (lane == 0) {
+    smem.raw_selected[raw_stage] = ballot[0] | static_cast<uint64_t>(ballot[1]) << 32;
+    mbarrier_arrive_expect_tx(&smem.raw_full[raw_stage],
+                              (__popc(ballot[0]) + __popc(ballot[1])) * G::kTokenBytes);
+  }
+  __syncwarp();  // the bytes are announced before any copy can complete
+  const uint32_t stage = smem_address(smem.raw) + raw_stage * G::kRawStageBytes;
+  const uint8_t* cache = static_cast<const uint8_t*>(source.cache);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (selects[k]) {
+      bulk_copy_to_shared(stage + (lane + 32 * k) * G::kRawTokenStride,
+                          cache + int64_t{index[k]} * G::kTokenBytes, G::kTokenBytes,
+                          &smem.raw_full[raw_stage]);
+    }
+  }
+}
+
+// All 128 loader threads: a raw stage dequantised into the K stage. Each group of 8 threads
+// (a shared-memory phase) takes 8 consecutive slots and every other 16-byte piece of them, so
+// that its loads (a raw stage's tokens are an odd number of units apart) and its stores (rows
+// of a 128-byte swizzle) each hit 8 distinct bank groups. A slot that selects nothing is
+// stored as zeros (the raw stage holds whatever was there before).
+template <Fp8Layout kLayout, class G>
+__device__ __forceinline__ void convert_block(SharedStorage<G>& smem, int raw_stage,
+                                              uint64_t selected, int tid) {
+  using L = LayoutTraits<kLayout>;
+  const int group = tid / 8;
+  const int row = (group % 8) * 8 + tid % 8;
+  const int first = group / 8;  // pieces first, first + 2, ...
+  const bool selects = (selected >> row) & 1;
+  const uint32_t src = smem_address(smem.raw) + raw_stage * G::kRawStageBytes +
+                       row * G::kRawTokenStride;
+  const uint32_t dst = smem_address(smem.kv[0]) + row * 128;
+  const int swizzle = row % 8;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  uint4 scales = zero;
+  if constexpr (kLayout == Fp8Layout::kV32) {
+    if (selects) scales = load_shared_16(src + kHeadDimLatent);
+  }
+#pragma unroll
+  for (int i = 0; i < L::kE4m3Pieces / 2; ++i) {
+    const int piece = first + 2 * i;
+    const uint4 raw = selects ? load_shared_16(src + piece * 16) : zero;
+    uint4 lo, hi;
+    // Pieces 2 i and 2 i + 1 share their scale (one per 8 pieces): a constant index.
+    dequantize_piece<L::kScaledPieces>(raw, piece_scale<kLayout>(scales, 2 * i), lo, hi);
+    const uint32_t row_of_chunk = dst + (piece / 4) * kChunkBytes;
+    const int unit = (piece % 4) * 2;
+    store_shared_16(row_of_chunk + ((unit ^ swizzle) << 4), lo);
+    store_shared_16(row_of_chunk + (((unit + 1) ^ swizzle) << 4), hi);
+  }
+  if constexpr (L::kBf16Rope) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int unit = first + 2 * i;
+      const uint4 rope = selects ? load_shared_16(src + L::kRopeOffset + unit * 16) : zero;
+      store_shared_16(dst + L::kRopeChunk * kChunkBytes + ((unit ^ swizzle) << 4), rope);
+    }
+  }
+  if (tid < kBlockSlots / 8) {
+    smem.attending[0][tid] = static_cast<uint32_t>(selected >> (8 * tid)) & 0xFFu;
+  }
+}
+
+// WG0 of the staged kernel: for each request with work, the query tile (thread 0, TMA), then
+// its blocks: warp 0 keeps the raw stages two blocks ahead of the conversion (the blocks of
+// the next requests included), the slot indices of the next fetch read a fetch ahead; all 128
+// threads convert each raw stage into the K stage once the math warpgroups have freed it.
+template <Fp8Layout kLayout, int kNarrowHeads>
+__device__ __forceinline__ void staged_load_role(
+    const KernelArgs& args, SharedStorage<Geometry<kLayout, kNarrowHeads>>& smem,
+    const MetadataRow& part, int token, int head_tile) {
+  using L = LayoutTraits<kLayout>;
+  using G = Geometry<kLayout, kNarrowHeads>;
+  const SparseDecodeParams& p = args.params;
+  const int tid = threadIdx.x, lane = tid % 32;
+  const bool fetcher = tid < 32;
+  BlockCursor fetch(args, part, token);
+  int32_t fetch_index[2] = {-1, -1};
+  uint32_t fetched = 0;
+  const auto read_fetch_indices = [&] {
+    if (!fetch.valid()) return;
+    const BlockSlots slots = fetch.slots();
+#pragma unroll
+    for (int k = 0; k < 2; ++k) fetch_index[k] = slot_index(slots, lane + 32 * k);
+  };
+  const auto fetch_next = [&] {
+    if (!fetch.valid()) return;
+    fetch_block<G>(smem, *fetch.slots().source, fetch_index, fetched % G::kRawStages, lane);
+    ++fetched;
+    fetch.advance();
+    read_fetch_indices();
+  };
+  if (fetcher) {
+    if (tid == 0) prefetch_tensor_map(&args.q_map);
+    read_fetch_indices();
+    for (int s = 0; s < G::kRawStages; ++s) fetch_next();
+  }
+  uint32_t blocks_done = 0;  // raw stage = blocks_done % 2, its phase = blocks_done / 2 % 2
+  for (int req = part.begin_req; req <= part.end_req; ++req) {
+    const RequestWork w = request_work(args, part, req);
+    if (tid == 0) {  // as in load_role: one Q per request, its phase the request's parity
+      mbarrier_wait(&smem.q_empty, ((req - part.begin_req) & 1) ^ 1);
+      mbarrier_arrive_expect_tx(&smem.q_full, L::kQKChunks * 128 * args.q_box_rows);
+      for (int c = 0; c < L::kQKChunks; ++c) {
+        tma_load_3d(smem.q + c * G::kQChunkStride, &args.q_map, &smem.q_full, c * kChunkElems,
+                    head_tile * kQueryTileRows, static_cast<int>(req * p.s_q + token),
+                    kCacheEvictNormal);
+      }
+    }
+#pragma unroll 1
+    for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
+      const int raw_stage = blocks_done % G::kRawStages;
+      mbarrier_wait(&smem.raw_full[raw_stage], blocks_done / G::kRawStages % 2);
+      const uint64_t selected = smem.raw_selected[raw_stage];
+      mbarrier_wait(&smem.kv_empty[0], (blocks_done % 2) ^ 1);
+      convert_block<kLayout>(smem, raw_stage, selected, tid);
+      fence_proxy_async_smem();  // the stores before the wgmma reads of the stage
+      mbarrier_arrive(&smem.kv_full[0]);
+      named_barrier_sync(kBarRawConverted, kLoaderThreads);  // the raw stage is read
+      if (fetcher) fetch_next();
+    }
+  }
+}
+
 // ---- Math warpgroups ------------------------------------------------------------------------
 
 // Epilogue of one request: WG1 shares the final row sums and maxima, both warpgroups normalise
 // their half of O (times `value_scale`, the scale of values stored unscaled) and store it: the
 // output (times the sink factor) and lse of an unsplit request, else its fp32 partial row (the
 // combine kernel applies the sink).
-__device__ __forceinline__ void finish_request(const KernelArgs& args, SharedStorage& smem,
+template <class Storage>
+__device__ __forceinline__ void finish_request(const KernelArgs& args, Storage& smem,
                                                const RequestWork& w, int req, int token,
                                                int head_tile, bool score_wg,
                                                const AccumulatorRows& t, int& request_parity,
@@ -515,9 +741,11 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
 // pair, a stage is free once both CTAs' math warpgroups are done with it (each warp also
 // arrives on the other CTA's empty barrier).
 template <Fp8Layout kLayout, bool kPaired, bool score_wg>
-__device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage& smem,
+__device__ __forceinline__ void math_role(const KernelArgs& args,
+                                          SharedStorage<Geometry<kLayout, 0>>& smem,
                                           const MetadataRow& part, int token, int head_tile) {
   using L = LayoutTraits<kLayout>;
+  constexpr int kStages = Geometry<kLayout, 0>::kKvStages;
   const AccumulatorRows t = accumulator_rows();
   // E4M3 keys and values sit in the stages unscaled: the cache's scale goes into S's scale
   // and O's normalisation instead.
@@ -582,13 +810,295 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
   }
 }
 
+// ---- Narrow math (h_q <= 32): heads as the wgmma N dimension ----------------------------
+//
+// With N = kNarrowHeads heads, a block is S^T = K Q^T (m64nNk16: the block's 64 keys from the
+// K stage as the A operand, Q [N, d_qk] as the B operand), the online softmax down each column
+// (a head's 64 keys lie in the 4 warps of the score warpgroup: each warp reduces its 16 over
+// lanes, the warps through shared memory), P^T to shared memory as a K-major B operand (a head
+// per row, stmatrix .trans), then O^T += V^T P^T (m64nNk16 per 64 dims, V^T read from the K
+// stage as an MN-major A operand). WG1 computes S^T, the softmax, P^T and O^T's dims 0-255,
+// WG2 O^T's dims 256-511. In an accumulator thread t of a warpgroup holds rows (keys, or dims)
+// 16 (t / 32) + (t % 32) / 4 and that + 8, and per 8 heads the heads 2 (t % 4) + {0, 1}:
+// element 4 j + 2 h + e is row half h, head 8 j + 2 (t % 4) + e.
+
+template <int kHeads>
+struct NarrowTile {
+  static constexpr int kCols = kHeads / 2;  // fp32 accumulators per thread and m64nN tile
+  static constexpr int kHeld = kHeads / 4;  // heads a thread holds: index 2 j + e
+  static constexpr int kOTiles = 4;         // 64-dim tiles of O^T per warpgroup
+  using ScoreMma = std::conditional_t<
+      kHeads == 16, GMMA::MMA_64x16x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>,
+      GMMA::MMA_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>>;
+  using ValueMma = std::conditional_t<
+      kHeads == 16, GMMA::MMA_64x16x16_F32BF16BF16_SS<GMMA::Major::MN, GMMA::Major::K>,
+      GMMA::MMA_64x32x16_F32BF16BF16_SS<GMMA::Major::MN, GMMA::Major::K>>;
+  __device__ static int head(int lane, int held) { return (held / 2) * 8 + (lane % 4) * 2 + held % 2; }
+};
+
+// Named barriers of the narrow math (kBarPReady and kBarRowSum as in mla_tile.cuh).
+constexpr uint32_t kBarColumnMax = 5;  // the score warpgroup's warps published their maxima
+
+// O^T[dims of this warpgroup's tile c] += V^T P^T over the block's 64 keys.
+template <int kHeads>
+__device__ __forceinline__ void accumulate_pv_transposed(
+    const uint8_t* v_chunk, const uint8_t* p_tile,
+    float (&o)[NarrowTile<kHeads>::kOTiles][NarrowTile<kHeads>::kCols]) {
+  using T = NarrowTile<kHeads>;
+  wgmma_fence();
+#pragma unroll
+  for (int c = 0; c < T::kOTiles; ++c) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint64_t a =
+          smem_desc_sw128(smem_address(v_chunk + c * kChunkBytes) + k * 2048, kChunkBytes, 1024);
+      const uint64_t b = smem_desc_sw128(smem_address(p_tile) + k * 32, 0, 1024);
+      mma_ss<typename T::ValueMma>(a, b, o[c], true, std::make_index_sequence<T::kCols>{});
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+// The epilogue of one request in the narrow math: the score warpgroup shares each head's sum
+// (per warp) and final max, both warpgroups normalise their dims of O^T and store them: the
+// output (times the sink factor) and lse of an unsplit request, else its fp32 partial rows.
+template <int kHeads, class Storage>
+__device__ __forceinline__ void finish_narrow_request(
+    const KernelArgs& args, Storage& smem, const RequestWork& w, int req, int token,
+    bool score_wg, int& request_parity, const float (&max)[NarrowTile<kHeads>::kHeld],
+    const float (&sum)[NarrowTile<kHeads>::kHeld], float value_scale,
+    const float (&o)[NarrowTile<kHeads>::kOTiles][NarrowTile<kHeads>::kCols]) {
+  using T = NarrowTile<kHeads>;
+  const SparseDecodeParams& p = args.params;
+  const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  ColumnExchange& x = smem.columns;
+  if (score_wg) {
+#pragma unroll
+    for (int i = 0; i < T::kHeld; ++i) {
+      float s = sum[i];
+      s += __shfl_xor_sync(0xffffffffu, s, 4);
+      s += __shfl_xor_sync(0xffffffffu, s, 8);
+      s += __shfl_xor_sync(0xffffffffu, s, 16);
+      if (lane < 4) {
+        x.sum[request_parity][warp][T::head(lane, i)] = s;
+        if (warp == 0) x.max[request_parity][T::head(lane, i)] = max[i];
+      }
+    }
+  }
+  named_barrier_sync(kBarRowSum, kConsumerThreads);
+  const int dim0 = (score_wg ? 0 : T::kOTiles) * kChunkElems + warp * 16 + lane / 4;
+#pragma unroll
+  for (int i = 0; i < T::kHeld; ++i) {
+    const int head = T::head(lane, i);
+    if (head >= p.h_q) continue;  // a padding column
+    const float total = x.sum[request_parity][0][head] + x.sum[request_parity][1][head] +
+                        x.sum[request_parity][2][head] + x.sum[request_parity][3][head];
+    const float head_max = x.max[request_parity][head];
+    const bool lonely = total == 0.f;
+    const float lse = (head_max + log2f(total)) * kLn2;
+    float factor = lonely ? 0.f : value_scale / total;
+    if (!w.split && p.attn_sink != nullptr && !lonely) {
+      factor *= 1.f / (1.f + expf(p.attn_sink[head] - lse));
+    }
+    const int64_t row_index =
+        (static_cast<int64_t>(w.split ? w.split_row : req) * p.s_q + token) * p.h_q + head;
+    const int j = i / 2, e = i % 2;
+#pragma unroll
+    for (int c = 0; c < T::kOTiles; ++c) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int dim = dim0 + c * kChunkElems + h * 8;
+        const float value = o[c][j * 4 + h * 2 + e] * factor;
+        if (w.split) {
+          p.partial_o[row_index * kHeadDimV + dim] = value;
+        } else {
+          static_cast<Element*>(p.out)[row_index * kHeadDimV + dim] = __float2bfloat16_rn(value);
+        }
+      }
+    }
+    if (score_wg && warp == 0 && lane < 4) {
+      if (w.split) {
+        p.partial_lse[row_index] = lonely ? -INFINITY : lse;
+      } else {
+        p.lse[(static_cast<int64_t>(req) * p.h_q + head) * p.s_q + token] =
+            lonely ? INFINITY : lse;
+      }
+    }
+  }
+  request_parity ^= 1;
+}
+
+// WG1 (score_wg) and WG2 of the narrow kernel: every request of the part, block by block, then
+// its epilogue.
+template <Fp8Layout kLayout, int kHeads, bool score_wg>
+__device__ __forceinline__ void narrow_math_role(const KernelArgs& args,
+                                                 SharedStorage<Geometry<kLayout, kHeads>>& smem,
+                                                 const MetadataRow& part, int token) {
+  using L = LayoutTraits<kLayout>;
+  using G = Geometry<kLayout, kHeads>;
+  using T = NarrowTile<kHeads>;
+  const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  const int keys[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
+  ColumnExchange& x = smem.columns;
+  // E4M3 keys and values sit in the stage unscaled: the cache's scale goes into S's scale and
+  // O's normalisation instead.
+  const float k_scale = kLayout == Fp8Layout::kE4M3 ? *args.params.k_scale : 1.f;
+  const float scale_log2 = args.scale_log2 * k_scale;
+  uint8_t* kv = smem.kv[0];
+  uint8_t* p_tile = kv + kPChunk * kChunkBytes;  // P^T: kHeads rows of 64 keys
+  uint32_t blocks_done = 0;  // the K stage's phase = blocks_done % 2
+  int request_parity = 0;    // also the phase of the Q barriers (one Q per request)
+  for (int req = part.begin_req; req <= part.end_req; ++req) {
+    const RequestWork w = request_work(args, part, req);
+    float o[T::kOTiles][T::kCols];
+#pragma unroll
+    for (int c = 0; c < T::kOTiles; ++c) {
+#pragma unroll
+      for (int i = 0; i < T::kCols; ++i) o[c][i] = 0.f;
+    }
+    float max[T::kHeld], sum[T::kHeld];  // per held head (the score warpgroup's)
+#pragma unroll
+    for (int i = 0; i < T::kHeld; ++i) {
+      max[i] = -INFINITY;
+      sum[i] = 0.f;
+    }
+    if (score_wg) {
+      mbarrier_wait(&smem.q_full, request_parity);
+      if (w.lo >= w.hi) mbarrier_arrive(&smem.q_empty);  // nothing to score
+    }
+    for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
+      mbarrier_wait(&smem.kv_full[0], blocks_done % 2);
+      uint64_t attending = 0;
+#pragma unroll
+      for (int g = 0; g < kBlockSlots / 8; ++g) {
+        attending |= static_cast<uint64_t>(smem.attending[0][g] & 0xFFu) << (8 * g);
+      }
+      if (score_wg && attending == 0 && blk == w.hi - 1) mbarrier_arrive(&smem.q_empty);
+      if (attending != 0) {
+        float factor[T::kHeld];
+        if (score_wg) {
+          float s[T::kCols];
+          wgmma_fence();
+#pragma unroll
+          for (int c = 0; c < L::kQKChunks; ++c) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              const uint64_t a = smem_desc_sw128(smem_address(kv + c * kChunkBytes) + k * 32, 0, 1024);
+              const uint64_t b =
+                  smem_desc_sw128(smem_address(smem.q + c * G::kQChunkStride) + k * 32, 0, 1024);
+              mma_ss<typename T::ScoreMma>(a, b, s, c > 0 || k > 0,
+                                           std::make_index_sequence<T::kCols>{});
+            }
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+          if (blk == w.hi - 1) mbarrier_arrive(&smem.q_empty);  // Q is free for the next request
+          // Mask, scale and each head's maximum over the block: this warp's 16 keys, then all 64.
+          const bool attends[2] = {((attending >> keys[0]) & 1) != 0,
+                                   ((attending >> keys[1]) & 1) != 0};
+          float block_max[T::kHeld];
+#pragma unroll
+          for (int i = 0; i < T::kHeld; ++i) {
+            const int j = i / 2, e = i % 2;
+            float m = -INFINITY;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              float& v = s[j * 4 + h * 2 + e];
+              v = attends[h] ? v * scale_log2 : -INFINITY;
+              m = fmaxf(m, v);
+            }
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+            if (lane < 4) x.block_max[warp][T::head(lane, i)] = m;
+          }
+          named_barrier_sync(kBarColumnMax, 128);
+#pragma unroll
+          for (int i = 0; i < T::kHeld; ++i) {
+            const int head = T::head(lane, i);
+            block_max[i] = fmaxf(fmaxf(x.block_max[0][head], x.block_max[1][head]),
+                                 fmaxf(x.block_max[2][head], x.block_max[3][head]));
+            // The reference max is raised only when the block exceeds it by kRescaleSlack.
+            factor[i] = 1.f;
+            if (block_max[i] > max[i] + kRescaleSlack) {
+              factor[i] = fast_exp2(max[i] - softmax_base(block_max[i]));
+              max[i] = block_max[i];
+            }
+          }
+          uint32_t packed[T::kCols / 2];  // P^T, bfloat16 pairs: register 2 j + h
+#pragma unroll
+          for (int i = 0; i < T::kHeld; ++i) {
+            const int j = i / 2, e = i % 2;
+            const float base = softmax_base(max[i]);
+            float block_sum = 0.f;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              float& v = s[j * 4 + h * 2 + e];
+              v = fast_exp2(v - base);
+              block_sum += v;
+            }
+            sum[i] = sum[i] * factor[i] + block_sum;
+          }
+#pragma unroll
+          for (int j = 0; j < kHeads / 8; ++j) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              packed[2 * j + h] = ElementTraits<Element>::pack(s[j * 4 + h * 2], s[j * 4 + h * 2 + 1]);
+            }
+          }
+          // Matrix q of an x4 store is heads 8 (2 n + q / 2) .. + 7 x keys 16 warp + 8 (q % 2) .. + 7;
+          // stored transposed, lane l's row is head 8 (2 n + l / 16) + l % 8, whose 16-byte unit
+          // 2 warp + (l / 8) % 2 holds those keys.
+#pragma unroll
+          for (int n = 0; n < kHeads / 16; ++n) {
+            const int head = 8 * (2 * n + lane / 16) + lane % 8;
+            const int unit = 2 * warp + (lane / 8) % 2;
+            stmatrix_x4_trans(smem_address(p_tile) + head * 128 + ((unit ^ (head % 8)) << 4),
+                              packed[4 * n], packed[4 * n + 1], packed[4 * n + 2],
+                              packed[4 * n + 3]);
+          }
+          fence_proxy_async_smem();  // P^T before the wgmma reads of it
+          if (warp == 0 && lane < 4) {
+#pragma unroll
+            for (int i = 0; i < T::kHeld; ++i) x.factor[T::head(lane, i)] = factor[i];
+          }
+          named_barrier_sync(kBarPReady, kConsumerThreads);
+        } else {
+          named_barrier_sync(kBarPReady, kConsumerThreads);
+#pragma unroll
+          for (int i = 0; i < T::kHeld; ++i) factor[i] = x.factor[T::head(lane, i)];
+        }
+        bool rescale = false;
+#pragma unroll
+        for (int i = 0; i < T::kHeld; ++i) rescale |= factor[i] != 1.f;
+        if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+          for (int c = 0; c < T::kOTiles; ++c) {
+#pragma unroll
+            for (int i = 0; i < T::kCols; ++i) o[c][i] *= factor[(i / 4) * 2 + i % 2];
+          }
+        }
+        accumulate_pv_transposed<kHeads>(kv + (score_wg ? 0 : T::kOTiles) * kChunkBytes, p_tile, o);
+      }
+      mbarrier_arrive(&smem.kv_empty[0]);
+    }
+    finish_narrow_request<kHeads>(args, smem, w, req, token, score_wg, request_parity, max, sum,
+                                  k_scale, o);
+  }
+}
+
 // kPaired: h_q > 64, the two head tiles of a part and query token run as a cluster of two CTAs
-// that share the gathering (each loads half of every block for both).
-template <Fp8Layout kLayout, bool kPaired>
+// that share the gathering (each loads half of every block for both). kNarrowHeads (16 or 32):
+// the narrow kernel (Geometry), for h_q up to that.
+template <Fp8Layout kLayout, bool kPaired, int kNarrowHeads>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_decode_kernel(const __grid_constant__ KernelArgs args) {
+  using G = Geometry<kLayout, kNarrowHeads>;
+  using Storage = SharedStorage<G>;
+  static_assert(!(kPaired && G::kNarrow), "a narrow tile is never paired");
   extern __shared__ uint8_t smem_raw[];
-  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(
+  Storage& smem = *reinterpret_cast<Storage*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int part_index = blockIdx.x, token = blockIdx.y, head_tile = blockIdx.z;
 
@@ -601,16 +1111,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (part.begin_req > part.end_req) return;  // an empty part
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < G::kKvStages; ++s) {
       mbarrier_init(&smem.kv_full[s], kLoaderThreads);
       mbarrier_init(&smem.kv_empty[s], kConsumerThreads + (kPaired ? kConsumerThreads / 32 : 0));
     }
+    for (int s = 0; s < G::kRawStages; ++s) mbarrier_init(&smem.raw_full[s], 1);
     mbarrier_init(&smem.q_full, 1);
     mbarrier_init(&smem.q_empty, 128);
     fence_barrier_init();
   }
-  if (args.q_box_rows < kQueryTileRows) {
-    zero_unloaded_query_rows(smem.q, kStageChunks, args.q_box_rows, kThreads);
+  if (args.q_box_rows < G::kQRows) {
+    zero_unloaded_query_rows(smem.q, kStageChunks, args.q_box_rows, kThreads, G::kQRows);
   }
   if constexpr (kPaired) {
     cluster_sync();  // the other CTA's barriers are ready before anything reaches them
@@ -621,24 +1132,37 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Each role its own copy of the code, compiled to its own register count.
   if (threadIdx.x < kLoaderThreads) {
     registers_decrease<kLoaderRegisters>();
-    load_role<kLayout, kPaired>(args, smem, part, token, head_tile);
+    if constexpr (G::kNarrow) {
+      staged_load_role<kLayout, kNarrowHeads>(args, smem, part, token, head_tile);
+    } else {
+      load_role<kLayout, kPaired>(args, smem, part, token, head_tile);
+    }
   } else if (threadIdx.x < kLoaderThreads + 128) {
     registers_increase<kScoreRegisters>();
-    math_role<kLayout, kPaired, true>(args, smem, part, token, head_tile);
+    if constexpr (G::kNarrow) {
+      narrow_math_role<kLayout, kNarrowHeads, true>(args, smem, part, token);
+    } else {
+      math_role<kLayout, kPaired, true>(args, smem, part, token, head_tile);
+    }
   } else {
     registers_decrease<kValueRegisters>();  // setmaxnreg.inc may not lower the count
-    math_role<kLayout, kPaired, false>(args, smem, part, token, head_tile);
+    if constexpr (G::kNarrow) {
+      narrow_math_role<kLayout, kNarrowHeads, false>(args, smem, part, token);
+    } else {
+      math_role<kLayout, kPaired, false>(args, smem, part, token, head_tile);
+    }
   }
   // The other CTA may still store into this one's shared memory or arrive on its barriers
   // until it is done too.
   if constexpr (kPaired) cluster_sync();
 }
 
-constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage)) + 1024;  // + alignment slack
-
-template <Fp8Layout kLayout, bool kPaired>
+template <Fp8Layout kLayout, bool kPaired, int kNarrowHeads>
 cudaError_t launch_variant(const KernelArgs& args, cudaStream_t stream) {
-  constexpr auto kKernel = sparse_decode_kernel<kLayout, kPaired>;
+  constexpr auto kKernel = sparse_decode_kernel<kLayout, kPaired, kNarrowHeads>;
+  // + slack to align the storage to 1024 bytes
+  constexpr int kSmemBytes =
+      static_cast<int>(sizeof(SharedStorage<Geometry<kLayout, kNarrowHeads>>)) + 1024;
   const cudaError_t setup =
       prepare_register_split_kernel<kKernel>(kLaunchRegisters, kSmemBytes);
   if (setup != cudaSuccess) return setup;
@@ -650,11 +1174,16 @@ cudaError_t launch_variant(const KernelArgs& args, cudaStream_t stream) {
 }
 
 // Launches the kernel for one layout (instantiated in decode_sparse_<layout>.cu), after its
-// one-time setup on the device (launch.cuh): paired when there are two head tiles.
+// one-time setup on the device (launch.cuh): paired when there are two head tiles, narrow when
+// the layout allows it and h_q <= 32.
 template <Fp8Layout kLayout>
 cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
-  if (args.head_tiles == 2) return launch_variant<kLayout, true>(args, stream);
-  return launch_variant<kLayout, false>(args, stream);
+  if (args.head_tiles == 2) return launch_variant<kLayout, true, 0>(args, stream);
+  if constexpr (kLayout != Fp8Layout::kModel1) {
+    if (args.params.h_q <= 16) return launch_variant<kLayout, false, 16>(args, stream);
+    if (args.params.h_q <= 32) return launch_variant<kLayout, false, 32>(args, stream);
+  }
+  return launch_variant<kLayout, false, 0>(args, stream);
 }
 
 }  // namespace jfm::sm90::decode_sparse
