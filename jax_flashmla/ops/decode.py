@@ -216,8 +216,6 @@ def flash_mla_with_kvcache(
 
     if indices is None:
         reason = _dense_kernel_unsupported_reason(q, k_cache, layout)
-        if not reason and implementation is None and layout == quant.SCALED_LAYOUT:
-            reason = _E4M3_KERNEL_UNTESTED
         use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
         if use_kernel and layout is not None:
             compute = functools.partial(
@@ -249,14 +247,6 @@ def flash_mla_with_kvcache(
     )
     optional = (sparse_args[name] for name in present)
     return forward_only(OP, compute)(q, k_cache, indices, *optional, *metadata)
-
-
-#: Why implementation=None keeps the E4M3 dense cache on the reference: its kernel path (the
-#: sparse kernel's E4M3 layout) runs only when asked for until it has passed its GPU tests.
-_E4M3_KERNEL_UNTESTED = (
-    "the E4M3 layout of the sparse kernel has not yet passed its GPU tests; "
-    "implementation='cuda' runs it"
-)
 
 
 # Dims of the decode operands for the sharding rules (jax_flashmla._src.sharding): batch b,
