@@ -99,10 +99,9 @@ def flash_mla_with_kvcache(
         d_qk ** -0.5.
       causal: static bool, bottom-right causal mask over the s_q queries (dense mode only).
       is_fp8_kvcache: static bool, the cache is FP8 (required in sparse mode; in dense mode
-        the sparse kernel reads a V32 cache, or an E4M3 one with h_kv 1 when
-        implementation="cuda", over each query's positions, while an E4M3 cache is otherwise
-        dequantised for the reference; the kernel path makes its own schedule, so a given one
-        is checked but not used).
+        the sparse kernel reads a V32 cache, or an E4M3 one with h_kv 1, over each query's
+        positions, while an E4M3 cache with more KV heads is dequantised for the reference;
+        the kernel path makes its own schedule, so a given one is checked but not used).
       fp8_layout: static str or None, with is_fp8_kvcache: "V32", "MODEL1" or "E4M3"; None
         takes it from the cache's last dim (656: V32, 584: MODEL1, 576: E4M3).
       k_scale: float32 [], [1] or [h_kv]: the scale of an "E4M3" cache (one for the cache or

@@ -416,6 +416,24 @@ __device__ __forceinline__ int32_t slot_index(const BlockSlots& b, int slot) {
   return slot < b.counted ? b.index[slot] : -1;
 }
 
+// Thread 0 of the loaders: request `req`'s query tile by TMA into `q` (chunks kQChunkStride
+// bytes apart), once the math warpgroups are done with the previous one. One Q per request,
+// also for a request without blocks here, so that the Q barriers' phase is the request's
+// parity in the part on both sides.
+template <Fp8Layout kLayout, int kQChunkStride, class Storage>
+__device__ __forceinline__ void load_query_tile(const KernelArgs& args, Storage& smem,
+                                                const MetadataRow& part, int req, int token,
+                                                int head_tile) {
+  mbarrier_wait(&smem.q_empty, ((req - part.begin_req) & 1) ^ 1);
+  mbarrier_arrive_expect_tx(&smem.q_full,
+                            LayoutTraits<kLayout>::kQKChunks * 128 * args.q_box_rows);
+  for (int c = 0; c < LayoutTraits<kLayout>::kQKChunks; ++c) {
+    tma_load_3d(smem.q + c * kQChunkStride, &args.q_map, &smem.q_full, c * kChunkElems,
+                head_tile * kQueryTileRows, static_cast<int>(req * args.params.s_q + token),
+                kCacheEvictNormal);
+  }
+}
+
 // Bytes one CTA of a pair writes into the other per block: its 32 rows of every K chunk the
 // layout fills, and its 4 words of the attending mask.
 template <Fp8Layout kLayout>
@@ -449,17 +467,8 @@ __device__ __forceinline__ void load_role(const KernelArgs& args,
   uint32_t blocks_done = 0;  // stage = blocks_done % 2, its phase = blocks_done / 2 % 2
   for (int req = part.begin_req; req <= part.end_req; ++req) {
     const RequestWork w = request_work(args, part, req);
-    // Q comes for every request, also one without blocks here, so that the Q barriers' phases
-    // follow the request count on both sides.
     if (tid == 0) {
-      // One Q per request: the Q barriers' phase is the request's parity in the part.
-      mbarrier_wait(&smem.q_empty, ((req - part.begin_req) & 1) ^ 1);
-      mbarrier_arrive_expect_tx(&smem.q_full, L::kQKChunks * 128 * args.q_box_rows);
-      for (int c = 0; c < L::kQKChunks; ++c) {
-        tma_load_3d(smem.q + c * kChunkBytes, &args.q_map, &smem.q_full, c * kChunkElems,
-                    head_tile * kQueryTileRows, static_cast<int>(req * p.s_q + token),
-                    kCacheEvictNormal);
-      }
+      load_query_tile<kLayout, kChunkBytes>(args, smem, part, req, token, head_tile);
     }
     if (w.lo >= w.hi) continue;
     int32_t next_index[kTokens];
@@ -637,9 +646,7 @@ template <Fp8Layout kLayout, int kNarrowHeads>
 __device__ __forceinline__ void staged_load_role(
     const KernelArgs& args, SharedStorage<Geometry<kLayout, kNarrowHeads>>& smem,
     const MetadataRow& part, int token, int head_tile) {
-  using L = LayoutTraits<kLayout>;
   using G = Geometry<kLayout, kNarrowHeads>;
-  const SparseDecodeParams& p = args.params;
   const int tid = threadIdx.x, lane = tid % 32;
   const bool fetcher = tid < 32;
   BlockCursor fetch(args, part, token);
@@ -666,14 +673,8 @@ __device__ __forceinline__ void staged_load_role(
   uint32_t blocks_done = 0;  // raw stage = blocks_done % 2, its phase = blocks_done / 2 % 2
   for (int req = part.begin_req; req <= part.end_req; ++req) {
     const RequestWork w = request_work(args, part, req);
-    if (tid == 0) {  // as in load_role: one Q per request, its phase the request's parity
-      mbarrier_wait(&smem.q_empty, ((req - part.begin_req) & 1) ^ 1);
-      mbarrier_arrive_expect_tx(&smem.q_full, L::kQKChunks * 128 * args.q_box_rows);
-      for (int c = 0; c < L::kQKChunks; ++c) {
-        tma_load_3d(smem.q + c * G::kQChunkStride, &args.q_map, &smem.q_full, c * kChunkElems,
-                    head_tile * kQueryTileRows, static_cast<int>(req * p.s_q + token),
-                    kCacheEvictNormal);
-      }
+    if (tid == 0) {
+      load_query_tile<kLayout, G::kQChunkStride>(args, smem, part, req, token, head_tile);
     }
 #pragma unroll 1
     for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
@@ -833,7 +834,9 @@ struct NarrowTile {
   using ValueMma = std::conditional_t<
       kHeads == 16, GMMA::MMA_64x16x16_F32BF16BF16_SS<GMMA::Major::MN, GMMA::Major::K>,
       GMMA::MMA_64x32x16_F32BF16BF16_SS<GMMA::Major::MN, GMMA::Major::K>>;
-  __device__ static int head(int lane, int held) { return (held / 2) * 8 + (lane % 4) * 2 + held % 2; }
+  __device__ static int head(int lane, int held) {
+    return (held / 2) * 8 + (lane % 4) * 2 + held % 2;
+  }
 };
 
 // Named barriers of the narrow math (kBarPReady and kBarRowSum as in mla_tile.cuh).
@@ -984,7 +987,8 @@ __device__ __forceinline__ void narrow_math_role(const KernelArgs& args,
           for (int c = 0; c < L::kQKChunks; ++c) {
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-              const uint64_t a = smem_desc_sw128(smem_address(kv + c * kChunkBytes) + k * 32, 0, 1024);
+              const uint64_t a =
+                  smem_desc_sw128(smem_address(kv + c * kChunkBytes) + k * 32, 0, 1024);
               const uint64_t b =
                   smem_desc_sw128(smem_address(smem.q + c * G::kQChunkStride) + k * 32, 0, 1024);
               mma_ss<typename T::ScoreMma>(a, b, s, c > 0 || k > 0,
@@ -1044,12 +1048,13 @@ __device__ __forceinline__ void narrow_math_role(const KernelArgs& args,
           for (int j = 0; j < kHeads / 8; ++j) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              packed[2 * j + h] = ElementTraits<Element>::pack(s[j * 4 + h * 2], s[j * 4 + h * 2 + 1]);
+              packed[2 * j + h] =
+                  ElementTraits<Element>::pack(s[j * 4 + h * 2], s[j * 4 + h * 2 + 1]);
             }
           }
-          // Matrix q of an x4 store is heads 8 (2 n + q / 2) .. + 7 x keys 16 warp + 8 (q % 2) .. + 7;
-          // stored transposed, lane l's row is head 8 (2 n + l / 16) + l % 8, whose 16-byte unit
-          // 2 warp + (l / 8) % 2 holds those keys.
+          // Matrix q of an x4 store is heads 8 (2 n + q / 2) .. + 7 x keys 16 warp + 8 (q % 2)
+          // .. + 7; stored transposed, lane l's row is head 8 (2 n + l / 16) + l % 8, whose
+          // 16-byte unit 2 warp + (l / 8) % 2 holds those keys.
 #pragma unroll
           for (int n = 0; n < kHeads / 16; ++n) {
             const int head = 8 * (2 * n + lane / 16) + lane % 8;
