@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Measures staged variants of a sparse kernel on a Hopper GPU in one go, the main question
+# first, so that a run cut short still answers it: builds the package from the tree with
+# PATCHES applied (and the op's C++ check beside it, in parallel), times CONFIGS with the op's
+# benchmark beside FlashMLA (its err column compares the two outputs), runs the C++ check
+# plainly and under memcheck, then the op's quick GPU tests.
+#
+#   PATCHES="benchmarks/probes/variants/narrow_two_stages.patch" JFM_PEERS=.peers \
+#       bash benchmarks/probes/measure_variant.sh decode V32,128,16,2048 V32,64,128,2048
+#   PATCHES="benchmarks/probes/variants/prefill_pair_scores.patch" JFM_PEERS=.peers \
+#       bash benchmarks/probes/measure_variant.sh prefill 576,128,2048,8192 512,64,512,8192
+#
+# OP: decode (decode_sparse_check, bench_decode_sparse.py, CONFIGS as LAYOUT,B,H_Q,TOPK) or
+# prefill (prefill_sparse_check, bench_prefill_sparse.py forward only, D_QK,H_Q,TOPK,S_KV).
+# PATCHES: patches against csrc/ (paths a/kernels/...), applied in order to the working tree
+# and taken back out at the end; empty measures the tree as it is. QUICK=0 skips the quick
+# tests (100-150 s on an H100; the prefill's gradient tests are not among them). Logs go to
+# ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}. Exit status non-zero if a step failed.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+logs=${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}
+mkdir -p "$logs"
+py=${PYTHON:-python3}
+export JAX_FLASHMLA_REQUIRE_GPU=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+case "${1:-}" in
+  decode)
+    check=decode_sparse_check bench=(benchmarks/bench_decode_sparse.py)
+    quick=(tests/test_gpu_decode_sparse.py tests/test_gpu_decode_fp8_dense.py) ;;
+  prefill)
+    check=prefill_sparse_check bench=(benchmarks/bench_prefill_sparse.py --directions fwd)
+    quick=(tests/test_gpu_prefill_sparse.py) ;;
+  *) echo "usage: [PATCHES=...] $0 decode|prefill CONFIG..."; exit 2 ;;
+esac
+shift
+status=0
+t0=$SECONDS
+elapsed() { echo "== $1: $((SECONDS - t0)) s"; }
+
+applied=()
+unapply() {
+  local i
+  for ((i = ${#applied[@]} - 1; i >= 0; i--)); do
+    patch -s -R -d csrc -p1 < "${applied[i]}"
+  done
+}
+trap unapply EXIT
+for patch_file in ${PATCHES:-}; do
+  patch -s -d csrc -p1 < "$patch_file" || { echo "$patch_file does not apply to csrc/"; exit 1; }
+  applied+=("$patch_file")
+done
+
+generator=()
+command -v ninja > /dev/null && generator=(-G Ninja)
+{ cmake -S . -B build/cpp "${generator[@]}" -DPython_EXECUTABLE="$(command -v "$py")" \
+    -DCMAKE_BUILD_TYPE=Release -DJAX_FLASHMLA_BUILD_TESTS=ON > "$logs/cpp_build.log" 2>&1 &&
+    cmake --build build/cpp -j 16 --target "$check" >> "$logs/cpp_build.log" 2>&1
+} &
+cpp_build=$!
+"$py" -m pip install -q --no-index --no-deps .whl/*.whl 2> /dev/null || true  # CUTLASS wheel
+CMAKE_BUILD_PARALLEL_LEVEL=16 "$py" -m pip install -q --no-build-isolation --no-deps . \
+  > "$logs/build.log" 2>&1 || { tail -30 "$logs/build.log"; exit 1; }
+elapsed build
+
+peers=${JFM_PEERS:-../shared/peers}/setup_peers.sh
+# shellcheck disable=SC1090
+[ -f "$peers" ] && source "$peers" > "$logs/peers.log" 2>&1
+only=()
+for config in "$@"; do only+=(--only "$config"); done
+if [ ${#only[@]} -gt 0 ]; then
+  timeout 300 "$py" -P "${bench[@]}" "${only[@]}" --runs 5 \
+    --json "$logs/variant_bench.json" > "$logs/variant_bench.txt" 2>&1 || status=1
+  grep -v Warning "$logs/variant_bench.txt" | tail -$((${#only[@]} + 2))
+  elapsed bench
+fi
+
+wait "$cpp_build" || { tail -20 "$logs/cpp_build.log"; exit 1; }
+timeout -k 10 120 "build/cpp/$check" > "$logs/$check.txt" 2>&1 || status=1
+echo "$check: $(tail -1 "$logs/$check.txt")"
+timeout -k 10 300 compute-sanitizer --tool memcheck --error-exitcode 1 "build/cpp/$check" \
+  > "$logs/${check}_memcheck.txt" 2>&1 || status=1
+echo "$check under memcheck: $(tail -1 "$logs/${check}_memcheck.txt")"
+elapsed checks
+
+if [ "${QUICK:-1}" != 0 ]; then
+  timeout -k 30 -s INT 300 "$py" -P -m pytest -q -p no:cacheprovider -m "gpu and not full" \
+    "${quick[@]}" > "$logs/quick_variant_tests.log" 2>&1 || status=1
+  tail -3 "$logs/quick_variant_tests.log"
+  elapsed "quick tests"
+fi
+exit $status
