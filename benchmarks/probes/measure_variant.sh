@@ -7,7 +7,7 @@
 #
 #   PATCHES="benchmarks/probes/variants/narrow_two_stages.patch" JFM_PEERS=.peers \
 #       bash benchmarks/probes/measure_variant.sh decode V32,128,16,2048 V32,64,128,2048
-#   PATCHES="benchmarks/probes/variants/VARIANT.patch" JFM_PEERS=.peers \\
+#   PATCHES="benchmarks/probes/variants/VARIANT.patch" JFM_PEERS=.peers \
 #       bash benchmarks/probes/measure_variant.sh prefill 576,128,2048,8192 512,64,512,8192
 #
 # OP: decode (decode_sparse_check, bench_decode_sparse.py, CONFIGS as LAYOUT,B,H_Q,TOPK) or
