@@ -56,6 +56,45 @@ def test_positions_as_indices_attend_the_dense_keys(rng, page, s_q, causal):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("h_kv", "page"), [(2, 16), (3, 1), (4, 64)])
+def test_kv_head_tokens_attend_each_kv_heads_keys(rng, h_kv, page):
+    """A cache with several KV heads, read one KV head at a time as a one-head cache of page *
+    h_kv tokens per block: each KV head's query heads attend exactly dense decode's keys of
+    that head (every token nobody may read is NaN, in all heads)."""
+    s_q, group = 2, 3
+    max_blocks = -(-3 * 64 // page)
+    inputs = od.make_wild_block_table_inputs(
+        rng,
+        seqlens=SEQLENS,
+        max_blocks=max_blocks,
+        s_q=s_q,
+        h_q=h_kv * group,
+        h_kv=h_kv,
+        page=page,
+        dtype=np.float32,
+        wild_entries=[(i, j * max_blocks // 3) for i, j in WILD_ENTRIES],
+    )
+    q, cache, table, lengths = (
+        jnp.asarray(inputs[k]) for k in ("q", "k_cache", "block_table", "cache_seqlens")
+    )
+    positions, topk_length = decode_op._positions_as_indices(
+        table, lengths, s_q=s_q, page=page, num_blocks=cache.shape[0], causal=True
+    )
+    want_out, want_lse = dense_decode(q, cache, table, lengths, head_dim_v=512, causal=True)
+    for head in range(h_kv):
+        tokens, indices = decode_op._kv_head_tokens(cache, positions, head)
+        assert tokens.shape == (cache.shape[0], page * h_kv, 1, 576)
+        chosen = np.asarray(indices)
+        flat = np.asarray(tokens).reshape(-1, 576)
+        assert np.isfinite(flat[chosen[chosen >= 0]]).all()
+        heads = slice(head * group, (head + 1) * group)
+        out, lse = sparse_decode(
+            q[:, :, heads], tokens, indices, topk_length=topk_length, head_dim_v=512
+        )
+        np.testing.assert_allclose(out, want_out[:, :, heads], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lse, want_lse[:, heads], rtol=1e-5, atol=1e-6)
+
+
 def dense_fp8_structs(*, b=2, s_q=1, h_q=16, blocks=8, page=64, max_blocks=4):
     return (
         S((b, s_q, h_q, 576), jnp.bfloat16),
@@ -103,4 +142,4 @@ def test_v32_dense_token_index_limit_checked_at_trace_time():
     with platform.assume_device(), pytest.raises(ValueError) as info:
         jax.jit(dense_fp8_call("cuda")).trace(*structs)
     assert "implementation='cuda' is unavailable" in str(info.value)
-    assert "num_blocks * page must be <= 2**31 - 1" in str(info.value)
+    assert "num_blocks * page * h_kv must be <= 2**31 - 1" in str(info.value)

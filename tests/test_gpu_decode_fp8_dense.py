@@ -1,5 +1,6 @@
 """Dense decode over the FP8 caches (implementation="cuda") against the fp32 reference, on the
-GPU: the V32 cache and the plain "E4M3" cache with its k_scale, both with one KV head.
+GPU: the V32 cache and the plain "E4M3" cache with its k_scale, both with one KV head, and the
+E4M3 cache with several KV heads (one kernel call per KV head) and a scale per KV head.
 
 `flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, is_fp8_kvcache=True,
 implementation="cuda")` runs the sparse FP8 decode kernel over each query's visible positions
@@ -20,7 +21,7 @@ one moves the output far past the tolerance. Device memory is poisoned before ea
 Cases, for each layout: a sample of the dense matrix at h_kv 1 that covers every batch size,
 s_q, s_k, head count, varlen and causal, at pages 1, 16, 53 and 64; lengths 0 and past the
 table's capacity; a wild block id inside a request's length (its tokens masked); and bitwise
-determinism.
+determinism. E4M3 with 2 and 4 KV heads: a few shapes of the matrix, k_scale per KV head.
 
     python -P -m pytest -q -m gpu tests/test_gpu_decode_fp8_dense.py
 """
@@ -50,7 +51,8 @@ LAYOUTS = ("V32", "E4M3")
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Inputs:
-    """A decode call's inputs with the cache quantised to `layout` (k_scale: E4M3's, [1])."""
+    """A decode call's inputs with the cache quantised to `layout` (k_scale: E4M3's, [1] or
+    [h_kv])."""
 
     inputs: Inputs
     layout: str
@@ -89,20 +91,24 @@ def _reference(q, fp8_cache, block_table, cache_seqlens, k_scale, *, causal):
     )
 
 
-@jax.jit
-def _e4m3_scale(cache: jax.Array) -> jax.Array:
-    """16 times the readable values' amax / 448, as [1]: readable values use e4m3 up to 28."""
-    amax = jnp.nanmax(jnp.abs(cache.astype(jnp.float32)))
-    return jnp.reshape(16 * amax / 448, (1,))
+@functools.partial(jax.jit, static_argnames=("per_head",))
+def _e4m3_scale(cache: jax.Array, per_head: bool) -> jax.Array:
+    """16 times the readable values' amax / 448, as [1] or per KV head [h_kv]: readable values
+    use e4m3 up to 28."""
+    magnitude = jnp.abs(cache.astype(jnp.float32))
+    if per_head:
+        return 16 * jnp.nanmax(magnitude, axis=(0, 1, 3)) / 448
+    return jnp.reshape(16 * jnp.nanmax(magnitude) / 448, (1,))
 
 
 def fp8_inputs(inputs: Inputs, layout: str) -> Fp8Inputs:
-    """The same inputs with the cache quantised (NaN rows stay NaN)."""
+    """The same inputs with the cache quantised (NaN rows stay NaN); E4M3 with several KV heads
+    gets a scale per KV head."""
     if layout == "V32":
         return Fp8Inputs(
             dataclasses.replace(inputs, k_cache=fm.quantize_k_cache(inputs.k_cache)), layout, None
         )
-    k_scale = _e4m3_scale(inputs.k_cache)
+    k_scale = _e4m3_scale(inputs.k_cache, per_head=inputs.k_cache.shape[2] > 1)
     cache, _ = fm.quantize_k_cache_e4m3(inputs.k_cache, k_scale)
     return Fp8Inputs(dataclasses.replace(inputs, k_cache=cache), layout, k_scale)
 
@@ -213,3 +219,23 @@ def test_quick_fp8_dense_deterministic(fp8_layout):
             np.testing.assert_array_equal(
                 a.view(f"u{a.dtype.itemsize}"), b.view(f"u{b.dtype.itemsize}")
             )
+
+
+@pytest.mark.parametrize(
+    ("h_kv", "b", "s_q", "s_k", "group", "page", "causal"),
+    [
+        (2, 3, 1, 300, 16, 64, False),
+        (2, 2, 2, 1000, 64, 16, True),
+        (4, 4, 3, 140, 8, 1, True),
+        (4, 1, 1, 4096, 32, 53, False),
+    ],
+)
+def test_quick_e4m3_dense_kv_heads(h_kv, b, s_q, s_k, group, page, causal):
+    """An E4M3 cache with several KV heads and a scale per KV head: each KV head's query heads
+    attend its keys only (one kernel call per KV head over a view of the cache)."""
+    rng = np.random.default_rng(h_kv * 100 + group)
+    layout = make_layout(rng, b=b, s_q=s_q, s_k=s_k, varlen=True, page=page)
+    values = make_values(17 + h_kv, layout, s_q=s_q, h_q=h_kv * group, h_kv=h_kv)
+    fp8 = fp8_inputs(values, "E4M3")
+    assert fp8.k_scale.shape == (h_kv,)
+    run_and_check(fp8, causal=causal)

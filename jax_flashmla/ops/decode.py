@@ -99,8 +99,8 @@ def flash_mla_with_kvcache(
         d_qk ** -0.5.
       causal: static bool, bottom-right causal mask over the s_q queries (dense mode only).
       is_fp8_kvcache: static bool, the cache is FP8 (required in sparse mode; in dense mode
-        the sparse kernel reads a V32 cache, or an E4M3 one with h_kv 1, over each query's
-        positions, while an E4M3 cache with more KV heads is dequantised for the reference;
+        the sparse kernel reads a V32 or E4M3 cache over each query's positions, once per KV
+        head of an E4M3 cache, with several of them only when implementation="cuda" for now;
         the kernel path makes its own schedule, so a given one is checked but not used).
       fp8_layout: static str or None, with is_fp8_kvcache: "V32", "MODEL1" or "E4M3"; None
         takes it from the cache's last dim (656: V32, 584: MODEL1, 576: E4M3).
@@ -215,12 +215,14 @@ def flash_mla_with_kvcache(
 
     if indices is None:
         reason = _dense_kernel_unsupported_reason(q, k_cache, layout)
+        if not reason and implementation is None and layout is not None and h_kv > 1:
+            reason = _E4M3_KV_HEADS_UNTESTED
         use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
         if use_kernel and layout is not None:
             compute = functools.partial(
                 _dense_fp8_decode, softmax_scale=scale, causal=causal, layout=layout
             )
-            scales = () if k_scale is None else (jnp.reshape(k_scale, (1,)),)
+            scales = () if k_scale is None else (jnp.broadcast_to(jnp.ravel(k_scale), (h_kv,)),)
             return forward_only(OP, compute)(q, k_cache, block_table, cache_seqlens, *scales)
         cache = k_cache
         if layout == quant.SCALED_LAYOUT:
@@ -246,6 +248,15 @@ def flash_mla_with_kvcache(
     )
     optional = (sparse_args[name] for name in present)
     return forward_only(OP, compute)(q, k_cache, indices, *optional, *metadata)
+
+
+#: Why implementation=None keeps an E4M3 dense cache with several KV heads on the reference:
+#: its kernel path (one sparse-kernel call per KV head over a view of the cache) runs only when
+#: asked for until it has passed its GPU tests.
+_E4M3_KV_HEADS_UNTESTED = (
+    "the kernel path of an E4M3 cache with several KV heads has not yet passed its GPU tests; "
+    "implementation='cuda' runs it"
+)
 
 
 # Dims of the decode operands for the sharding rules (jax_flashmla._src.sharding): batch b,
@@ -301,32 +312,54 @@ def _dense_decode(
 def _dense_fp8_decode(
     q, cache, block_table, cache_seqlens, *k_scale, softmax_scale, causal, layout
 ):
-    """Dense decode of an FP8 cache (V32, or E4M3 with one KV head and its k_scale [1]) on the
-    sparse decode kernel, which dequantises on chip: each query token's visible positions,
-    mapped through the block table, are its indices. Partitioned over batch and heads; the
-    schedule is made from the lengths (a schedule from get_mla_metadata for the dense kernel
-    does not fit the sparse kernel's grid)."""
+    """Dense decode of an FP8 cache (V32, or E4M3 with its k_scale [h_kv]) on the sparse decode
+    kernel, which dequantises on chip: each query token's visible positions, mapped through the
+    block table, are its indices. Each KV head of an E4M3 cache is one kernel call with its
+    query heads and its scale, over the cache read as one KV head (_kv_head_tokens).
+    Partitioned over batch and heads; the schedule is made from the lengths (a schedule from
+    get_mla_metadata for the dense kernel does not fit the sparse kernel's grid)."""
+    h_q, h_kv = q.shape[2], cache.shape[2]
 
     def compute(q, cache, block_table, cache_seqlens, *k_scale):
-        indices, lengths = _positions_as_indices(
+        num_blocks, page, kv_heads, _ = cache.shape
+        group = q.shape[2] // kv_heads
+        positions, lengths = _positions_as_indices(
             block_table,
             cache_seqlens,
             s_q=q.shape[1],
-            page=cache.shape[1],
-            num_blocks=cache.shape[0],
+            page=page,
+            num_blocks=num_blocks,
             causal=causal,
         )
         given = {"topk_length": lengths}
-        operands = decode_sparse.with_placeholders(
-            q, cache, indices, lengths, None, None, None, None, *k_scale
-        )
-        return decode_sparse.decode_sparse(
-            *operands,
-            *_sparse_schedule(q, indices, given),
-            use_kernel=True,
-            softmax_scale=softmax_scale,
-            layout=layout,
-        )
+        schedule = _sparse_schedule(q[:, :, :group], positions, given)
+        results = []
+        for head in range(kv_heads):
+            tokens, indices = _kv_head_tokens(cache, positions, head)
+            operands = decode_sparse.with_placeholders(
+                q[:, :, head * group : (head + 1) * group],
+                tokens,
+                indices,
+                lengths,
+                None,
+                None,
+                None,
+                None,
+                *(scale[head : head + 1] for scale in k_scale),
+            )
+            results.append(
+                decode_sparse.decode_sparse(
+                    *operands,
+                    *schedule,
+                    use_kernel=True,
+                    softmax_scale=softmax_scale,
+                    layout=layout,
+                )
+            )
+        if kv_heads == 1:
+            return results[0]
+        outs, lses = zip(*results, strict=True)
+        return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=1)
 
     return sharding.partitioned_call(
         OP,
@@ -334,9 +367,22 @@ def _dense_fp8_decode(
         (q, cache, block_table, cache_seqlens, *k_scale),
         ("b s (k g) d", "n p k d", "b m", "b", *("k" for _ in k_scale)),
         _DECODE_RESULT_DIMS,
-        shardable=frozenset({"b", "g"}),
-        given_sizes={"g": q.shape[2]},
+        shardable=frozenset({"b", sharding.head_factor(h_kv)}),
+        given_sizes={"g": h_q // h_kv},
     )
+
+
+def _kv_head_tokens(cache, positions, head: int) -> tuple[jax.Array, jax.Array]:
+    """KV head `head` of a [num_blocks, page, h_kv, d] cache as the sparse kernel reads it: the
+    cache viewed as one KV head of page * h_kv tokens per block (no copy: token t of KV head k
+    is its token t * h_kv + k), and `positions` (tokens of the cache, -1 for none) as indices
+    into that view. No overflow: num_blocks * page * h_kv <= 2**31 - 1
+    (_dense_kernel_unsupported_reason)."""
+    num_blocks, page, h_kv, d = cache.shape
+    if h_kv == 1:
+        return cache, positions
+    tokens = jnp.reshape(cache, (num_blocks, page * h_kv, 1, d))
+    return tokens, jnp.where(positions >= 0, positions * h_kv + head, -1)
 
 
 def _positions_as_indices(
@@ -477,20 +523,16 @@ def _dense_kernel_unsupported_reason(q, k_cache, layout: str | None) -> str:
     if num_blocks == 0:
         return "the kernel needs a cache of at least one block"
     b, s_q, h_q, _ = q.shape
-    if layout == quant.SCALED_LAYOUT and h_kv != 1:
-        return (
-            f"the {layout} FP8 cache runs on the kernel with one KV head (MLA's latent); got "
-            f"h_kv = {h_kv}"
-        )
     if layout is not None:
-        capacity = num_blocks * page
+        capacity = num_blocks * page * h_kv
         if capacity > INT32_MAX:
             return (
-                f"an FP8 cache is addressed by int32 token indices: num_blocks * page must be "
-                f"<= 2**31 - 1; got {num_blocks} * {page} = {capacity}"
+                f"an FP8 cache is addressed by int32 token indices: num_blocks * page * h_kv "
+                f"must be <= 2**31 - 1; got {num_blocks} * {page} * {h_kv} = {capacity}"
             )
+        group = h_q // h_kv  # the query heads of one kernel call
         return decode_sparse.launch_limit_error(
-            batch=b, s_q=s_q, h_q=h_q, num_parts=metadata_op.sparse_num_sm_parts(s_q, h_q)
+            batch=b, s_q=s_q, h_q=group, num_parts=metadata_op.sparse_num_sm_parts(s_q, group)
         )
     return decode_dense.launch_limit_error(
         batch=b,
