@@ -24,24 +24,29 @@ SEQLENS = (-5, 0, 37, 130, 3 * 64 + 100, INT32_MAX, 150)
 WILD_ENTRIES = ((2, 0), (3, 1), (4, 2), (6, 1))
 
 
-@pytest.mark.parametrize("page", [1, 16, 64])
-@pytest.mark.parametrize(("s_q", "causal"), [(1, False), (3, False), (3, True)])
-def test_positions_as_indices_attend_the_dense_keys(rng, page, s_q, causal):
+def wild_inputs(rng, *, page: int, s_q: int, h_q: int, h_kv: int) -> tuple[jax.Array, ...]:
+    """float32 q, cache, block table and lengths with SEQLENS and WILD_ENTRIES over tables of
+    3 * 64 tokens (NaN in every cache row nobody may read)."""
     max_blocks = -(-3 * 64 // page)
     inputs = od.make_wild_block_table_inputs(
         rng,
         seqlens=SEQLENS,
         max_blocks=max_blocks,
         s_q=s_q,
-        h_q=4,
-        h_kv=1,
+        h_q=h_q,
+        h_kv=h_kv,
         page=page,
         dtype=np.float32,
         wild_entries=[(i, j * max_blocks // 3) for i, j in WILD_ENTRIES],
     )
-    q, cache, table, lengths = (
-        jnp.asarray(inputs[k]) for k in ("q", "k_cache", "block_table", "cache_seqlens")
-    )
+    return tuple(jnp.asarray(inputs[k]) for k in ("q", "k_cache", "block_table", "cache_seqlens"))
+
+
+@pytest.mark.parametrize("page", [1, 16, 64])
+@pytest.mark.parametrize(("s_q", "causal"), [(1, False), (3, False), (3, True)])
+def test_positions_as_indices_attend_the_dense_keys(rng, page, s_q, causal):
+    q, cache, table, lengths = wild_inputs(rng, page=page, s_q=s_q, h_q=4, h_kv=1)
+    max_blocks = table.shape[1]
     indices, topk_length = decode_op._positions_as_indices(
         table, lengths, s_q=s_q, page=page, num_blocks=cache.shape[0], causal=causal
     )
@@ -62,21 +67,7 @@ def test_kv_head_tokens_attend_each_kv_heads_keys(rng, h_kv, page):
     h_kv tokens per block: each KV head's query heads attend exactly dense decode's keys of
     that head (every token nobody may read is NaN, in all heads)."""
     s_q, group = 2, 3
-    max_blocks = -(-3 * 64 // page)
-    inputs = od.make_wild_block_table_inputs(
-        rng,
-        seqlens=SEQLENS,
-        max_blocks=max_blocks,
-        s_q=s_q,
-        h_q=h_kv * group,
-        h_kv=h_kv,
-        page=page,
-        dtype=np.float32,
-        wild_entries=[(i, j * max_blocks // 3) for i, j in WILD_ENTRIES],
-    )
-    q, cache, table, lengths = (
-        jnp.asarray(inputs[k]) for k in ("q", "k_cache", "block_table", "cache_seqlens")
-    )
+    q, cache, table, lengths = wild_inputs(rng, page=page, s_q=s_q, h_q=h_kv * group, h_kv=h_kv)
     positions, topk_length = decode_op._positions_as_indices(
         table, lengths, s_q=s_q, page=page, num_blocks=cache.shape[0], causal=True
     )

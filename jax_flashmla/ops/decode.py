@@ -356,8 +356,6 @@ def _dense_fp8_decode(
                     layout=layout,
                 )
             )
-        if kv_heads == 1:
-            return results[0]
         outs, lses = zip(*results, strict=True)
         return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=1)
 
