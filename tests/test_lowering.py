@@ -192,10 +192,9 @@ def test_sparse_decode_lowers_to_custom_call(layout, d_qk, token_bytes, with_len
     assert "softmax_scale = 2.500000e-01 : f32" in decode_call
 
 
-def test_dense_decode_kernel_only_for_its_shapes():
-    """Any page size runs the dense kernel; by default an E4M3 FP8 cache with two KV heads goes
-    to the reference (the FP8 caches run the sparse kernel: tests/test_decode_fp8_dense.py,
-    tests/test_decode_e4m3.py, which also has implementation='cuda' with several KV heads)."""
+def test_dense_decode_kernel_takes_every_page_size():
+    """Any page size runs the dense kernel (the FP8 caches run the sparse kernel:
+    tests/test_decode_fp8_dense.py, tests/test_decode_e4m3.py)."""
     q = jax.ShapeDtypeStruct((2, 1, 16, 576), jnp.bfloat16)
     table = jax.ShapeDtypeStruct((2, 4), jnp.int32)
     lens = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -203,12 +202,3 @@ def test_dense_decode_kernel_only_for_its_shapes():
         cache = jax.ShapeDtypeStruct((8, page, 1, 576), jnp.bfloat16)
         hlo = cuda_hlo(lambda *a: fm.flash_mla_with_kvcache(*a, 512), q, cache, table, lens)
         assert custom_calls(hlo), page
-    fp8_cache = jax.ShapeDtypeStruct((8, 64, 2, 576), jnp.float8_e4m3fn)
-    k_scale = jax.ShapeDtypeStruct((), jnp.float32)
-
-    def fp8_decode(*args):
-        *args, scale = args
-        return fm.flash_mla_with_kvcache(*args, 512, is_fp8_kvcache=True, k_scale=scale)
-
-    hlo = cuda_hlo(fp8_decode, q, fp8_cache, table, lens, k_scale)
-    assert not custom_calls(hlo)

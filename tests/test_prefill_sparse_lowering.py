@@ -31,8 +31,8 @@ pytestmark = pytest.mark.skipif(
 S = jax.ShapeDtypeStruct
 TARGET = "jax_flashmla_prefill_sparse_sm90"
 OP = "flash_mla_sparse_fwd"
-#: CUDA's limit on a grid's y and z dimensions.
-GRID_YZ_MAX = 65535
+#: CUDA's limit on a grid's x dimension.
+GRID_X_MAX = 2**31 - 1
 
 
 def structs(*, s_q=3, h_q=64, s_kv=300, topk=128, d_qk=576, sink=False, lengths=False) -> tuple:
@@ -142,8 +142,10 @@ def test_xla_never_lowers_to_the_kernel(d_qk, sink, lengths):
 LIMIT_CASES = [
     ("topk-100", structs(topk=100), r"topk"),
     ("topk-32", structs(topk=32, s_kv=20), r"topk"),
-    # ceil(h_q / 64) = 65536 head tiles: past the grid's y/z limit (shapes only, no memory).
-    ("head-tiles", structs(s_q=1, h_q=64 * (GRID_YZ_MAX + 1), d_qk=512), r"h_q|head"),
+    # One CTA per query token and head tile: 2**30 tokens of 3 tiles, and one token of 2**31
+    # tiles, are past the grid's x limit (shapes only, no memory).
+    ("grid-tokens", structs(s_q=2**30, h_q=3 * 64, d_qk=512), r"s_q \* ceil\(h_q"),
+    ("grid-heads", structs(s_q=1, h_q=64 * (GRID_X_MAX + 1), d_qk=512), r"s_q \* ceil\(h_q"),
 ]
 
 

@@ -5,7 +5,7 @@
 # benchmark beside FlashMLA (its err column compares the two outputs), runs the C++ check
 # plainly and under memcheck, then the op's quick GPU tests.
 #
-#   PATCHES="benchmarks/probes/variants/narrow_two_stages.patch" JFM_PEERS=.peers \
+#   PATCHES="benchmarks/probes/variants/sparse_rolling_loader.patch" JFM_PEERS=.peers \
 #       bash benchmarks/probes/measure_variant.sh decode V32,128,16,2048 V32,64,128,2048
 #   PATCHES="benchmarks/probes/variants/VARIANT.patch" JFM_PEERS=.peers \
 #       bash benchmarks/probes/measure_variant.sh prefill 576,128,2048,8192 512,64,512,8192

@@ -1,22 +1,21 @@
 """Times the sparse FP8 decode under several settings of the runtime switches that
 variants/sparse_switches.patch adds to the kernel (JFM_SWITCHES bits, read at every launch: 1
 loads kept in L1 with a 256-byte L2 prefetch, 2 one empty-barrier arrival per math warp, 4
-barrier waits that suspend, 8 no global loads, 16 no math, 32 no dequantisation in the narrow
-kernel), in one process, configuration by configuration, the settings interleaved so that
+barrier waits that suspend, 8 no global loads, 16 no math; the 64-row kernel only, so h_q > 32
+for V32 and E4M3), in one process, configuration by configuration, the settings interleaved so that
 clock drift hits all alike. Timing as bench_decode_sparse.py (R = 20 calls in one jitted
 function, R and R / 4 differenced, median of --runs), with XLA's command buffers off so that
 each launch reads the variable.
 
 On a Hopper GPU, with the package built from the patched tree:
 
-    patch -d csrc -p1 < benchmarks/probes/variants/narrow_two_stages.patch
     patch -d csrc -p1 < benchmarks/probes/variants/sparse_switches.patch
     pip install --no-build-isolation --no-deps .
     python3 -P benchmarks/probes/sparse_switch_sweep.py 0,1,2,4,7,8,16,0 \
-        V32,128,128,2048 V32,128,16,2048 MODEL1,128,32,2048
+        V32,128,128,2048 V32,64,64,2048 MODEL1,128,32,2048
 
 Prints one row per configuration (bench_decode_sparse.py's --only syntax) with our time in
-microseconds per setting. Bits 8, 16 and 32 give wrong outputs on purpose (they time one side of
+microseconds per setting. Bits 8 and 16 give wrong outputs on purpose (they time one side of
 the kernel alone).
 """
 

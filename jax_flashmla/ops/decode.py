@@ -215,8 +215,6 @@ def flash_mla_with_kvcache(
 
     if indices is None:
         reason = _dense_kernel_unsupported_reason(q, k_cache, layout)
-        if not reason and implementation is None and layout is not None and h_kv > 1:
-            reason = _E4M3_KV_HEADS_UNTESTED
         use_kernel = platform.choose_implementation(OP, implementation, reason) == "cuda"
         if use_kernel and layout is not None:
             compute = functools.partial(
@@ -248,15 +246,6 @@ def flash_mla_with_kvcache(
     )
     optional = (sparse_args[name] for name in present)
     return forward_only(OP, compute)(q, k_cache, indices, *optional, *metadata)
-
-
-#: Why implementation=None keeps an E4M3 dense cache with several KV heads on the reference:
-#: its kernel path (one sparse-kernel call per KV head over a view of the cache) runs only when
-#: asked for until it has passed its GPU tests.
-_E4M3_KV_HEADS_UNTESTED = (
-    "the kernel path of an E4M3 cache with several KV heads has not yet passed its GPU tests; "
-    "implementation='cuda' runs it"
-)
 
 
 # Dims of the decode operands for the sharding rules (jax_flashmla._src.sharding): batch b,

@@ -494,6 +494,8 @@ std::vector<ParamsCase> params_cases() {
       {"params-q-misaligned", [](P& p) { p.q = static_cast<const char*>(p.q) + 2; }, false},
       {"params-scale-inf", [](P& p) { p.softmax_scale = INFINITY; }, false},
       {"params-scale-nan", [](P& p) { p.softmax_scale = std::nanf(""); }, false},
+      // 3 * 2^30 (token, head tile) CTAs: past the grid's x dimension.
+      {"params-grid-x", [](P& p) { p.s_q = int64_t{1} << 30; p.h_q = 192; }, false},
       {"params-s_q-0", [](P& p) { p.s_q = 0; }, true},
   };
 }

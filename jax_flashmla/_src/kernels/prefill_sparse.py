@@ -11,9 +11,6 @@ from jax_flashmla._src.geometry import HEAD_DIM_V, INT32_MAX, QUERY_TILE_ROWS
 from jax_flashmla._src.primitive import KernelPrimitive
 from jax_flashmla.reference import sparse_prefill
 
-#: CUDA's limit on the y grid dimension (head tiles).
-GRID_Y_MAX = 65535
-
 
 class SparsePrefillKernel(KernelPrimitive):
     """(q, kv, indices, attn_sink, topk_length) -> (out, max_logits, lse).
@@ -72,11 +69,10 @@ def launch_limit_error(*, s_q: int, h_q: int, topk: int) -> str:
             topk >= 64 and topk % 64 == 0,
             f"topk must be a positive multiple of 64; got {topk}",
         ),
-        (s_q <= INT32_MAX, f"s_q must be <= 2**31 - 1 (grid x); got {s_q}"),
         (
-            head_tiles <= GRID_Y_MAX,
-            f"head tiles (ceil(h_q / {QUERY_TILE_ROWS})) must be <= {GRID_Y_MAX} (grid y); "
-            f"got {head_tiles} for h_q {h_q}",
+            s_q * head_tiles <= INT32_MAX,
+            f"s_q * ceil(h_q / {QUERY_TILE_ROWS}) (one CTA each, grid x) must be <= 2**31 - 1; "
+            f"got {s_q * head_tiles} for s_q {s_q}, h_q {h_q}",
         ),
     )
     return next((message for ok, message in limits if not ok), "")

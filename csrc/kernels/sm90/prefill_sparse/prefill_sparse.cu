@@ -14,7 +14,7 @@
 namespace jfm {
 namespace {
 
-constexpr int64_t kMaxGridY = 65535;
+int64_t head_tiles(int64_t h_q) { return (h_q + kQueryTileRows - 1) / kQueryTileRows; }
 
 // The query-side rules both directions share.
 const char* shape_error(int64_t s_q, int64_t s_kv, int64_t h_q, int64_t d_qk, int64_t topk,
@@ -25,9 +25,9 @@ const char* shape_error(int64_t s_q, int64_t s_kv, int64_t h_q, int64_t d_qk, in
     return "topk must be a positive multiple of 64 and <= 2^31 - 1";
   }
   if (indices == nullptr) return "indices are missing";
-  if (s_q > INT_MAX) return "s_q must be <= 2^31 - 1 (grid x, TMA coordinates)";
-  if ((h_q + kQueryTileRows - 1) / kQueryTileRows > kMaxGridY) {
-    return "h_q must be <= 65535 * 64 (grid y)";
+  // The grid's x dimension holds every (token, head tile); the TMA coordinates are int32.
+  if (s_q > INT_MAX || h_q > INT_MAX || s_q * head_tiles(h_q) > INT_MAX) {
+    return "s_q * ceil(h_q / 64) must be <= 2^31 - 1 (grid x)";
   }
   if (s_kv > 0 && kv == nullptr) return "kv is missing";
   if (!std::isfinite(softmax_scale)) return "softmax_scale must be finite";
@@ -66,6 +66,7 @@ cudaError_t launch_backward(const SparsePrefillBackwardParams& p, cudaStream_t s
   args.params = p;
   args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
   args.q_box_rows = static_cast<int32_t>(std::min<int64_t>(p.h_q, kQueryTileRows));
+  args.head_tiles = static_cast<int32_t>(head_tiles(p.h_q));
   if (!encode_token_map(&args.q_map, p.q, p.s_q, p.h_q, p.d_qk, args.q_box_rows) ||
       !encode_token_map(&args.d_out_map, p.d_out, p.s_q, p.h_q, kHeadDimV, args.q_box_rows)) {
     return cudaErrorInvalidValue;
@@ -95,6 +96,7 @@ cudaError_t launch_sparse_prefill(const SparsePrefillParams& p, cudaStream_t str
   args.params = p;
   args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
   args.q_box_rows = static_cast<int32_t>(std::min<int64_t>(p.h_q, kQueryTileRows));
+  args.head_tiles = static_cast<int32_t>(head_tiles(p.h_q));
   if (!encode_token_map(&args.q_map, p.q, p.s_q, p.h_q, p.d_qk, args.q_box_rows)) {
     return cudaErrorInvalidValue;
   }

@@ -1,4 +1,4 @@
-// Host-visible pieces of the sparse prefill kernels: their argument blocks. Free of CuTe so that
+// Host-visible pieces of the sparse prefill kernels: their argument blocks and grid. Free of CuTe so that
 // the launcher compiles quickly; the kernel header includes it.
 #pragma once
 
@@ -17,6 +17,7 @@ struct KernelArgs {
   SparsePrefillParams params;
   float scale_log2;    // softmax_scale * log2(e)
   int32_t q_box_rows;  // min(h_q, 64): query rows one TMA box brings
+  int32_t head_tiles;  // ceil(h_q / 64)
 };
 
 struct BackwardArgs {
@@ -25,7 +26,26 @@ struct BackwardArgs {
   SparsePrefillBackwardParams params;
   float scale_log2;    // softmax_scale * log2(e)
   int32_t q_box_rows;  // min(h_q, 64): rows one TMA box of q or d_out brings
+  int32_t head_tiles;  // ceil(h_q / 64)
 };
+
+// The grid of both directions: one CTA per (query token, head tile) along x, the head tiles of
+// a token adjacent so that they run at the same time; the later ones then gather the token's
+// rows from L2 (and the backward's atomics meet the same dkv rows there) even when kv is far
+// larger than L2. The launchers keep s_q * head_tiles <= 2^31 - 1.
+inline dim3 token_major_grid(int64_t s_q, int32_t head_tiles) {
+  return dim3(static_cast<unsigned>(s_q * head_tiles));
+}
+
+struct CtaWork {
+  int64_t token;
+  int head_tile;
+};
+
+__device__ __forceinline__ CtaWork cta_work(int32_t head_tiles) {
+  const unsigned tiles = static_cast<unsigned>(head_tiles);
+  return {static_cast<int64_t>(blockIdx.x / tiles), static_cast<int>(blockIdx.x % tiles)};
+}
 
 // Implemented per head dim (576, 512) in prefill_sparse_d<d_qk>.cu and
 // prefill_sparse_backward_d<d_qk>.cu.

@@ -1,7 +1,8 @@
 // The backward kernel of the sparse prefill for sm_90a (the math: prefill_sparse_backward.cuh).
 // Included by one translation unit per head dim.
 //
-// One CTA per (query token, tile of 64 query heads); roles (384 threads, three warpgroups), one
+// One CTA per (query token, tile of 64 query heads), the head tiles of a token adjacent in the
+// grid (cta_work); roles (384 threads, three warpgroups), one
 // device function each:
 //   load_role (WG0): q and d_out of the tile by TMA (one thread), then every block of 64
 //     selected rows into the one kv stage (prefill_sparse_gather.cuh), with the block's kv row
@@ -354,8 +355,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  const int64_t token = blockIdx.x;
-  const int head_tile = blockIdx.y;
+  const auto [token, head_tile] = cta_work(args.head_tiles);
   const int counted = counted_slots(args.params.topk_length, args.params.topk, token);
   const int blocks = (counted + kBlockSlots - 1) / kBlockSlots;
 
@@ -399,9 +399,8 @@ cudaError_t launch_backward_typed(const BackwardArgs& args, cudaStream_t stream)
   const cudaError_t setup = prepare_register_split_kernel<kKernel>(backward::kLaunchRegisters,
                                                                   backward::kSmemBytes);
   if (setup != cudaSuccess) return setup;
-  const dim3 grid(static_cast<unsigned>(args.params.s_q),
-                  static_cast<unsigned>((args.params.h_q + kQueryTileRows - 1) / kQueryTileRows));
-  const LaunchShape shape{grid, dim3(backward::kThreads), backward::kSmemBytes};
+  const LaunchShape shape{token_major_grid(args.params.s_q, args.head_tiles),
+                          dim3(backward::kThreads), backward::kSmemBytes};
   return launch_kernel(kKernel, shape, stream, args);
 }
 
