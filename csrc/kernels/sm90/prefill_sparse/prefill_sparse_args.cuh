@@ -1,5 +1,5 @@
-// Host-visible pieces of the sparse prefill kernels: their argument blocks and grid. Free of CuTe so that
-// the launcher compiles quickly; the kernel header includes it.
+// Host-visible pieces of the sparse prefill kernels: their argument blocks and grid. Free of
+// CuTe so that the launcher compiles quickly; the kernel header includes it.
 #pragma once
 
 #include <cuda.h>
