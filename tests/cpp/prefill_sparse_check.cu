@@ -91,6 +91,9 @@ std::vector<Case> all_cases() {
       {"d512-sq3-h16-topk64-skv0-lonely", 512, 3, 16, 0, 64, false, false, false, true},
       {"d576-sq2-h16-topk64-skv200-zeroscale", 576, 2, 16, 200, 64, false, false, false, false,
        0.f},
+      // More work items than SMs: the forward's persistent CTAs take several each, some with
+      // no block at all (length 0), the stage ring running on across them.
+      {"d512-sq300-h64-topk128-skv1000-lengths", 512, 300, 64, 1000, 128, true},
   };
 }
 

@@ -29,12 +29,12 @@ struct BackwardArgs {
   int32_t head_tiles;  // ceil(h_q / 64)
 };
 
-// The grid of both directions: one CTA per (query token, head tile) along x, the head tiles of
-// a token adjacent so that they run at the same time; the later ones then gather the token's
-// rows from L2 (and the backward's atomics meet the same dkv rows there) even when kv is far
-// larger than L2. The launchers keep s_q * head_tiles <= 2^31 - 1.
-inline dim3 token_major_grid(int64_t s_q, int32_t head_tiles) {
-  return dim3(static_cast<unsigned>(s_q * head_tiles));
+// The work items of both directions: one per (query token, head tile), numbered with the head
+// tiles of a token adjacent, so that CTAs working on them at the same time share the token's
+// rows: the later tiles gather them from L2 (and the backward's atomics meet the same dkv rows
+// there) even when kv is far larger than L2. The launchers keep s_q * head_tiles <= 2^31 - 1.
+__host__ __device__ inline int64_t work_items(int64_t s_q, int32_t head_tiles) {
+  return s_q * head_tiles;
 }
 
 struct CtaWork {
@@ -42,9 +42,8 @@ struct CtaWork {
   int head_tile;
 };
 
-__device__ __forceinline__ CtaWork cta_work(int32_t head_tiles) {
-  const unsigned tiles = static_cast<unsigned>(head_tiles);
-  return {static_cast<int64_t>(blockIdx.x / tiles), static_cast<int>(blockIdx.x % tiles)};
+__device__ __forceinline__ CtaWork work_item(int64_t item, int32_t head_tiles) {
+  return {item / head_tiles, static_cast<int>(item % head_tiles)};
 }
 
 // Implemented per head dim (576, 512) in prefill_sparse_d<d_qk>.cu and

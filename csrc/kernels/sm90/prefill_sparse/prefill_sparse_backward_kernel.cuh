@@ -1,9 +1,8 @@
 // The backward kernel of the sparse prefill for sm_90a (the math: prefill_sparse_backward.cuh).
 // Included by one translation unit per head dim.
 //
-// One CTA per (query token, tile of 64 query heads), the head tiles of a token adjacent in the
-// grid (cta_work); roles (384 threads, three warpgroups), one
-// device function each:
+// One CTA per work item (query token, tile of 64 query heads; work_item: the head tiles of a
+// token adjacent in the grid); roles (384 threads, three warpgroups), one device function each:
 //   load_role (WG0): q and d_out of the tile by TMA (one thread), then every block of 64
 //     selected rows into the one kv stage (prefill_sparse_gather.cuh), with the block's kv row
 //     numbers and attending mask beside it (double-buffered: the math warpgroups still add
@@ -92,7 +91,7 @@ __device__ __forceinline__ void load_role(const BackwardArgs& args, SharedStorag
   }
   // One stage; the row numbers and the mask alternate with the block's parity.
   gather_token_blocks<kHeadDimQK, 1>(
-      p.indices + token * p.topk, counted, blocks, static_cast<const uint8_t*>(p.kv), p.s_kv,
+      p.indices + token * p.topk, counted, blocks, 0, static_cast<const uint8_t*>(p.kv), p.s_kv,
       smem_address(smem.kv), 0, &smem.kv_full, &smem.kv_empty, warp, lane,
       [&](int blk, int, const BlockSlots& slots, uint32_t attending) {
         if (lane % kRowThreads != 0) return;
@@ -106,6 +105,7 @@ __device__ __forceinline__ void load_role(const BackwardArgs& args, SharedStorag
         if (lane == 0) smem.attending[parity][warp] = static_cast<uint16_t>(attending);
         mbarrier_arrive(&smem.kv_full);  // releases the stores above
       });
+  cp_async_wait_all();
 }
 
 // ---- Math warpgroups ------------------------------------------------------------------------
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  const auto [token, head_tile] = cta_work(args.head_tiles);
+  const auto [token, head_tile] = work_item(blockIdx.x, args.head_tiles);
   const int counted = counted_slots(args.params.topk_length, args.params.topk, token);
   const int blocks = (counted + kBlockSlots - 1) / kBlockSlots;
 
@@ -399,8 +399,8 @@ cudaError_t launch_backward_typed(const BackwardArgs& args, cudaStream_t stream)
   const cudaError_t setup = prepare_register_split_kernel<kKernel>(backward::kLaunchRegisters,
                                                                   backward::kSmemBytes);
   if (setup != cudaSuccess) return setup;
-  const LaunchShape shape{token_major_grid(args.params.s_q, args.head_tiles),
-                          dim3(backward::kThreads), backward::kSmemBytes};
+  const dim3 grid(static_cast<unsigned>(work_items(args.params.s_q, args.head_tiles)));
+  const LaunchShape shape{grid, dim3(backward::kThreads), backward::kSmemBytes};
   return launch_kernel(kKernel, shape, stream, args);
 }
 

@@ -92,33 +92,35 @@ __device__ __forceinline__ void load_head_tile(uint8_t* dst, const CUtensorMap* 
   }
 }
 
-// The loader warpgroup's walk over a token's `blocks` blocks: block blk goes into stage
-// blk % kStages (stage s at stage0 + s * stage_bytes, barriers kv_full[s] and kv_empty[s])
-// once the math warpgroups have freed it; each thread arrives on kv_full once its
+// The loader warpgroup's walk over a token's `blocks` blocks, the CTA's blocks `first` onwards
+// (a persistent CTA counts on from its earlier tokens' blocks): block blk goes into stage
+// n % kStages, n = first + blk (stage s at stage0 + s * stage_bytes, barriers kv_full[s] and
+// kv_empty[s]) once the math warpgroups have freed it; each thread arrives on kv_full once its
 // copies land, and `publish(blk, stage, slots, attending)` stores what the math warpgroups need
 // beside the rows (the mask, row numbers), then arrives on kv_full from the threads that
-// stored. Slot indices are read a block ahead. Returns once no copy of this thread is in
-// flight.
+// stored. Slot indices are read a block ahead. Copies may still be in flight on return (the
+// caller waits for them before it exits).
 template <int kHeadDimQK, int kStages, class Publish>
 __device__ __forceinline__ void gather_token_blocks(const int32_t* token_indices, int counted,
-                                                    int blocks, const uint8_t* kv,
+                                                    int blocks, uint32_t first,
+                                                    const uint8_t* kv,
                                                     int64_t s_kv, uint32_t stage0,
                                                     uint32_t stage_bytes, uint64_t* kv_full,
                                                     uint64_t* kv_empty, int warp, int lane,
                                                     Publish publish) {
   BlockSlots slots = block_slots(token_indices, counted, 0, warp, lane);
   for (int blk = 0; blk < blocks; ++blk) {
-    const int stage = blk % kStages;
+    const uint32_t n = first + blk;
+    const int stage = n % kStages;
     BlockSlots next = slots;
     if (blk + 1 < blocks) next = block_slots(token_indices, counted, blk + 1, warp, lane);
-    mbarrier_wait(&kv_empty[stage], (blk / kStages % 2) ^ 1);
+    mbarrier_wait(&kv_empty[stage], (n / kStages % 2) ^ 1);
     const uint32_t attending =
         gather_block<kHeadDimQK>(kv, s_kv, slots, stage0 + stage * stage_bytes, warp, lane);
     cp_async_arrive(&kv_full[stage]);
     publish(blk, stage, slots, attending);
     slots = next;
   }
-  cp_async_wait_all();
 }
 
 }  // namespace jfm::sm90::prefill_sparse
