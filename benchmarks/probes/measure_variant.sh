@@ -7,14 +7,15 @@
 #
 #   PATCHES="benchmarks/probes/variants/sparse_rolling_loader.patch" JFM_PEERS=.peers \
 #       bash benchmarks/probes/measure_variant.sh decode V32,128,16,2048 V32,64,128,2048
-#   PATCHES="benchmarks/probes/variants/VARIANT.patch" JFM_PEERS=.peers \
-#       bash benchmarks/probes/measure_variant.sh prefill 576,128,2048,8192 512,64,512,8192
+#   PATCHES="benchmarks/probes/variants/backward_tile_pairs.patch" \
+#       bash benchmarks/probes/measure_variant.sh prefill-backward 512,128,1024,8192
 #
-# OP: decode (decode_sparse_check, bench_decode_sparse.py, CONFIGS as LAYOUT,B,H_Q,TOPK) or
-# prefill (prefill_sparse_check, bench_prefill_sparse.py forward only, D_QK,H_Q,TOPK,S_KV).
+# OP: decode (decode_sparse_check, bench_decode_sparse.py, CONFIGS as LAYOUT,B,H_Q,TOPK),
+# prefill (prefill_sparse_check, bench_prefill_sparse.py forward only, D_QK,H_Q,TOPK,S_KV) or
+# prefill-backward (the same check, the backward's benchmark and quick gradient tests, ~3 min).
 # PATCHES: patches against csrc/ (paths a/kernels/...), applied in order to the working tree
 # and taken back out at the end; empty measures the tree as it is. QUICK=0 skips the quick
-# tests (100-150 s on an H100; the prefill's gradient tests are not among them). Logs go to
+# tests (100-150 s on an H100 for decode, ~25 s for prefill, ~3 min for its gradient). Logs go to
 # ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}. Exit status non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,7 +30,10 @@ case "${1:-}" in
   prefill)
     check=prefill_sparse_check bench=(benchmarks/bench_prefill_sparse.py --directions fwd)
     quick=(tests/test_gpu_prefill_sparse.py) ;;
-  *) echo "usage: [PATCHES=...] $0 decode|prefill CONFIG..."; exit 2 ;;
+  prefill-backward)
+    check=prefill_sparse_check bench=(benchmarks/bench_prefill_sparse.py --directions bwd)
+    quick=(tests/test_gpu_prefill_sparse_grad.py) ;;
+  *) echo "usage: [PATCHES=...] $0 decode|prefill|prefill-backward CONFIG..."; exit 2 ;;
 esac
 shift
 status=0
