@@ -14,9 +14,11 @@
 # prefill (prefill_sparse_check, bench_prefill_sparse.py forward only, D_QK,H_Q,TOPK,S_KV) or
 # prefill-backward (the same check, the backward's benchmark and quick gradient tests, ~3 min).
 # PATCHES: patches against csrc/ (paths a/kernels/...), applied in order to the working tree
-# and taken back out at the end; empty measures the tree as it is. QUICK=0 skips the quick
-# tests (100-150 s on an H100 for decode, ~25 s for prefill, ~3 min for its gradient). Logs go to
-# ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}. Exit status non-zero if a step failed.
+# and taken back out at the end; empty measures the tree as it is. BASELINE=1 first times the
+# CONFIGS on the tree without them (into the same log), for ratios within one call. QUICK=0
+# skips the quick tests (100-150 s on an H100 for decode, ~25 s for prefill, ~3 min for its
+# gradient). Logs go to ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}. Exit status non-zero if a step
+# failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 logs=${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}
@@ -40,6 +42,31 @@ status=0
 t0=$SECONDS
 elapsed() { echo "== $1: $((SECONDS - t0)) s"; }
 
+install_package() {  # the package from the tree as it is now
+  CMAKE_BUILD_PARALLEL_LEVEL=16 "$py" -m pip install -q --no-build-isolation --no-deps . \
+    > "$logs/build.log" 2>&1 || { tail -30 "$logs/build.log"; exit 1; }
+}
+only=()
+for config in "$@"; do only+=(--only "$config"); done
+bench_configs() {  # bench_configs LABEL [--json FILE]: times CONFIGS, appends to variant_bench.txt
+  [ ${#only[@]} -gt 0 ] || return 0
+  echo "# $1" >> "$logs/variant_bench.txt"
+  timeout 300 "$py" -P "${bench[@]}" "${only[@]}" --runs 5 "${@:2}" \
+    >> "$logs/variant_bench.txt" 2>&1 || status=1
+  grep -v Warning "$logs/variant_bench.txt" | tail -$((${#only[@]} + 2))
+  elapsed "bench ($1)"
+}
+
+"$py" -m pip install -q --no-index --no-deps .whl/*.whl 2> /dev/null || true  # CUTLASS wheel
+peers=${JFM_PEERS:-../shared/peers}/setup_peers.sh
+# shellcheck disable=SC1090
+[ -f "$peers" ] && source "$peers" > "$logs/peers.log" 2>&1
+: > "$logs/variant_bench.txt"
+if [ "${BASELINE:-0}" != 0 ]; then
+  install_package
+  bench_configs "the tree without PATCHES"
+fi
+
 applied=()
 unapply() {
   local i
@@ -60,22 +87,9 @@ command -v ninja > /dev/null && generator=(-G Ninja)
     cmake --build build/cpp -j 16 --target "$check" >> "$logs/cpp_build.log" 2>&1
 } &
 cpp_build=$!
-"$py" -m pip install -q --no-index --no-deps .whl/*.whl 2> /dev/null || true  # CUTLASS wheel
-CMAKE_BUILD_PARALLEL_LEVEL=16 "$py" -m pip install -q --no-build-isolation --no-deps . \
-  > "$logs/build.log" 2>&1 || { tail -30 "$logs/build.log"; exit 1; }
+install_package
 elapsed build
-
-peers=${JFM_PEERS:-../shared/peers}/setup_peers.sh
-# shellcheck disable=SC1090
-[ -f "$peers" ] && source "$peers" > "$logs/peers.log" 2>&1
-only=()
-for config in "$@"; do only+=(--only "$config"); done
-if [ ${#only[@]} -gt 0 ]; then
-  timeout 300 "$py" -P "${bench[@]}" "${only[@]}" --runs 5 \
-    --json "$logs/variant_bench.json" > "$logs/variant_bench.txt" 2>&1 || status=1
-  grep -v Warning "$logs/variant_bench.txt" | tail -$((${#only[@]} + 2))
-  elapsed bench
-fi
+bench_configs "PATCHES: ${PATCHES:-none}" --json "$logs/variant_bench.json"
 
 wait "$cpp_build" || { tail -20 "$logs/cpp_build.log"; exit 1; }
 timeout -k 10 120 "build/cpp/$check" > "$logs/$check.txt" 2>&1 || status=1
