@@ -100,8 +100,8 @@ def flash_mla_with_kvcache(
       causal: static bool, bottom-right causal mask over the s_q queries (dense mode only).
       is_fp8_kvcache: static bool, the cache is FP8 (required in sparse mode; in dense mode
         the sparse kernel reads a V32 or E4M3 cache over each query's positions, once per KV
-        head of an E4M3 cache, with several of them only when implementation="cuda" for now;
-        the kernel path makes its own schedule, so a given one is checked but not used).
+        head of an E4M3 cache; the kernel path makes its own schedule, so a given one is
+        checked but not used).
       fp8_layout: static str or None, with is_fp8_kvcache: "V32", "MODEL1" or "E4M3"; None
         takes it from the cache's last dim (656: V32, 584: MODEL1, 576: E4M3).
       k_scale: float32 [], [1] or [h_kv]: the scale of an "E4M3" cache (one for the cache or

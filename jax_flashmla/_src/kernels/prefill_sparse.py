@@ -71,7 +71,8 @@ def launch_limit_error(*, s_q: int, h_q: int, topk: int) -> str:
         ),
         (
             s_q * head_tiles <= INT32_MAX,
-            f"s_q * ceil(h_q / {QUERY_TILE_ROWS}) (one CTA each, grid x) must be <= 2**31 - 1; "
+            f"s_q * ceil(h_q / {QUERY_TILE_ROWS}) (the kernels' work items: a query token and "
+            f"{QUERY_TILE_ROWS} of its heads each) must be <= 2**31 - 1; "
             f"got {s_q * head_tiles} for s_q {s_q}, h_q {h_q}",
         ),
     )

@@ -25,9 +25,9 @@ const char* shape_error(int64_t s_q, int64_t s_kv, int64_t h_q, int64_t d_qk, in
     return "topk must be a positive multiple of 64 and <= 2^31 - 1";
   }
   if (indices == nullptr) return "indices are missing";
-  // The grid's x dimension holds every (token, head tile); the TMA coordinates are int32.
+  // The work items (token, head tile) are the backward's grid x; the TMA coordinates are int32.
   if (s_q > INT_MAX || h_q > INT_MAX || s_q * head_tiles(h_q) > INT_MAX) {
-    return "s_q * ceil(h_q / 64) must be <= 2^31 - 1 (grid x)";
+    return "s_q * ceil(h_q / 64) (work items) must be <= 2^31 - 1";
   }
   if (s_kv > 0 && kv == nullptr) return "kv is missing";
   if (!std::isfinite(softmax_scale)) return "softmax_scale must be finite";

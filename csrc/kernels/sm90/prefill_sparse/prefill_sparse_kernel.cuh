@@ -131,8 +131,8 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
 // writes max_logits and lse.
 __device__ __forceinline__ void finish_token(const KernelArgs& args, SharedStorage& smem,
                                              int parity, int64_t token, int head_tile,
-                                             bool score_wg,
-                                             const AccumulatorRows& t, SoftmaxRows& rows,
+                                             bool score_wg, const AccumulatorRows& t,
+                                             SoftmaxRows& rows,
                                              const float (&logit_max)[2],
                                              const float (&o)[kAccumulators]) {
   const SparsePrefillParams& p = args.params;
