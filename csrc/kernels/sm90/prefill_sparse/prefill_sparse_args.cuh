@@ -27,6 +27,7 @@ struct BackwardArgs {
   float scale_log2;    // softmax_scale * log2(e)
   int32_t q_box_rows;  // min(h_q, 64): rows one TMA box of q or d_out brings
   int32_t head_tiles;  // ceil(h_q / 64)
+  int32_t pair_tiles;  // 1: head tiles 2j and 2j + 1 of a token share a 2-CTA cluster
 };
 
 // The work items of both directions: one per (query token, head tile), numbered with the head

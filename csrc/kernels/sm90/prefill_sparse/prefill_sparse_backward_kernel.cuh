@@ -16,6 +16,8 @@
 //   with atomic additions (add_dkv_chunk; float32 vectors, or 64-bit fixed point for a
 //   bitwise repeatable dkv, which the launcher then turns into float32): WG1 chunks 0-3, WG2
 //   chunks 4-7 and the RoPE chunk. finish_dq writes dq.
+// At d_qk 512 with an even number of head tiles, the two tiles of a token run as a 2-CTA
+// cluster that sums its dkv partials in shared memory before the atomics (DkvExchange).
 // P and dS pass through shared memory as 64 x 64 bf16 tiles (heads x slots): read back with
 // ldmatrix as wgmma A fragments for dq, and transposed by wgmma (MN-major A) for dkv.
 #pragma once
@@ -64,7 +66,9 @@ struct alignas(1024) SharedStorage {
   uint16_t attending[2][4];      // per block parity and loader warp: bit t = its slot t selects
   uint64_t kv_full;
   uint64_t kv_empty;
-  uint64_t inputs_full;  // q and d_out
+  uint64_t inputs_full;       // q and d_out
+  uint64_t exchange_full[2];  // per math warpgroup: the partner's partial landed (DkvExchange)
+  uint64_t exchange_empty[2];  // per math warpgroup: the partner has read what this CTA sent
 };
 
 // Arrivals that complete a block: every loader thread's copies, then the 16 threads that store
@@ -166,6 +170,62 @@ __device__ __forceinline__ void issue_rope_dq(const uint32_t (&ds)[16], const ui
   }
 }
 
+// The dkv exchange of a head-tile pair (d_qk 512, an even number of head tiles): the two CTAs of
+// a 2-CTA cluster hold two head tiles of one token, so their dkv partials cover the same rows.
+// Per chunk, the warps of the slots this CTA keeps (warps 0-1 of each math warpgroup in rank 0,
+// warps 2-3 in rank 1) add the partner's partial of the same slots, which the partner's warps of
+// the same index send by st.async into this warpgroup's exchange buffer (the q and kv chunks
+// that d_qk 512 leaves unused: 8 KB each), and issue the atomics; the other warps send. One
+// atomic per dkv value and pair instead of one per head tile.
+struct DkvExchange {
+  bool active;
+  uint32_t rank;       // in the cluster
+  int wg;              // math warpgroup: 0 (WG1) or 1 (WG2)
+  uint32_t exchanges;  // so far: the barriers' phase
+};
+
+__device__ __forceinline__ DkvExchange dkv_exchange(bool active, int wg) {
+  return {active, active ? cluster_rank() : 0u, wg, 0u};
+}
+
+// One chunk's exchange (acc: this warpgroup's 64 slots x 64 dims). Returns whether this thread
+// keeps its slots (acc then holds the pair's sum).
+__device__ __forceinline__ bool exchange_dkv_chunk(const SharedStorage& smem, float (&acc)[32],
+                                                   DkvExchange& x, int lane) {
+  const int warp = threadIdx.x / 32 % 4;
+  const uint32_t phase = x.exchanges++ % 2;
+  const int unit = (warp % 2) * 32 + lane;  // 8 units of 16 bytes per thread, 64 threads apart
+  const uint8_t* buffer = (x.wg == 0 ? smem.q : smem.kv) + kVChunks * kChunkBytes;
+  uint64_t* full = const_cast<uint64_t*>(&smem.exchange_full[x.wg]);
+  uint64_t* empty = const_cast<uint64_t*>(&smem.exchange_empty[x.wg]);
+  if (static_cast<uint32_t>(warp / 2) == x.rank) {
+    if (warp % 2 == 0 && lane == 0) mbarrier_arrive_expect_tx(full, kChunkBytes);
+    mbarrier_wait(full, phase);
+    const float4* in = reinterpret_cast<const float4*>(buffer);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float4 v = in[i * 64 + unit];
+      acc[4 * i] += v.x;
+      acc[4 * i + 1] += v.y;
+      acc[4 * i + 2] += v.z;
+      acc[4 * i + 3] += v.w;
+    }
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive_cluster(cluster_peer_address(smem_address(empty), x.rank ^ 1));
+    return true;
+  }
+  mbarrier_wait(empty, phase ^ 1);
+  const uint32_t partner_buffer = cluster_peer_address(smem_address(buffer), x.rank ^ 1);
+  const uint32_t partner_full = cluster_peer_address(smem_address(full), x.rank ^ 1);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint4 v = make_uint4(__float_as_uint(acc[4 * i]), __float_as_uint(acc[4 * i + 1]),
+                               __float_as_uint(acc[4 * i + 2]), __float_as_uint(acc[4 * i + 3]));
+    store_async_16(partner_buffer + (i * 64 + unit) * 16, v, partner_full);
+  }
+  return false;
+}
+
 // dkv[rows, 64 c : 64 c + 64] += (scale dS)^T Q[:, chunk c] (+ P^T d_out[:, chunk c] when
 // kWithValue), for the block's slots that select a row: accumulators 64 slots x 64 dims, both
 // operands transposed from the [heads x ...] tiles, then one float32 vector atomic addition
@@ -174,7 +234,7 @@ template <bool kWithValue>
 __device__ __forceinline__ void add_dkv_chunk(const SharedStorage& smem, int c,
                                               const int32_t* rows, const AccumulatorRows& t,
                                               const SparsePrefillBackwardParams& p,
-                                              float fixed_scale) {
+                                              float fixed_scale, DkvExchange& x) {
   float acc[32];
   wgmma_fence();
 #pragma unroll
@@ -195,6 +255,7 @@ __device__ __forceinline__ void add_dkv_chunk(const SharedStorage& smem, int c,
   }
   wgmma_commit();
   wgmma_wait<0>();
+  if (x.active && !exchange_dkv_chunk(smem, acc, x, t.lane)) return;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int32_t row = rows[t.rows[h]];
@@ -237,6 +298,12 @@ __device__ __forceinline__ void finish_dq(const SparsePrefillBackwardParams& p, 
   }
 }
 
+// Whether this launch pairs head tiles in clusters (only d_qk 512 has room for the exchange).
+template <int kHeadDimQK>
+__device__ __forceinline__ bool pairs(const BackwardArgs& args) {
+  return kHeadDimQK == kHeadDimLatent && args.pair_tiles != 0;
+}
+
 // Waits for block `blk` in the stage, makes its rows (cp.async, generic proxy) visible to
 // wgmma (async proxy) and returns its attending mask (bit t: slot t selects a row). A block
 // with no attending slot is freed for the loaders at once: 0 tells the caller to skip it.
@@ -270,6 +337,7 @@ __device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStora
     lse_log2[h] = head < p.h_q ? p.lse[token * p.h_q + head] * kLog2e : INFINITY;
   }
   const float fixed_scale = p.dkv_fixed != nullptr ? *p.fixed_scale : 0.f;
+  DkvExchange x = dkv_exchange(pairs<kHeadDimQK>(args), 0);
   mbarrier_wait(&smem.inputs_full, 0);
   for (int blk = 0; blk < blocks; ++blk) {
     const uint64_t attending = take_block(smem, blk);
@@ -296,7 +364,7 @@ __device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStora
     mbarrier_arrive(&smem.kv_empty);
     const int32_t* rows = smem.rows[blk % 2];
 #pragma unroll 1
-    for (int c = 0; c < 4; ++c) add_dkv_chunk<true>(smem, c, rows, t, p, fixed_scale);
+    for (int c = 0; c < 4; ++c) add_dkv_chunk<true>(smem, c, rows, t, p, fixed_scale, x);
     named_barrier_sync(kBarBlockDone, kConsumerThreads);
   }
   finish_dq<kHalfV>(p, token, head_tile, 0, t, dq);
@@ -321,6 +389,7 @@ __device__ __forceinline__ void value_role(const BackwardArgs& args, SharedStora
   }
   const float scale = p.softmax_scale;
   const float fixed_scale = p.dkv_fixed != nullptr ? *p.fixed_scale : 0.f;
+  DkvExchange x = dkv_exchange(pairs<kHeadDimQK>(args), 1);
   mbarrier_wait(&smem.inputs_full, 0);
   for (int blk = 0; blk < blocks; ++blk) {
     if (take_block(smem, blk) == 0) continue;
@@ -342,8 +411,8 @@ __device__ __forceinline__ void value_role(const BackwardArgs& args, SharedStora
     mbarrier_arrive(&smem.kv_empty);
     const int32_t* rows = smem.rows[blk % 2];
 #pragma unroll 1
-    for (int c = 4; c < kVChunks; ++c) add_dkv_chunk<true>(smem, c, rows, t, p, fixed_scale);
-    if constexpr (kRope) add_dkv_chunk<false>(smem, kVChunks, rows, t, p, fixed_scale);
+    for (int c = 4; c < kVChunks; ++c) add_dkv_chunk<true>(smem, c, rows, t, p, fixed_scale, x);
+    if constexpr (kRope) add_dkv_chunk<false>(smem, kVChunks, rows, t, p, fixed_scale, x);
     named_barrier_sync(kBarBlockDone, kConsumerThreads);
   }
   finish_dq<kHalfV>(p, token, head_tile, kHalfV, t, dq);
@@ -363,6 +432,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbarrier_init(&smem.kv_full, kBlockArrivals);
     mbarrier_init(&smem.kv_empty, kConsumerThreads);
     mbarrier_init(&smem.inputs_full, 1);
+    for (int wg = 0; wg < 2; ++wg) {
+      mbarrier_init(&smem.exchange_full[wg], 1);
+      mbarrier_init(&smem.exchange_empty[wg], 2);  // lane 0 of the partner's 2 keeping warps
+    }
     fence_barrier_init();
   }
   if (args.q_box_rows < kQueryTileRows) {
@@ -371,7 +444,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     zero_unloaded_query_rows(smem.q, kQChunks, args.q_box_rows, kThreads);
     zero_unloaded_query_rows(smem.d_out, kVChunks, args.q_box_rows, kThreads);
   }
-  __syncthreads();
+  // With pairs, the partner's barriers must be initialised before the first exchange.
+  if (pairs<kHeadDimQK>(args)) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
 
   if (threadIdx.x < kLoaderThreads) {
     registers_decrease<kLoaderRegisters>();
@@ -383,6 +461,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     registers_increase<kValueRegisters>();
     value_role<kHeadDimQK>(args, smem, token, head_tile, blocks);
   }
+  // The partner may still arrive on this CTA's barriers (or write its buffers) until it is done.
+  if (pairs<kHeadDimQK>(args)) cluster_sync();
 }
 
 constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage)) + 1024;  // + alignment slack
@@ -400,7 +480,8 @@ cudaError_t launch_backward_typed(const BackwardArgs& args, cudaStream_t stream)
                                                                   backward::kSmemBytes);
   if (setup != cudaSuccess) return setup;
   const dim3 grid(static_cast<unsigned>(work_items(args.params.s_q, args.head_tiles)));
-  const LaunchShape shape{grid, dim3(backward::kThreads), backward::kSmemBytes};
+  const LaunchShape shape{grid, dim3(backward::kThreads), backward::kSmemBytes,
+                          dim3(args.pair_tiles != 0 ? 2 : 1, 1, 1)};
   return launch_kernel(kKernel, shape, stream, args);
 }
 
