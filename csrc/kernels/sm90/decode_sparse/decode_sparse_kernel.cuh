@@ -229,17 +229,19 @@ __device__ __forceinline__ __nv_bfloat16 e8m0_to_bf16(uint32_t e) {
 
 // ---- Global loads ---------------------------------------------------------------------------
 
-// The caches are read-only for the kernel's lifetime: non-coherent loads, not kept in L1.
+// The caches are read-only for the kernel's lifetime: non-coherent loads. Each asks L2 for the
+// token's next 256 bytes too and keeps its line in L1 (evict_last): the 64-row kernel is 7-11%
+// faster so than with loads that bypass L1 and fetch 32-byte sectors (performance log).
 __device__ __forceinline__ uint4 load_16(const uint8_t* address) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm volatile("ld.global.nc.L1::evict_last.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(address));
   return v;
 }
 __device__ __forceinline__ uint2 load_8(const uint8_t* address) {
   uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
+  asm volatile("ld.global.nc.L1::evict_last.L2::256B.v2.u32 {%0, %1}, [%2];"
                : "=r"(v.x), "=r"(v.y)
                : "l"(address));
   return v;

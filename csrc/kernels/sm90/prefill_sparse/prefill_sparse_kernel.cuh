@@ -149,8 +149,8 @@ __device__ __forceinline__ void finish_token(const KernelArgs& args, SharedStora
       factor *= 1.f / (1.f + expf(p.attn_sink[head] - lse));
     }
     const int64_t row_index = token * p.h_q + head;
-    store_output_row(static_cast<Element*>(p.out) + row_index * kHeadDimV + col0 + t.quad_col, o,
-                     h, factor);
+    store_output_row_wide(static_cast<Element*>(p.out) + row_index * kHeadDimV + col0, o, h,
+                          factor, t.lane);
     if (score_wg && t.lane % 4 == 0) {
       p.lse[row_index] = lonely ? INFINITY : lse;
       p.max_logits[row_index] = logit_max[h] * kLn2;
