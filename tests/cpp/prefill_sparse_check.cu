@@ -83,6 +83,9 @@ std::vector<Case> all_cases() {
       {"d512-sq8-h8-topk128-skv500-dup", 512, 8, 8, 500, 128, false, false, true},
       {"d512-sq9-h48-topk576-skv1500-lengths", 512, 9, 48, 1500, 576, true},
       {"d512-sq2-h96-topk2048-skv2500-lengths-sink", 512, 2, 96, 2500, 2048, true, true},
+      // Backward: two full head tiles paired in a cluster, slots repeating their neighbours and
+      // s_kv < topk, so a pair adds to one dkv row several times per block.
+      {"d512-sq5-h128-topk256-skv150-dup", 512, 5, 128, 150, 256, false, false, true},
       // softmax_scale ~11, logits with sd ~2.6: the running max moves, rescaling matters.
       {"d512-sq4-h64-topk128-skv700-bigscale-sink", 512, 4, 64, 700, 128, false, true, false,
        false, 256.f},
