@@ -298,10 +298,11 @@ __device__ __forceinline__ void finish_dq(const SparsePrefillBackwardParams& p, 
   }
 }
 
-// Whether this launch pairs head tiles in clusters (only d_qk 512 has room for the exchange).
+// Whether this launch pairs head tiles in clusters (pairs_fit: known at compile time, so that
+// d_qk 576 carries no exchange code).
 template <int kHeadDimQK>
 __device__ __forceinline__ bool pairs(const BackwardArgs& args) {
-  return kHeadDimQK == kHeadDimLatent && args.pair_tiles != 0;
+  return pairs_fit(kHeadDimQK) && args.pair_tiles != 0;
 }
 
 // Waits for block `blk` in the stage, makes its rows (cp.async, generic proxy) visible to
