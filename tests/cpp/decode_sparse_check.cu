@@ -8,8 +8,9 @@
 // fields 0-9 (zero and subnormals included) and power-of-two scales (V32: float32; MODEL1:
 // e8m0), so that the dequantised value, e4m3 * scale, is exact in float64 and in bfloat16; RoPE
 // values N(0, 1) / 10 in bfloat16; q likewise. E4M3 has every dim an e4m3 value and one scale
-// for the case, not a power of two (the kernel applies it in float32, exactly). Indices select tokens of the cache at random, with -1,
-// num_blocks * page, 2^31 - 1 and -2^31 mixed in, duplicates in some cases; topk_length and
+// for the case, not a power of two (the kernel applies it in float32, exactly). Indices select
+// tokens of the cache at random, with -1, num_blocks * page, 2^31 - 1 and -2^31 mixed in,
+// duplicates in some cases, runs of 16 consecutive tokens in others; topk_length and
 // extra_topk_length (clamped, 0 and past topk included) where a case has them. Every byte of
 // every token that no counted valid slot selects is 0xFF (NaN as e4m3, as a float32 scale
 // and as bfloat16 RoPE). out, lse and the partial buffers are filled with NaN before every
@@ -69,6 +70,7 @@ struct Case {
   bool sink = false;
   bool duplicates = false;
   float scale_mul = 1.f;  // softmax_scale = scale_mul / sqrt(d_qk)
+  bool runs = false;      // slots in runs of 16 consecutive tokens, as a dense page gives
 };
 
 // The scale of the E4M3 caches of every case (not a power of two).
@@ -108,6 +110,11 @@ std::vector<Case> all_cases() {
        {3, 64, 20, true}, true},
       {"e4m3-b3-sq1-h8-topk128-page53-extra-dup", e4m3, 3, 1, 8, {53, 128, 12, false},
        {1, 64, 150, true}, false, true},
+      // Runs of consecutive tokens (one bulk copy per run in the narrow kernel's V32 fetch).
+      {"v32-b3-sq2-h16-topk256-page64-lengths-runs", v32, 3, 2, 16, {64, 256, 20, true}, none,
+       true, false, 1.f, true},
+      {"e4m3-b2-sq1-h32-topk128-page16-runs", e4m3, 2, 1, 32, {16, 128, 40, false}, none, false,
+       false, 1.f, true},
   };
 }
 
@@ -216,6 +223,18 @@ SourceData make_source(const Case& c, const Source& src, std::mt19937& rng) {
         const int r = kind(rng);
         slots[k] = r < 2 ? bad[r + (k % 2) * 2] : static_cast<int32_t>(token(rng));
         if (c.duplicates && k > 0 && r == 19) slots[k] = slots[k - 1];
+      }
+      // By groups of 16 slots: random (as above), a run from a random token, a run that ends
+      // at the cache's last token, a run broken by an invalid index.
+      for (int k0 = 0; c.runs && k0 + 16 <= src.topk; k0 += 16) {
+        const int mode = (k0 / 16 + i + q) % 4;
+        if (mode == 0) continue;
+        const int64_t first =
+            mode == 2 ? out.cache.tokens - 16 : token(rng) % (out.cache.tokens - 15);
+        for (int k = 0; k < 16; ++k) slots[k0 + k] = static_cast<int32_t>(first + k);
+        if (mode == 3) slots[k0 + 5] = bad[k0 / 16 % 4];
+      }
+      for (int k = 0; k < src.topk; ++k) {
         if (k < out.counted[i] && slots[k] >= 0 && slots[k] < out.cache.tokens) used[slots[k]] = 1;
       }
     }
