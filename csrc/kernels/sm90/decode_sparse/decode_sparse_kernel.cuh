@@ -46,6 +46,8 @@ constexpr int kThreads = 384;
 constexpr int kLoaderThreads = 128;
 // Named barrier of the staged loaders (the math warpgroups use 1-3, mla_tile.cuh).
 constexpr uint32_t kBarRawConverted = 4;
+// The staged loaders' warps each fetch a quarter of every block into the raw ring.
+constexpr int kFetchSlots = kBlockSlots / (kLoaderThreads / 32);
 // Each selected token is gathered by 4 loader threads, thread j taking the 16-byte columns j,
 // j + 4, j + 8, ... of its bytes (4 threads read 64 contiguous bytes per load); a pass covers
 // 32 slots and a block two passes, whose loads are all in flight at once.
@@ -160,8 +162,10 @@ struct alignas(1024) SharedStorage : RawRing<G::kRawStages * G::kRawStageBytes> 
   uint64_t kv_empty[G::kKvStages];
   uint64_t q_full;
   uint64_t q_empty;
-  uint64_t raw_full[2];      // narrow: a raw stage's copies have landed
-  uint64_t raw_selected[2];  // narrow: bit t = slot t of the raw stage selects a token
+  uint64_t raw_full[2];  // narrow: a raw stage's copies have landed
+  // Narrow: bit t of word w = slot kFetchSlots w + t of the raw stage selects a token (one word
+  // per loader warp).
+  uint16_t raw_selected[2][kLoaderThreads / 32];
   // Word g of a stage: bit t = slot 8 g + t selects a token (bits 8-31 repeat bits 0-7; one
   // word per loader warp and pass, so that a CTA of a pair can send its words to the other
   // with 4-byte stores).
@@ -561,35 +565,34 @@ struct BlockCursor {
   __device__ BlockSlots slots() const { return block_slots(args.params, w, req, token, blk); }
 };
 
-// Warp 0's share of a raw stage: lane l copies the tokens of slots l and l + 32 (16-byte
-// aligned and a 16-byte multiple long, so one bulk copy each), lane 0 first announcing the
-// bytes on the stage's barrier and recording which slots select a token.
+// Each loader warp's share of a raw stage: its kFetchSlots slots, lane l < kFetchSlots copying
+// the token of slot kFetchSlots * warp + l (16-byte aligned and a 16-byte multiple long, so one
+// bulk copy each; the copies a warp issues go out one at a time, so all four warps issue). Lane
+// 0 first announces the warp's bytes on the stage's barrier and records which slots select a
+// token. Where a token's place in the stage is its size (V32), a run of consecutive tokens
+// (the warp's slots over one page of a dense cache) goes in one copy.
 template <class G>
 __device__ __forceinline__ void fetch_block(SharedStorage<G>& smem, const SparseKeySource& source,
-                                            const int32_t (&index)[2], int raw_stage, int lane) {
+                                            int32_t index, int raw_stage, int warp, int lane) {
   const int64_t num_tokens = source.num_blocks * source.page;
-  bool selects[2];
-  uint32_t ballot[2];
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    selects[k] = index[k] >= 0 && index[k] < num_tokens;
-    ballot[k] = __ballot_sync(0xffffffffu, selects[k]);
-  }
+  const bool selects = lane < kFetchSlots && index >= 0 && index < num_tokens;
+  const uint32_t ballot = __ballot_sync(0xffffffffu, selects);
+  const int32_t first = __shfl_sync(0xffffffffu, index, 0);
+  const bool in_run = lane >= kFetchSlots || int64_t{index} == int64_t{first} + lane;
+  const bool one_run = G::kRawTokenStride == G::kTokenBytes &&
+                       ballot == (1u << kFetchSlots) - 1 && __all_sync(0xffffffffu, in_run);
   if (lane == 0) {
-    smem.raw_selected[raw_stage] = ballot[0] | static_cast<uint64_t>(ballot[1]) << 32;
-    mbarrier_arrive_expect_tx(&smem.raw_full[raw_stage],
-                              (__popc(ballot[0]) + __popc(ballot[1])) * G::kTokenBytes);
+    smem.raw_selected[raw_stage][warp] = static_cast<uint16_t>(ballot);
+    mbarrier_arrive_expect_tx(&smem.raw_full[raw_stage], __popc(ballot) * G::kTokenBytes);
   }
   __syncwarp();  // the bytes are announced before any copy can complete
-  const uint32_t stage = smem_address(smem.raw) + raw_stage * G::kRawStageBytes;
-  const uint8_t* cache = static_cast<const uint8_t*>(source.cache);
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    if (selects[k]) {
-      bulk_copy_to_shared(stage + (lane + 32 * k) * G::kRawTokenStride,
-                          cache + int64_t{index[k]} * G::kTokenBytes, G::kTokenBytes,
-                          &smem.raw_full[raw_stage]);
-    }
+  const uint32_t place = smem_address(smem.raw) + raw_stage * G::kRawStageBytes +
+                         (warp * kFetchSlots + lane) * G::kRawTokenStride;
+  const uint8_t* token =
+      static_cast<const uint8_t*>(source.cache) + int64_t{index} * G::kTokenBytes;
+  if (one_run ? lane == 0 : selects) {
+    bulk_copy_to_shared(place, token, (one_run ? kFetchSlots : 1) * G::kTokenBytes,
+                        &smem.raw_full[raw_stage]);
   }
 }
 
@@ -610,18 +613,31 @@ __device__ __forceinline__ void convert_block(SharedStorage<G>& smem, int raw_st
                        row * G::kRawTokenStride;
   const uint32_t dst = smem_address(smem.kv[0]) + row * 128;
   const int swizzle = row % 8;
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  uint4 scales = zero;
-  if constexpr (kLayout == Fp8Layout::kV32) {
-    if (selects) scales = load_shared_16(src + kHeadDimLatent);
+  // Every load of the thread's share first, so that they are in flight together (loads
+  // and uses interleaved piece by piece waited out one load's latency each).
+  constexpr int kPieces = L::kE4m3Pieces / 2;
+  constexpr int kRopeUnits = L::kBf16Rope ? 4 : 0;
+  uint4 raw[kPieces + kRopeUnits];
+#pragma unroll
+  for (int i = 0; i < kPieces + kRopeUnits; ++i) raw[i] = make_uint4(0, 0, 0, 0);
+  uint4 scales = make_uint4(0, 0, 0, 0);
+  if (selects) {
+    if constexpr (kLayout == Fp8Layout::kV32) scales = load_shared_16(src + kHeadDimLatent);
+#pragma unroll
+    for (int i = 0; i < kPieces; ++i) raw[i] = load_shared_16(src + (first + 2 * i) * 16);
+    if constexpr (L::kBf16Rope) {
+#pragma unroll
+      for (int i = 0; i < kRopeUnits; ++i) {
+        raw[kPieces + i] = load_shared_16(src + L::kRopeOffset + (first + 2 * i) * 16);
+      }
+    }
   }
 #pragma unroll
-  for (int i = 0; i < L::kE4m3Pieces / 2; ++i) {
+  for (int i = 0; i < kPieces; ++i) {
     const int piece = first + 2 * i;
-    const uint4 raw = selects ? load_shared_16(src + piece * 16) : zero;
     uint4 lo, hi;
     // Pieces 2 i and 2 i + 1 share their scale (one per 8 pieces): a constant index.
-    dequantize_piece<L::kScaledPieces>(raw, piece_scale<kLayout>(scales, 2 * i), lo, hi);
+    dequantize_piece<L::kScaledPieces>(raw[i], piece_scale<kLayout>(scales, 2 * i), lo, hi);
     const uint32_t row_of_chunk = dst + (piece / 4) * kChunkBytes;
     const int unit = (piece % 4) * 2;
     store_shared_16(row_of_chunk + ((unit ^ swizzle) << 4), lo);
@@ -629,10 +645,10 @@ __device__ __forceinline__ void convert_block(SharedStorage<G>& smem, int raw_st
   }
   if constexpr (L::kBf16Rope) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < kRopeUnits; ++i) {
       const int unit = first + 2 * i;
-      const uint4 rope = selects ? load_shared_16(src + L::kRopeOffset + unit * 16) : zero;
-      store_shared_16(dst + L::kRopeChunk * kChunkBytes + ((unit ^ swizzle) << 4), rope);
+      store_shared_16(dst + L::kRopeChunk * kChunkBytes + ((unit ^ swizzle) << 4),
+                      raw[kPieces + i]);
     }
   }
   if (tid < kBlockSlots / 8) {
@@ -641,37 +657,33 @@ __device__ __forceinline__ void convert_block(SharedStorage<G>& smem, int raw_st
 }
 
 // WG0 of the staged kernel: for each request with work, the query tile (thread 0, TMA), then
-// its blocks: warp 0 keeps the raw stages two blocks ahead of the conversion (the blocks of
-// the next requests included), the slot indices of the next fetch read a fetch ahead; all 128
-// threads convert each raw stage into the K stage once the math warpgroups have freed it.
+// its blocks: the four warps keep the raw stages two blocks ahead of the conversion (the blocks
+// of the next requests included), each fetching its quarter of a block, the slot indices of
+// the next fetch read a fetch ahead; all 128 threads convert each raw stage into the K stage
+// once the math warpgroups have freed it.
 template <Fp8Layout kLayout, int kNarrowHeads>
 __device__ __forceinline__ void staged_load_role(
     const KernelArgs& args, SharedStorage<Geometry<kLayout, kNarrowHeads>>& smem,
     const MetadataRow& part, int token, int head_tile) {
   using G = Geometry<kLayout, kNarrowHeads>;
-  const int tid = threadIdx.x, lane = tid % 32;
-  const bool fetcher = tid < 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   BlockCursor fetch(args, part, token);
-  int32_t fetch_index[2] = {-1, -1};
+  int32_t fetch_index = -1;
   uint32_t fetched = 0;
-  const auto read_fetch_indices = [&] {
+  const auto read_fetch_index = [&] {
     if (!fetch.valid()) return;
-    const BlockSlots slots = fetch.slots();
-#pragma unroll
-    for (int k = 0; k < 2; ++k) fetch_index[k] = slot_index(slots, lane + 32 * k);
+    fetch_index = lane < kFetchSlots ? slot_index(fetch.slots(), warp * kFetchSlots + lane) : -1;
   };
   const auto fetch_next = [&] {
     if (!fetch.valid()) return;
-    fetch_block<G>(smem, *fetch.slots().source, fetch_index, fetched % G::kRawStages, lane);
+    fetch_block<G>(smem, *fetch.slots().source, fetch_index, fetched % G::kRawStages, warp, lane);
     ++fetched;
     fetch.advance();
-    read_fetch_indices();
+    read_fetch_index();
   };
-  if (fetcher) {
-    if (tid == 0) prefetch_tensor_map(&args.q_map);
-    read_fetch_indices();
-    for (int s = 0; s < G::kRawStages; ++s) fetch_next();
-  }
+  if (tid == 0) prefetch_tensor_map(&args.q_map);
+  read_fetch_index();
+  for (int s = 0; s < G::kRawStages; ++s) fetch_next();
   uint32_t blocks_done = 0;  // raw stage = blocks_done % 2, its phase = blocks_done / 2 % 2
   for (int req = part.begin_req; req <= part.end_req; ++req) {
     const RequestWork w = request_work(args, part, req);
@@ -682,13 +694,17 @@ __device__ __forceinline__ void staged_load_role(
     for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
       const int raw_stage = blocks_done % G::kRawStages;
       mbarrier_wait(&smem.raw_full[raw_stage], blocks_done / G::kRawStages % 2);
-      const uint64_t selected = smem.raw_selected[raw_stage];
+      uint64_t selected = 0;
+#pragma unroll
+      for (int k = 0; k < kLoaderThreads / 32; ++k) {
+        selected |= static_cast<uint64_t>(smem.raw_selected[raw_stage][k]) << (kFetchSlots * k);
+      }
       mbarrier_wait(&smem.kv_empty[0], (blocks_done % 2) ^ 1);
       convert_block<kLayout>(smem, raw_stage, selected, tid);
       fence_proxy_async_smem();  // the stores before the wgmma reads of the stage
       mbarrier_arrive(&smem.kv_full[0]);
       named_barrier_sync(kBarRawConverted, kLoaderThreads);  // the raw stage is read
-      if (fetcher) fetch_next();
+      fetch_next();
     }
   }
 }
@@ -1122,7 +1138,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbarrier_init(&smem.kv_full[s], kLoaderThreads);
       mbarrier_init(&smem.kv_empty[s], kConsumerThreads + (kPaired ? kConsumerThreads / 32 : 0));
     }
-    for (int s = 0; s < G::kRawStages; ++s) mbarrier_init(&smem.raw_full[s], 1);
+    for (int s = 0; s < G::kRawStages; ++s) mbarrier_init(&smem.raw_full[s], kLoaderThreads / 32);
     mbarrier_init(&smem.q_full, 1);
     mbarrier_init(&smem.q_empty, 128);
     fence_barrier_init();
