@@ -1,0 +1,47 @@
+"""Fails on a ptxas report (nvcc -Xptxas -v output, e.g. a build log with
+JAX_FLASHMLA_PTXAS_VERBOSE=ON) in which a kernel spills registers or ptxas serialised its wgmma
+instructions (advisory C7520: the MMAs then run one at a time). Prints the kernels it read.
+
+    python tests/check_ptxas_report.py BUILD_LOG
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
+SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+SERIALISED = re.compile(r"\(C7520\).*in the function '(\w+)'")
+
+
+def problems(report: str) -> tuple[int, list[str]]:
+    """(entries read, one line per problem)."""
+    found = []
+    entries = 0
+    entry = None
+    for line in report.splitlines():
+        if m := ENTRY.search(line):
+            entry = f"{m.group(1)} ({m.group(2)})"
+            entries += 1
+        elif (m := SPILL.search(line)) and (int(m.group(1)) or int(m.group(2))):
+            found.append(f"{entry}: {m.group(0)}")
+        elif m := SERIALISED.search(line):
+            found.append(f"{m.group(1)}: wgmma serialised by ptxas (C7520)")
+    return entries, found
+
+
+def main() -> int:
+    with open(sys.argv[1], encoding="utf-8", errors="replace") as f:
+        entries, found = problems(f.read())
+    if entries == 0:
+        print("check_ptxas_report: no ptxas report in the log (built without -Xptxas -v?)")
+        return 1
+    for line in found:
+        print("check_ptxas_report:", line)
+    print(f"check_ptxas_report: {entries} kernel entries, {len(found)} problems")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
