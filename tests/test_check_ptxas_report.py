@@ -41,3 +41,14 @@ def test_serialised_wgmma():
         "the function '_Z6kernelv'\n"
     )
     assert check.problems(CLEAN + line)[1] == ["_Z6kernelv: wgmma serialised by ptxas (C7520)"]
+
+
+def test_accepted_spill_passes_up_to_its_bound():
+    name = (
+        "_ZN3jfm4sm9014prefill_sparse8backward30sparse_prefill_backward_kernelILi576EEEvNS1_4ArgsE"
+    )
+    report = CLEAN.replace("_Z6kernelv", name)
+    assert check.problems(report.replace("0 bytes spill loads", "24 bytes spill loads"))[1] == []
+    assert (
+        len(check.problems(report.replace("0 bytes spill loads", "32 bytes spill loads"))[1]) == 1
+    )

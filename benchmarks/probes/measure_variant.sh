@@ -7,8 +7,8 @@
 #
 #   PATCHES="benchmarks/probes/variants/sparse_rolling_loader.patch" JFM_PEERS=.peers \
 #       bash benchmarks/probes/measure_variant.sh decode V32,128,16,2048 V32,64,128,2048
-#   PATCHES="benchmarks/probes/variants/backward_pairs_d576.patch" \
-#       bash benchmarks/probes/measure_variant.sh prefill-backward 576,128,2048,8192
+#   PATCHES="benchmarks/probes/variants/prefill_index_prefetch.patch" \
+#       bash benchmarks/probes/measure_variant.sh prefill 512,64,512,8192
 #
 # OP: decode (decode_sparse_check, bench_decode_sparse.py, CONFIGS as LAYOUT,B,H_Q,TOPK),
 # prefill (prefill_sparse_check, bench_prefill_sparse.py forward only, D_QK,H_Q,TOPK,S_KV) or

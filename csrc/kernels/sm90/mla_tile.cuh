@@ -117,8 +117,10 @@ __device__ __forceinline__ int p_offset(const AccumulatorRows& t, int k16) {
 }
 
 // Issues S = Q K^T over kChunks chunks of 64 dims (4 k-steps of 16 each), both operands in
-// shared memory. Asynchronous: S is there after wgmma_wait<0>().
-template <typename Element, int kChunks>
+// shared memory; K's chunks kKvChunkBytes apart (a stage of fewer than 64 rows packs them
+// closer: S's columns past its rows then read the next chunk's first rows). Asynchronous: S is
+// there after wgmma_wait<0>().
+template <typename Element, int kChunks, int kKvChunkBytes = kChunkBytes>
 __device__ __forceinline__ void issue_scores(const uint8_t* q, const uint8_t* kv,
                                              float (&s)[32]) {
   wgmma_fence();
@@ -127,7 +129,7 @@ __device__ __forceinline__ void issue_scores(const uint8_t* q, const uint8_t* kv
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const uint64_t a = smem_desc_sw128(smem_address(q + c * kChunkBytes) + k * 32, 0, 1024);
-      const uint64_t b = smem_desc_sw128(smem_address(kv + c * kChunkBytes) + k * 32, 0, 1024);
+      const uint64_t b = smem_desc_sw128(smem_address(kv + c * kKvChunkBytes) + k * 32, 0, 1024);
       mma_ss<typename ElementTraits<Element>::ScoreMma>(a, b, s, c > 0 || k > 0,
                                                         std::make_index_sequence<32>{});
     }
@@ -244,15 +246,15 @@ __device__ __forceinline__ void receive_p(const uint8_t* p_tile, const float* ro
   for (int k16 = 0; k16 < 4; ++k16) ldmatrix_x4(p_tile + p_offset(t, k16), packed + 4 * k16);
 }
 
-// O[:, half] += P V[:, half]: P from registers, V (256 columns starting at `v`, 4 chunks) from
-// shared memory.
-template <typename Element>
+// O[:, half] += P V[:, half]: P from registers, V (256 columns starting at `v`, 4 chunks
+// kVChunkBytes apart) from shared memory.
+template <typename Element, int kVChunkBytes = kChunkBytes>
 __device__ __forceinline__ void accumulate_pv(const uint32_t (&packed)[16], const uint8_t* v,
                                               float (&o)[kAccumulators]) {
   wgmma_fence();
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const uint64_t b = smem_desc_sw128(smem_address(v) + k * 2048, kChunkBytes, 1024);
+    const uint64_t b = smem_desc_sw128(smem_address(v) + k * 2048, kVChunkBytes, 1024);
     mma_rs<typename ElementTraits<Element>::ValueMmaRS>(packed + 4 * k, b, o,
                                                         std::make_index_sequence<kAccumulators>{});
   }

@@ -30,10 +30,10 @@ struct BackwardArgs {
   int32_t pair_tiles;  // 1: head tiles 2j and 2j + 1 of a token share a 2-CTA cluster
 };
 
-// Whether the backward can pair head tiles at head dim d_qk: the dkv exchange's buffers live in
-// the q and kv chunks that only d_qk 512 leaves unused. The launcher pairs where this holds and
-// the head tiles are even; the kernel compiles the exchange only where it holds.
-__host__ __device__ constexpr bool pairs_fit(int64_t d_qk) { return d_qk == kHeadDimLatent; }
+// Whether the backward can pair head tiles at head dim d_qk: both head dims have their own
+// exchange buffers (d_qk 576 with blocks of 48 slots). The launcher pairs where this holds and
+// the head tiles are even.
+__host__ __device__ constexpr bool pairs_fit(int64_t) { return true; }
 
 // The work items of both directions: one per (query token, head tile), numbered with the head
 // tiles of a token adjacent, so that CTAs working on them at the same time share the token's

@@ -16,8 +16,9 @@
 //   with atomic additions (add_dkv_chunk; float32 vectors, or 64-bit fixed point for a
 //   bitwise repeatable dkv, which the launcher then turns into float32): WG1 chunks 0-3, WG2
 //   chunks 4-7 and the RoPE chunk. finish_dq writes dq.
-// At d_qk 512 with an even number of head tiles, the two tiles of a token run as a 2-CTA
-// cluster that sums its dkv partials in shared memory before the atomics (DkvExchange).
+// With an even number of head tiles, the two tiles of a token run as a 2-CTA cluster that sums
+// its dkv partials in shared memory before the atomics (DkvExchange); d_qk 576 takes blocks of
+// 48 slots to make room for that (SharedStorage).
 // P and dS pass through shared memory as 64 x 64 bf16 tiles (heads x slots): read back with
 // ldmatrix as wgmma A fragments for dq, and transposed by wgmma (MN-major A) for dkv.
 #pragma once
@@ -36,7 +37,6 @@ namespace jfm::sm90::prefill_sparse::backward {
 
 using Element = __nv_bfloat16;
 
-constexpr int kQChunks = kHeadDimQK / kChunkElems;      // 9: q tile and kv stage, d_qk 576
 constexpr int kVChunks = kHeadDimV / kChunkElems;       // 8: d_out tile, the V dims
 constexpr int kThreads = 384;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -56,14 +56,26 @@ constexpr uint32_t kBarP = 1;          // WG1 published P
 constexpr uint32_t kBarDs = 2;         // WG2 published scale * dS
 constexpr uint32_t kBarBlockDone = 3;  // both finished with the P and dS tiles of a block
 
+// Per head dim: blocks of kSlots selected rows, 64 at d_qk 512 and 48 at d_qk 576, where a
+// 64-row stage would leave no room for the exchange buffers (224 KB of the 227 in use). The
+// math keeps its 64-slot shapes over a shorter stage: S and dP read, for slots kSlots..63, the
+// next chunk's first rows (or the zero rows after the last chunk), which their mask turns into
+// P = dS = 0, so dq gains nothing from them and their dkv rows (rows[] -1) are never added.
+template <int kHeadDimQK>
 struct alignas(1024) SharedStorage {
-  uint8_t q[kQChunks * kChunkBytes];
+  static constexpr int kQKChunks = kHeadDimQK / kChunkElems;
+  static constexpr int kSlots = kHeadDimQK == kHeadDimLatent ? 64 : 48;
+  static constexpr int kStageChunkBytes = kSlots * 128;
+  static constexpr int kPadBytes = (kQueryTileRows - kSlots) * 128;  // zeros after the stage
+
+  uint8_t q[kQKChunks * kChunkBytes];
   uint8_t d_out[kVChunks * kChunkBytes];
-  uint8_t kv[kQChunks * kChunkBytes];
+  uint8_t kv[kQKChunks * kStageChunkBytes + kPadBytes];
   uint8_t p[kChunkBytes];   // P, bf16 [heads x slots]
   uint8_t ds[kChunkBytes];  // scale * dS, bf16 [heads x slots]
-  int32_t rows[2][kBlockSlots];  // per block parity: the kv row of each slot, -1 for none
-  uint16_t attending[2][4];      // per block parity and loader warp: bit t = its slot t selects
+  uint8_t exchange[2][kChunkBytes];  // per math warpgroup: the partner's dkv partial (DkvExchange)
+  int32_t rows[2][kQueryTileRows];  // per block parity: the kv row of each slot, -1 for none
+  uint16_t attending[2][4];  // per block parity and loader warp: bit t = its slot t selects
   uint64_t kv_full;
   uint64_t kv_empty;
   uint64_t inputs_full;       // q and d_out
@@ -78,10 +90,11 @@ constexpr uint32_t kBlockArrivals = kLoaderThreads + 16;
 // ---- Load role ------------------------------------------------------------------------------
 
 template <int kHeadDimQK>
-__device__ __forceinline__ void load_role(const BackwardArgs& args, SharedStorage& smem,
-                                          int64_t token, int head_tile, int blocks,
-                                          int counted) {
-  constexpr int kQKChunks = kHeadDimQK / kChunkElems;
+__device__ __forceinline__ void load_role(const BackwardArgs& args,
+                                          SharedStorage<kHeadDimQK>& smem, int64_t token,
+                                          int head_tile, int blocks, int counted) {
+  using Storage = SharedStorage<kHeadDimQK>;
+  constexpr int kQKChunks = Storage::kQKChunks, kSlots = Storage::kSlots;
   const SparsePrefillBackwardParams& p = args.params;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   if (tid == 0) {
@@ -94,16 +107,16 @@ __device__ __forceinline__ void load_role(const BackwardArgs& args, SharedStorag
     load_head_tile<kVChunks>(smem.d_out, &args.d_out_map, &smem.inputs_full, head0, token);
   }
   // One stage; the row numbers and the mask alternate with the block's parity.
-  gather_token_blocks<kHeadDimQK, 1>(
+  gather_token_blocks<kHeadDimQK, 1, kSlots>(
       p.indices + token * p.topk, counted, blocks, 0, static_cast<const uint8_t*>(p.kv), p.s_kv,
       smem_address(smem.kv), 0, &smem.kv_full, &smem.kv_empty, warp, lane,
-      [&](int blk, int, const BlockSlots& slots, uint32_t attending) {
+      [&](int blk, int, const BlockSlots<kSlots>& slots, uint32_t attending) {
         if (lane % kRowThreads != 0) return;
         const int parity = blk % 2;
 #pragma unroll
-        for (int pass = 0; pass < kPasses; ++pass) {
+        for (int pass = 0; pass < kPasses<kSlots>; ++pass) {
           const int32_t index = slots.index[pass];
-          smem.rows[parity][loader_row(warp, lane, pass)] =
+          smem.rows[parity][loader_row<kSlots>(warp, lane, pass)] =
               selects_row(index, p.s_kv) ? index : -1;
         }
         if (lane == 0) smem.attending[parity][warp] = static_cast<uint16_t>(attending);
@@ -170,34 +183,36 @@ __device__ __forceinline__ void issue_rope_dq(const uint32_t (&ds)[16], const ui
   }
 }
 
-// The dkv exchange of a head-tile pair (d_qk 512, an even number of head tiles): the two CTAs of
-// a 2-CTA cluster hold two head tiles of one token, so their dkv partials cover the same rows.
-// Per chunk, the warps of the slots this CTA keeps (warps 0-1 of each math warpgroup in rank 0,
+// The dkv exchange of a head-tile pair (an even number of head tiles): the two CTAs of a 2-CTA
+// cluster hold two head tiles of one token, so their dkv partials cover the same rows. Per
+// chunk, the warps of the slots this CTA keeps (warps 0-1 of each math warpgroup in rank 0,
 // warps 2-3 in rank 1) add the partner's partial of the same slots, which the partner's warps of
-// the same index send by st.async into this warpgroup's exchange buffer (the q and kv chunks
-// that d_qk 512 leaves unused: 8 KB each), and issue the atomics; the other warps send. One
-// atomic per dkv value and pair instead of one per head tile.
+// the same index send by st.async into this warpgroup's exchange buffer (8 KB), and issue the
+// atomics; the other warps send. One atomic per dkv value and pair instead of one per head tile.
+// kWg: the math warpgroup, 0 (WG1) or 1 (WG2).
+template <int kWg>
 struct DkvExchange {
   bool active;
   uint32_t rank;       // in the cluster
-  int wg;              // math warpgroup: 0 (WG1) or 1 (WG2)
   uint32_t exchanges;  // so far: the barriers' phase
 };
 
-__device__ __forceinline__ DkvExchange dkv_exchange(bool active, int wg) {
-  return {active, active ? cluster_rank() : 0u, wg, 0u};
+template <int kWg>
+__device__ __forceinline__ DkvExchange<kWg> dkv_exchange(bool active) {
+  return {active, active ? cluster_rank() : 0u, 0u};
 }
 
 // One chunk's exchange (acc: this warpgroup's 64 slots x 64 dims). Returns whether this thread
 // keeps its slots (acc then holds the pair's sum).
-__device__ __forceinline__ bool exchange_dkv_chunk(const SharedStorage& smem, float (&acc)[32],
-                                                   DkvExchange& x, int lane) {
+template <class Storage, int kWg>
+__device__ __forceinline__ bool exchange_dkv_chunk(const Storage& smem, float (&acc)[32],
+                                                   DkvExchange<kWg>& x, int lane) {
   const int warp = threadIdx.x / 32 % 4;
   const uint32_t phase = x.exchanges++ % 2;
   const int unit = (warp % 2) * 32 + lane;  // 8 units of 16 bytes per thread, 64 threads apart
-  const uint8_t* buffer = (x.wg == 0 ? smem.q : smem.kv) + kVChunks * kChunkBytes;
-  uint64_t* full = const_cast<uint64_t*>(&smem.exchange_full[x.wg]);
-  uint64_t* empty = const_cast<uint64_t*>(&smem.exchange_empty[x.wg]);
+  const uint8_t* buffer = smem.exchange[kWg];
+  uint64_t* full = const_cast<uint64_t*>(&smem.exchange_full[kWg]);
+  uint64_t* empty = const_cast<uint64_t*>(&smem.exchange_empty[kWg]);
   if (static_cast<uint32_t>(warp / 2) == x.rank) {
     if (warp % 2 == 0 && lane == 0) mbarrier_arrive_expect_tx(full, kChunkBytes);
     mbarrier_wait(full, phase);
@@ -230,11 +245,11 @@ __device__ __forceinline__ bool exchange_dkv_chunk(const SharedStorage& smem, fl
 // kWithValue), for the block's slots that select a row: accumulators 64 slots x 64 dims, both
 // operands transposed from the [heads x ...] tiles, then one float32 vector atomic addition
 // per pair of columns, or two 64-bit fixed-point ones (`fixed_scale`: p.dkv_fixed's scale).
-template <bool kWithValue>
-__device__ __forceinline__ void add_dkv_chunk(const SharedStorage& smem, int c,
+template <bool kWithValue, class Storage, int kWg>
+__device__ __forceinline__ void add_dkv_chunk(const Storage& smem, int c,
                                               const int32_t* rows, const AccumulatorRows& t,
                                               const SparsePrefillBackwardParams& p,
-                                              float fixed_scale, DkvExchange& x) {
+                                              float fixed_scale, DkvExchange<kWg>& x) {
   float acc[32];
   wgmma_fence();
 #pragma unroll
@@ -298,29 +313,29 @@ __device__ __forceinline__ void finish_dq(const SparsePrefillBackwardParams& p, 
   }
 }
 
-// Whether this launch pairs head tiles in clusters (pairs_fit: known at compile time, so that
-// d_qk 576 carries no exchange code).
-template <int kHeadDimQK>
-__device__ __forceinline__ bool pairs(const BackwardArgs& args) {
-  return pairs_fit(kHeadDimQK) && args.pair_tiles != 0;
-}
-
 // Waits for block `blk` in the stage, makes its rows (cp.async, generic proxy) visible to
 // wgmma (async proxy) and returns its attending mask (bit t: slot t selects a row). A block
 // with no attending slot is freed for the loaders at once: 0 tells the caller to skip it.
-__device__ __forceinline__ uint64_t take_block(SharedStorage& smem, int blk) {
+template <class Storage>
+__device__ __forceinline__ uint64_t take_block(Storage& smem, int blk) {
   mbarrier_wait(&smem.kv_full, blk % 2);
   fence_proxy_async_smem();
-  const uint64_t attending = *reinterpret_cast<const uint64_t*>(smem.attending[blk % 2]);
+  uint64_t attending = 0;  // loader warp w's bits are slots kSlots / 4 * w onwards
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    attending |= static_cast<uint64_t>(smem.attending[blk % 2][w]) << (w * Storage::kSlots / 4);
+  }
   if (attending == 0) mbarrier_arrive(&smem.kv_empty);
   return attending;
 }
 
 // WG1.
 template <int kHeadDimQK>
-__device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStorage& smem,
-                                           int64_t token, int head_tile, int blocks) {
-  constexpr int kQKChunks = kHeadDimQK / kChunkElems;
+__device__ __forceinline__ void score_role(const BackwardArgs& args,
+                                           SharedStorage<kHeadDimQK>& smem, int64_t token,
+                                           int head_tile, int blocks) {
+  using Storage = SharedStorage<kHeadDimQK>;
+  constexpr int kQKChunks = Storage::kQKChunks, kStageChunk = Storage::kStageChunkBytes;
   constexpr bool kRope = kHeadDimQK > kHeadDimLatent;  // the RoPE dims of d_qk 576
   const SparsePrefillBackwardParams& p = args.params;
   const AccumulatorRows t = accumulator_rows();
@@ -338,7 +353,7 @@ __device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStora
     lse_log2[h] = head < p.h_q ? p.lse[token * p.h_q + head] * kLog2e : INFINITY;
   }
   const float fixed_scale = p.dkv_fixed != nullptr ? *p.fixed_scale : 0.f;
-  DkvExchange x = dkv_exchange(pairs<kHeadDimQK>(args), 0);
+  DkvExchange<0> x = dkv_exchange<0>(args.pair_tiles != 0);
   mbarrier_wait(&smem.inputs_full, 0);
   for (int blk = 0; blk < blocks; ++blk) {
     const uint64_t attending = take_block(smem, blk);
@@ -346,7 +361,7 @@ __device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStora
     uint32_t packed[16];
     {
       float s[32];
-      issue_scores<Element, kQKChunks>(smem.q, smem.kv, s);
+      issue_scores<Element, kQKChunks, kStageChunk>(smem.q, smem.kv, s);
       wgmma_wait<0>();
       block_probabilities(s, attending >> t.quad_col, args.scale_log2, lse_log2, packed);
     }
@@ -355,11 +370,11 @@ __device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStora
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const uint64_t b = smem_desc_sw128(smem_address(smem.kv) + k * 2048, kChunkBytes, 1024);
+      const uint64_t b = smem_desc_sw128(smem_address(smem.kv) + k * 2048, kStageChunk, 1024);
       mma_rs<typename ElementTraits<Element>::ValueMmaRS>(
           packed + 4 * k, b, dq, std::make_index_sequence<kAccumulators>{});
     }
-    if constexpr (kRope) issue_rope_dq(packed, smem.kv + (kQChunks - 1) * kChunkBytes, dq_rope);
+    if constexpr (kRope) issue_rope_dq(packed, smem.kv + (kQKChunks - 1) * kStageChunk, dq_rope);
     wgmma_commit();
     wgmma_wait<0>();
     mbarrier_arrive(&smem.kv_empty);
@@ -374,8 +389,10 @@ __device__ __forceinline__ void score_role(const BackwardArgs& args, SharedStora
 
 // WG2.
 template <int kHeadDimQK>
-__device__ __forceinline__ void value_role(const BackwardArgs& args, SharedStorage& smem,
-                                           int64_t token, int head_tile, int blocks) {
+__device__ __forceinline__ void value_role(const BackwardArgs& args,
+                                           SharedStorage<kHeadDimQK>& smem, int64_t token,
+                                           int head_tile, int blocks) {
+  constexpr int kStageChunk = SharedStorage<kHeadDimQK>::kStageChunkBytes;
   constexpr bool kRope = kHeadDimQK > kHeadDimLatent;  // the RoPE dims of d_qk 576
   const SparsePrefillBackwardParams& p = args.params;
   const AccumulatorRows t = accumulator_rows();
@@ -390,14 +407,14 @@ __device__ __forceinline__ void value_role(const BackwardArgs& args, SharedStora
   }
   const float scale = p.softmax_scale;
   const float fixed_scale = p.dkv_fixed != nullptr ? *p.fixed_scale : 0.f;
-  DkvExchange x = dkv_exchange(pairs<kHeadDimQK>(args), 1);
+  DkvExchange<1> x = dkv_exchange<1>(args.pair_tiles != 0);
   mbarrier_wait(&smem.inputs_full, 0);
   for (int blk = 0; blk < blocks; ++blk) {
     if (take_block(smem, blk) == 0) continue;
     uint32_t packed[16];
     {
       float dp[32];
-      issue_scores<Element, kVChunks>(smem.d_out, smem.kv, dp);
+      issue_scores<Element, kVChunks, kStageChunk>(smem.d_out, smem.kv, dp);
       wgmma_wait<0>();
       receive_tile(smem.p, t, kBarP, packed);
 #pragma unroll
@@ -408,7 +425,7 @@ __device__ __forceinline__ void value_role(const BackwardArgs& args, SharedStora
       }
     }
     publish_tile(smem.ds, packed, t, kBarDs);
-    accumulate_pv<Element>(packed, smem.kv + 4 * kChunkBytes, dq);
+    accumulate_pv<Element, kStageChunk>(packed, smem.kv + 4 * kStageChunk, dq);
     mbarrier_arrive(&smem.kv_empty);
     const int32_t* rows = smem.rows[blk % 2];
 #pragma unroll 1
@@ -423,11 +440,12 @@ template <int kHeadDimQK>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_prefill_backward_kernel(const __grid_constant__ BackwardArgs args) {
   extern __shared__ uint8_t smem_raw[];
-  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(
+  using Storage = SharedStorage<kHeadDimQK>;
+  Storage& smem = *reinterpret_cast<Storage*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const auto [token, head_tile] = work_item(blockIdx.x, args.head_tiles);
   const int counted = counted_slots(args.params.topk_length, args.params.topk, token);
-  const int blocks = (counted + kBlockSlots - 1) / kBlockSlots;
+  const int blocks = (counted + Storage::kSlots - 1) / Storage::kSlots;
 
   if (threadIdx.x == 0) {
     mbarrier_init(&smem.kv_full, kBlockArrivals);
@@ -442,11 +460,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (args.q_box_rows < kQueryTileRows) {
     // Rows of heads past h_q: zero, so that they add nothing to dkv (P^T d_out: 0 * garbage
     // could be NaN).
-    zero_unloaded_query_rows(smem.q, kQChunks, args.q_box_rows, kThreads);
+    zero_unloaded_query_rows(smem.q, Storage::kQKChunks, args.q_box_rows, kThreads);
     zero_unloaded_query_rows(smem.d_out, kVChunks, args.q_box_rows, kThreads);
   }
+  if constexpr (Storage::kSlots < kQueryTileRows) {
+    // The slots past kSlots: no kv row (both parities), and zero rows after the stage's last
+    // chunk for the 64-row reads of it.
+    for (int i = threadIdx.x; i < 2 * (kQueryTileRows - Storage::kSlots); i += kThreads) {
+      smem.rows[i % 2][Storage::kSlots + i / 2] = -1;
+    }
+    uint8_t* pad = smem.kv + Storage::kQKChunks * Storage::kStageChunkBytes;
+    for (int i = threadIdx.x; i < Storage::kPadBytes / 16; i += kThreads) {
+      reinterpret_cast<uint4*>(pad)[i] = make_uint4(0, 0, 0, 0);
+    }
+    fence_proxy_async_smem();
+  }
   // With pairs, the partner's barriers must be initialised before the first exchange.
-  if (pairs<kHeadDimQK>(args)) {
+  if (args.pair_tiles != 0) {
     cluster_sync();
   } else {
     __syncthreads();
@@ -463,10 +493,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     value_role<kHeadDimQK>(args, smem, token, head_tile, blocks);
   }
   // The partner may still arrive on this CTA's barriers (or write its buffers) until it is done.
-  if (pairs<kHeadDimQK>(args)) cluster_sync();
+  if (args.pair_tiles != 0) cluster_sync();
 }
 
-constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage)) + 1024;  // + alignment slack
+template <int kHeadDimQK>  // + alignment slack
+constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage<kHeadDimQK>)) + 1024;
 
 }  // namespace jfm::sm90::prefill_sparse::backward
 
@@ -477,11 +508,12 @@ namespace jfm::sm90::prefill_sparse {
 template <int kHeadDimQK>
 cudaError_t launch_backward_typed(const BackwardArgs& args, cudaStream_t stream) {
   constexpr auto kKernel = backward::sparse_prefill_backward_kernel<kHeadDimQK>;
-  const cudaError_t setup = prepare_register_split_kernel<kKernel>(backward::kLaunchRegisters,
-                                                                  backward::kSmemBytes);
+  constexpr int kSmemBytes = backward::kSmemBytes<kHeadDimQK>;
+  const cudaError_t setup =
+      prepare_register_split_kernel<kKernel>(backward::kLaunchRegisters, kSmemBytes);
   if (setup != cudaSuccess) return setup;
   const dim3 grid(static_cast<unsigned>(work_items(args.params.s_q, args.head_tiles)));
-  const LaunchShape shape{grid, dim3(backward::kThreads), backward::kSmemBytes,
+  const LaunchShape shape{grid, dim3(backward::kThreads), kSmemBytes,
                           dim3(args.pair_tiles != 0 ? 2 : 1, 1, 1)};
   return launch_kernel(kKernel, shape, stream, args);
 }

@@ -113,7 +113,7 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
         p.indices + work.token * p.topk, counted, blocks, first,
         static_cast<const uint8_t*>(p.kv), p.s_kv, smem_address(smem.kv[0]), kStageBytes,
         smem.kv_full, smem.kv_empty, warp, lane,
-        [&](int blk, int stage, const BlockSlots&, uint32_t attending) {
+        [&](int blk, int stage, const BlockSlots<>&, uint32_t attending) {
           if (lane == 0) {
             smem.attending[stage][warp] = static_cast<uint16_t>(attending);
             mbarrier_arrive(&smem.kv_full[stage]);  // releases the mask store
