@@ -28,8 +28,8 @@ ACCEPTED_SPILLS = {
 }
 
 
-def accepted(entry: str, stored: int, loaded: int) -> bool:
-    return any(
+def accepted(entry: str | None, stored: int, loaded: int) -> bool:
+    return entry is not None and any(
         fragment in entry and max(stored, loaded) <= most
         for fragment, (most, _) in ACCEPTED_SPILLS.items()
     )

@@ -67,7 +67,7 @@ cudaError_t launch_backward(const SparsePrefillBackwardParams& p, cudaStream_t s
   args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
   args.q_box_rows = static_cast<int32_t>(std::min<int64_t>(p.h_q, kQueryTileRows));
   args.head_tiles = static_cast<int32_t>(head_tiles(p.h_q));
-  args.pair_tiles = sm90::prefill_sparse::pairs_fit(p.d_qk) && args.head_tiles % 2 == 0 ? 1 : 0;
+  args.pair_tiles = args.head_tiles % 2 == 0 ? 1 : 0;
   if (!encode_token_map(&args.q_map, p.q, p.s_q, p.h_q, p.d_qk, args.q_box_rows) ||
       !encode_token_map(&args.d_out_map, p.d_out, p.s_q, p.h_q, kHeadDimV, args.q_box_rows)) {
     return cudaErrorInvalidValue;

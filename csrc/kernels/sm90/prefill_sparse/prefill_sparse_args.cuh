@@ -27,13 +27,10 @@ struct BackwardArgs {
   float scale_log2;    // softmax_scale * log2(e)
   int32_t q_box_rows;  // min(h_q, 64): rows one TMA box of q or d_out brings
   int32_t head_tiles;  // ceil(h_q / 64)
-  int32_t pair_tiles;  // 1: head tiles 2j and 2j + 1 of a token share a 2-CTA cluster
+  // 1: head tiles 2j and 2j + 1 of a token share a 2-CTA cluster (whenever the head tiles are
+  // even: both head dims have room for the exchange buffers)
+  int32_t pair_tiles;
 };
-
-// Whether the backward can pair head tiles at head dim d_qk: both head dims have their own
-// exchange buffers (d_qk 576 with blocks of 48 slots). The launcher pairs where this holds and
-// the head tiles are even.
-__host__ __device__ constexpr bool pairs_fit(int64_t) { return true; }
 
 // The work items of both directions: one per (query token, head tile), numbered with the head
 // tiles of a token adjacent, so that CTAs working on them at the same time share the token's
