@@ -44,7 +44,7 @@ sparse_decode_oracle).
 
 Runs (on an H100/H200, from the repository root):
 
-    python -P -m pytest -q -m gpu tests/test_gpu_decode_sparse.py        # quick: 82 tests
+    python -P -m pytest -q -m gpu tests/test_gpu_decode_sparse.py        # quick: 85 tests
     JAX_FLASHMLA_FULL=1 python -P -m pytest -q -m gpu tests/test_gpu_decode_sparse.py  # + 3740
     bash tests/gpu_memcheck.sh -k quick tests/test_gpu_decode_sparse.py   # compute-sanitizer
 
@@ -59,7 +59,7 @@ Shard the full matrix with -k on the case ids
 #   vectorised on the host, values drawn and quantised on the device); the kernel milliseconds;
 #   the float64 oracle on the host 4 * d_qk flops per (query row, counted key), up to ~1 TFLOP
 #   for b 321, s_q 3, h_q 128 with 2048 + 2048 keys: a few seconds with the host's BLAS.
-# - quick run (82 tests): ~2 TFLOP of oracle, ~2 min with the compilations and JAX's start-up.
+# - quick run (85 tests): ~2 TFLOP of oracle, ~2 min with the compilations and JAX's start-up.
 # - full matrix: ~250 TFLOP of oracle (counted keys only), ~15-30 min. The oracle uses every
 #   host core, so run shards one after another: "[V32-" 3% of it, "[MODEL1-b4-" 1%,
 #   "[MODEL1-b74-" 21%, "[MODEL1-b321-sq1-" 19%, "[MODEL1-b321-sq3-h64-" 19%,
@@ -939,24 +939,29 @@ def test_quick_topk_16384():
     run_and_check(inputs, with_metadata=True)
 
 
-#: Page sizes the matrix lacks (1 and 53; it has 2, 61, 64, 69 and 576), in both caches.
+#: Page sizes the matrix lacks (1 and 53; it has 2, 61, 64, 69 and 576), in both caches, as
+#: (layout, page, extra page, h_q). At h_q <= 32 MODEL1 takes the narrow kernel only where
+#: every cache's page is even (its scale records are then 16-byte aligned in pairs).
 PAGE_CASES = {
-    "V32-p1": ("V32", 1, None),
-    "V32-p53": ("V32", 53, None),
-    "MODEL1-p1-x53": ("MODEL1", 1, 53),
-    "MODEL1-p53-x1": ("MODEL1", 53, 1),
+    "V32-p1": ("V32", 1, None, 64),
+    "V32-p53": ("V32", 53, None, 64),
+    "V32-p53-h32": ("V32", 53, None, 32),
+    "MODEL1-p1-x53": ("MODEL1", 1, 53, 64),
+    "MODEL1-p53-x1": ("MODEL1", 53, 1, 64),
+    "MODEL1-p2-x576-h16": ("MODEL1", 2, 576, 16),
+    "MODEL1-p64-x53-h16": ("MODEL1", 64, 53, 16),
 }
 
 
 @pytest.mark.parametrize("name", sorted(PAGE_CASES))
 def test_quick_page_sizes(name):
-    layout, page, extra_page = PAGE_CASES[name]
+    layout, page, extra_page, h_q = PAGE_CASES[name]
     inputs = build_inputs(
         seed_of("pages", name),
         layout=layout,
         b=5,
         s_q=3,
-        h_q=64,
+        h_q=h_q,
         main=CacheConfig(650, 576, page),
         extra=None if extra_page is None else CacheConfig(512, 128, extra_page),
         topk_length=True,

@@ -115,6 +115,17 @@ std::vector<Case> all_cases() {
        true, false, 1.f, true},
       {"e4m3-b2-sq1-h32-topk128-page16-runs", e4m3, 2, 1, 32, {16, 128, 40, false}, none, false,
        false, 1.f, true},
+      // The narrow kernel over MODEL1 (even pages in every cache: a token's data and the
+      // 16-byte unit of its scale record, shared with a neighbour, copied apart), and the
+      // plain kernel where one cache's page is odd.
+      {"model1-b4-sq2-h16-topk256-page64-extra-lengths", model1, 4, 2, 16, {64, 256, 20, true},
+       {2, 128, 90, true}, true},
+      {"model1-b3-sq1-h32-topk192-page2-dup-runs", model1, 3, 1, 32, {2, 192, 300, false}, none,
+       false, true, 1.f, true},
+      {"model1-b2-sq3-h24-topk128-page576-extra", model1, 2, 3, 24, {576, 128, 2, false},
+       {16, 64, 8, false}, true},
+      {"model1-b2-sq1-h16-topk128-page16-extra-page69", model1, 2, 1, 16, {16, 128, 20, true},
+       {69, 64, 3, false}},
   };
 }
 

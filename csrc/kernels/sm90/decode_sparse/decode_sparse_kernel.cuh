@@ -110,10 +110,14 @@ struct LayoutTraits<Fp8Layout::kE4M3> {
 
 // Where a kernel variant keeps its tiles. The plain one (kNarrowHeads 0): the 64-row query
 // tile and two K stages, which the loaders fill from registers. The narrow one (kNarrowHeads
-// 16 or 32: h_q up to that, tokens that are 16-byte multiples, so V32 and E4M3) puts the heads
-// in the wgmma N dimension, so its query tile has kNarrowHeads rows, and copies each selected
-// token whole into a ring of raw stages by the copy engine, dequantising from there into one K
-// stage; the ring takes the room of the second K stage and of the query rows it does not need.
+// 16 or 32: h_q up to that) puts the heads in the wgmma N dimension, so its query tile has
+// kNarrowHeads rows, and copies each selected token into a ring of raw stages by the copy
+// engine, dequantising from there into one K stage; the ring takes the room of the second K
+// stage and of the query rows it does not need. Bulk copies move 16-byte units between
+// 16-byte aligned addresses: V32 and E4M3 tokens are whole records of 656 and 576 bytes;
+// a MODEL1 token is its 576 data bytes and the 16-byte aligned unit holding its 8-byte scale
+// record (its own and a neighbour's of the same page), which needs even pages (a block of
+// page * 584 bytes then starts 16-byte aligned; the launcher checks).
 template <Fp8Layout kLayout, int kNarrowHeads>
 struct Geometry {
   static constexpr bool kNarrow = kNarrowHeads > 0;
@@ -123,12 +127,16 @@ struct Geometry {
   static constexpr int kKvStages = kNarrow ? 1 : 2;
   static constexpr int kRawStages = kNarrow ? 2 : 0;
   static constexpr int kTokenBytes = static_cast<int>(fp8_bytes_per_token(kLayout));
+  static constexpr bool kSplitToken = kLayout == Fp8Layout::kModel1;  // data and scale apart
+  // The bytes of a selected token in a raw stage (MODEL1: the scale unit after the data).
+  static constexpr int kRawTokenBytes =
+      kSplitToken ? LayoutTraits<Fp8Layout::kModel1>::kTokenDataBytes + 16 : kTokenBytes;
   // A token's place in a raw stage: an odd number of 16-byte units apart, so that the same unit
-  // of 8 consecutive tokens lies in 8 distinct bank groups (V32 656 bytes, E4M3 592).
-  static constexpr int kRawTokenStride = ((kTokenBytes / 16) | 1) * 16;
+  // of 8 consecutive tokens lies in 8 distinct bank groups (V32 656 bytes, E4M3 and MODEL1
+  // 592).
+  static constexpr int kRawTokenStride = ((kRawTokenBytes / 16) | 1) * 16;
   static constexpr int kRawStageBytes = kBlockSlots * kRawTokenStride;
-  static_assert(!kNarrow || (kLayout != Fp8Layout::kModel1 && kTokenBytes % 16 == 0),
-                "bulk copies move whole 16-byte units from 16-byte aligned tokens");
+  static_assert(!kNarrow || kRawTokenBytes % 16 == 0, "bulk copies move whole 16-byte units");
   static_assert(kNarrowHeads == 0 || kNarrowHeads == 16 || kNarrowHeads == 32,
                 "a narrow tile has 16 or 32 heads");
 };
@@ -166,6 +174,9 @@ struct alignas(1024) SharedStorage : RawRing<G::kRawStages * G::kRawStageBytes> 
   // Narrow: bit t of word w = slot kFetchSlots w + t of the raw stage selects a token (one word
   // per loader warp).
   uint16_t raw_selected[2][kLoaderThreads / 32];
+  // Narrow MODEL1: bit t of word w = the scale record of slot kFetchSlots w + t is the second
+  // half of its 16-byte unit.
+  uint16_t raw_scale_high[2][kLoaderThreads / 32];
   // Word g of a stage: bit t = slot 8 g + t selects a token (bits 8-31 repeat bits 0-7; one
   // word per loader warp and pass, so that a CTA of a pair can send its words to the other
   // with 4-byte stores).
@@ -566,11 +577,11 @@ struct BlockCursor {
 };
 
 // Each loader warp's share of a raw stage: its kFetchSlots slots, lane l < kFetchSlots copying
-// the token of slot kFetchSlots * warp + l (16-byte aligned and a 16-byte multiple long, so one
-// bulk copy each; the copies a warp issues go out one at a time, so all four warps issue). Lane
-// 0 first announces the warp's bytes on the stage's barrier and records which slots select a
-// token. Where a token's place in the stage is its size (V32), a run of consecutive tokens
-// (the warp's slots over one page of a dense cache) goes in one copy.
+// the token of slot kFetchSlots * warp + l (one bulk copy each, two for MODEL1's data and scale
+// unit; the copies a warp issues go out one at a time, so all four warps issue). Lane 0 first
+// announces the warp's bytes on the stage's barrier and records which slots select a token.
+// Where a token's place in the stage is its size (V32), a run of consecutive tokens (the warp's
+// slots over one page of a dense cache) goes in one copy.
 template <class G>
 __device__ __forceinline__ void fetch_block(SharedStorage<G>& smem, const SparseKeySource& source,
                                             int32_t index, int raw_stage, int warp, int lane) {
@@ -581,18 +592,47 @@ __device__ __forceinline__ void fetch_block(SharedStorage<G>& smem, const Sparse
   const bool in_run = lane >= kFetchSlots || int64_t{index} == int64_t{first} + lane;
   const bool one_run = G::kRawTokenStride == G::kTokenBytes &&
                        ballot == (1u << kFetchSlots) - 1 && __all_sync(0xffffffffu, in_run);
+  const uint8_t* cache = static_cast<const uint8_t*>(source.cache);
+  const uint8_t* data;              // the token's record, or MODEL1's data bytes
+  const uint8_t* scale = nullptr;   // MODEL1: the 16-byte unit holding its scale record
+  bool scale_high = false;          // MODEL1: the record is that unit's second half
+  if constexpr (G::kSplitToken) {
+    using L = LayoutTraits<Fp8Layout::kModel1>;
+    // 0 <= index < 2^31 and page < 2^31 for a selecting slot: a 32-bit division is exact.
+    const uint32_t page = static_cast<uint32_t>(source.page);
+    const uint32_t block = selects ? static_cast<uint32_t>(index) / page : 0u;
+    const uint32_t row = selects ? static_cast<uint32_t>(index) - block * page : 0u;
+    const uint8_t* block_base = cache + int64_t{block} * page * G::kTokenBytes;
+    data = block_base + int64_t{row} * L::kTokenDataBytes;
+    const int64_t record =
+        int64_t{page} * L::kTokenDataBytes + int64_t{row} * L::kScaleRecordBytes;
+    scale = block_base + (record & ~int64_t{15});
+    scale_high = (record & 15) != 0;
+  } else {
+    data = cache + int64_t{index} * G::kTokenBytes;
+  }
+  const uint32_t high_ballot = __ballot_sync(0xffffffffu, selects && scale_high);
+  uint64_t* full = &smem.raw_full[raw_stage];
   if (lane == 0) {
     smem.raw_selected[raw_stage][warp] = static_cast<uint16_t>(ballot);
-    mbarrier_arrive_expect_tx(&smem.raw_full[raw_stage], __popc(ballot) * G::kTokenBytes);
+    if constexpr (G::kSplitToken) {
+      smem.raw_scale_high[raw_stage][warp] = static_cast<uint16_t>(high_ballot);
+    }
+    mbarrier_arrive_expect_tx(full, __popc(ballot) * G::kRawTokenBytes);
   }
   __syncwarp();  // the bytes are announced before any copy can complete
   const uint32_t place = smem_address(smem.raw) + raw_stage * G::kRawStageBytes +
                          (warp * kFetchSlots + lane) * G::kRawTokenStride;
-  const uint8_t* token =
-      static_cast<const uint8_t*>(source.cache) + int64_t{index} * G::kTokenBytes;
-  if (one_run ? lane == 0 : selects) {
-    bulk_copy_to_shared(place, token, (one_run ? kFetchSlots : 1) * G::kTokenBytes,
-                        &smem.raw_full[raw_stage]);
+  if constexpr (G::kSplitToken) {
+    if (selects) {
+      constexpr uint32_t kDataBytes = G::kRawTokenBytes - 16;
+      bulk_copy_to_shared(place, data, kDataBytes, full);
+      bulk_copy_to_shared(place + kDataBytes, scale, 16, full);
+    }
+  } else {
+    if (one_run ? lane == 0 : selects) {
+      bulk_copy_to_shared(place, data, (one_run ? kFetchSlots : 1) * G::kTokenBytes, full);
+    }
   }
 }
 
@@ -603,7 +643,7 @@ __device__ __forceinline__ void fetch_block(SharedStorage<G>& smem, const Sparse
 // stored as zeros (the raw stage holds whatever was there before).
 template <Fp8Layout kLayout, class G>
 __device__ __forceinline__ void convert_block(SharedStorage<G>& smem, int raw_stage,
-                                              uint64_t selected, int tid) {
+                                              uint64_t selected, uint64_t scale_high, int tid) {
   using L = LayoutTraits<kLayout>;
   const int group = tid / 8;
   const int row = (group % 8) * 8 + tid % 8;
@@ -623,6 +663,11 @@ __device__ __forceinline__ void convert_block(SharedStorage<G>& smem, int raw_st
   uint4 scales = make_uint4(0, 0, 0, 0);
   if (selects) {
     if constexpr (kLayout == Fp8Layout::kV32) scales = load_shared_16(src + kHeadDimLatent);
+    if constexpr (kLayout == Fp8Layout::kModel1) {
+      const uint4 unit = load_shared_16(src + L::kTokenDataBytes);
+      const bool high = (scale_high >> row) & 1;
+      scales = make_uint4(high ? unit.z : unit.x, high ? unit.w : unit.y, 0, 0);
+    }
 #pragma unroll
     for (int i = 0; i < kPieces; ++i) raw[i] = load_shared_16(src + (first + 2 * i) * 16);
     if constexpr (L::kBf16Rope) {
@@ -694,13 +739,17 @@ __device__ __forceinline__ void staged_load_role(
     for (int blk = w.lo; blk < w.hi; ++blk, ++blocks_done) {
       const int raw_stage = blocks_done % G::kRawStages;
       mbarrier_wait(&smem.raw_full[raw_stage], blocks_done / G::kRawStages % 2);
-      uint64_t selected = 0;
+      uint64_t selected = 0, scale_high = 0;
 #pragma unroll
       for (int k = 0; k < kLoaderThreads / 32; ++k) {
         selected |= static_cast<uint64_t>(smem.raw_selected[raw_stage][k]) << (kFetchSlots * k);
+        if constexpr (G::kSplitToken) {
+          scale_high |= static_cast<uint64_t>(smem.raw_scale_high[raw_stage][k])
+                        << (kFetchSlots * k);
+        }
       }
       mbarrier_wait(&smem.kv_empty[0], (blocks_done % 2) ^ 1);
-      convert_block<kLayout>(smem, raw_stage, selected, tid);
+      convert_block<kLayout>(smem, raw_stage, selected, scale_high, tid);
       fence_proxy_async_smem();  // the stores before the wgmma reads of the stage
       mbarrier_arrive(&smem.kv_full[0]);
       named_barrier_sync(kBarRawConverted, kLoaderThreads);  // the raw stage is read
@@ -1202,10 +1251,13 @@ cudaError_t launch_variant(const KernelArgs& args, cudaStream_t stream) {
 template <Fp8Layout kLayout>
 cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
   if (args.head_tiles == 2) return launch_variant<kLayout, true, 0>(args, stream);
-  if constexpr (kLayout != Fp8Layout::kModel1) {
-    if (args.params.h_q <= 16) return launch_variant<kLayout, false, 16>(args, stream);
-    if (args.params.h_q <= 32) return launch_variant<kLayout, false, 32>(args, stream);
-  }
+  const SparseDecodeParams& p = args.params;
+  // MODEL1's narrow copies need 16-byte aligned blocks (Geometry): even pages in every cache.
+  const bool copyable =
+      kLayout != Fp8Layout::kModel1 ||
+      (p.main.page % 2 == 0 && (p.extra.cache == nullptr || p.extra.page % 2 == 0));
+  if (copyable && p.h_q <= 16) return launch_variant<kLayout, false, 16>(args, stream);
+  if (copyable && p.h_q <= 32) return launch_variant<kLayout, false, 32>(args, stream);
   return launch_variant<kLayout, false, 0>(args, stream);
 }
 
