@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # Measures staged variants of a sparse kernel on a Hopper GPU in one go, the main question
-# first, so that a run cut short still answers it: builds the package from the tree with
-# PATCHES applied (and the op's C++ check beside it, in parallel), times CONFIGS with the op's
-# benchmark beside FlashMLA (its err column compares the two outputs), runs the C++ check
-# plainly and under memcheck, then the op's quick GPU tests.
+# first, so that a run cut short still answers it: for each variant, builds the package from
+# the tree with its patches applied (and the op's C++ check beside it, in parallel), times
+# CONFIGS with the op's benchmark beside FlashMLA (its err column compares the two outputs),
+# runs the C++ check plainly and under memcheck, then the op's quick GPU tests, and takes the
+# patches out again.
 #
 #   PATCHES="benchmarks/probes/variants/sparse_rolling_loader.patch" JFM_PEERS=.peers \
 #       bash benchmarks/probes/measure_variant.sh decode V32,128,16,2048 V32,64,128,2048
 #   PATCHES="benchmarks/probes/variants/prefill_index_prefetch.patch" \
 #       bash benchmarks/probes/measure_variant.sh prefill 512,64,512,8192
+#   PATCHES="a.patch; a.patch b.patch" BASELINE=1 MEMCHECK=0 QUICK=0 \
+#       bash benchmarks/probes/measure_variant.sh decode V32,128,16,2048
 #
 # OP: decode (decode_sparse_check, bench_decode_sparse.py, CONFIGS as LAYOUT,B,H_Q,TOPK),
 # prefill (prefill_sparse_check, bench_prefill_sparse.py forward only, D_QK,H_Q,TOPK,S_KV) or
 # prefill-backward (the same check, the backward's benchmark and quick gradient tests, ~3 min).
-# PATCHES: patches against csrc/ (paths a/kernels/...), applied in order to the working tree
-# and taken back out at the end; empty measures the tree as it is. BASELINE=1 first times the
-# CONFIGS on the tree without them (into the same log), for ratios within one call. QUICK=0
-# skips the quick tests (100-150 s on an H100 for decode, ~25 s for prefill, ~3 min for its
-# gradient). Logs go to ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}. Exit status non-zero if a step
-# failed.
+# PATCHES: variants separated by ";", each a list of patches against csrc/ (paths
+# a/kernels/...) applied in order to the working tree and taken back out after it; empty
+# measures the tree as it is. BASELINE=1 first times the CONFIGS on the tree without them
+# (into the same log), for ratios within one call. MEMCHECK=0 skips the runs under
+# compute-sanitizer (~1-4 min each). QUICK=0 skips the quick tests (100-150 s on an H100 for
+# decode, ~25 s for prefill, ~3 min for its gradient). Logs go to
+# ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}. Exit status non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 logs=${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}
@@ -73,36 +77,52 @@ unapply() {
   for ((i = ${#applied[@]} - 1; i >= 0; i--)); do
     patch -s -R -d csrc -p1 < "${applied[i]}"
   done
+  applied=()
 }
 trap unapply EXIT
-for patch_file in ${PATCHES:-}; do
-  patch -s -d csrc -p1 < "$patch_file" || { echo "$patch_file does not apply to csrc/"; exit 1; }
-  applied+=("$patch_file")
-done
 
 generator=()
 command -v ninja > /dev/null && generator=(-G Ninja)
-{ cmake -S . -B build/cpp "${generator[@]}" -DPython_EXECUTABLE="$(command -v "$py")" \
-    -DCMAKE_BUILD_TYPE=Release -DJAX_FLASHMLA_BUILD_TESTS=ON > "$logs/cpp_build.log" 2>&1 &&
-    cmake --build build/cpp -j 16 --target "$check" >> "$logs/cpp_build.log" 2>&1
-} &
-cpp_build=$!
-install_package
-elapsed build
-bench_configs "PATCHES: ${PATCHES:-none}" --json "$logs/variant_bench.json"
+cmake -S . -B build/cpp "${generator[@]}" -DPython_EXECUTABLE="$(command -v "$py")" \
+  -DCMAKE_BUILD_TYPE=Release -DJAX_FLASHMLA_BUILD_TESTS=ON > "$logs/cpp_build.log" 2>&1 ||
+  { tail -20 "$logs/cpp_build.log"; exit 1; }
 
-wait "$cpp_build" || { tail -20 "$logs/cpp_build.log"; exit 1; }
-timeout -k 10 120 "build/cpp/$check" > "$logs/$check.txt" 2>&1 || status=1
-echo "$check: $(tail -1 "$logs/$check.txt")"
-timeout -k 10 300 compute-sanitizer --tool memcheck --error-exitcode 1 "build/cpp/$check" \
-  > "$logs/${check}_memcheck.txt" 2>&1 || status=1
-echo "$check under memcheck: $(tail -1 "$logs/${check}_memcheck.txt")"
-elapsed checks
+measure() {  # measure LABEL: the tree as it is now, built, timed and checked
+  local label=$1 tag=${2:-variant}
+  cmake --build build/cpp -j 16 --target "$check" >> "$logs/cpp_build.log" 2>&1 &
+  local cpp_build=$!
+  install_package
+  elapsed "build ($label)"
+  bench_configs "$label" --json "$logs/${tag}_bench.json"
+  wait "$cpp_build" || { tail -20 "$logs/cpp_build.log"; status=1; return; }
+  timeout -k 10 120 "build/cpp/$check" > "$logs/${check}_$tag.txt" 2>&1 || status=1
+  echo "$check ($label): $(tail -1 "$logs/${check}_$tag.txt")"
+  if [ "${MEMCHECK:-1}" != 0 ]; then
+    timeout -k 10 300 compute-sanitizer --tool memcheck --error-exitcode 1 "build/cpp/$check" \
+      > "$logs/${check}_${tag}_memcheck.txt" 2>&1 || status=1
+    echo "$check under memcheck ($label): $(tail -1 "$logs/${check}_${tag}_memcheck.txt")"
+  fi
+  elapsed "checks ($label)"
+  if [ "${QUICK:-1}" != 0 ]; then
+    timeout -k 30 -s INT 300 "$py" -P -m pytest -q -p no:cacheprovider -m "gpu and not full" \
+      "${quick[@]}" > "$logs/quick_tests_$tag.log" 2>&1 || status=1
+    tail -3 "$logs/quick_tests_$tag.log"
+    elapsed "quick tests ($label)"
+  fi
+}
 
-if [ "${QUICK:-1}" != 0 ]; then
-  timeout -k 30 -s INT 300 "$py" -P -m pytest -q -p no:cacheprovider -m "gpu and not full" \
-    "${quick[@]}" > "$logs/quick_variant_tests.log" 2>&1 || status=1
-  tail -3 "$logs/quick_variant_tests.log"
-  elapsed "quick tests"
-fi
+IFS=';' read -r -a variants <<< "${PATCHES:-}"
+[ ${#variants[@]} -gt 0 ] || variants=("")
+n=0
+for variant in "${variants[@]}"; do
+  n=$((n + 1))
+  for patch_file in $variant; do
+    patch -s -d csrc -p1 < "$patch_file" || { echo "$patch_file does not apply to csrc/"; exit 1; }
+    applied+=("$patch_file")
+  done
+  label="PATCHES: $(echo $variant)"
+  [ -n "$(echo $variant)" ] || label="the tree"
+  measure "$label" "variant$n"
+  unapply
+done
 exit $status
