@@ -20,7 +20,9 @@
 # a/kernels/...) applied in order to the working tree and taken back out after it; empty
 # measures the tree as it is. BASELINE=1 first times the CONFIGS on the tree without them
 # (into the same log), for ratios within one call. MEMCHECK=0 skips the runs under
-# compute-sanitizer (~1-4 min each). QUICK=0 skips the quick tests (100-150 s on an H100 for
+# compute-sanitizer (~1-4 min each). EXTRA_BENCH: another benchmark and its arguments, run
+# after each variant's and the baseline's (e.g. "benchmarks/bench_decode_fp8.py --only
+# 128,1,16,16384,0"). QUICK=0 skips the quick tests (100-150 s on an H100 for
 # decode, ~25 s for prefill, ~3 min for its gradient). Logs go to
 # ${JFM_LOG_DIR:-/tmp/jax_flashmla_logs}. Exit status non-zero if a step failed.
 set -uo pipefail
@@ -60,6 +62,13 @@ bench_configs() {  # bench_configs LABEL [--json FILE]: times CONFIGS, appends t
   grep -v Warning "$logs/variant_bench.txt" | tail -$((${#only[@]} + 2))
   elapsed "bench ($1)"
 }
+extra_bench() {  # extra_bench LABEL TAG: EXTRA_BENCH, if given
+  [ -n "${EXTRA_BENCH:-}" ] || return 0
+  # shellcheck disable=SC2086
+  timeout 300 "$py" -P $EXTRA_BENCH --runs 5 > "$logs/$2_extra_bench.txt" 2>&1 || status=1
+  grep -v Warning "$logs/$2_extra_bench.txt" | tail -6
+  elapsed "extra bench ($1)"
+}
 
 "$py" -m pip install -q --no-index --no-deps .whl/*.whl 2> /dev/null || true  # CUTLASS wheel
 peers=${JFM_PEERS:-../shared/peers}/setup_peers.sh
@@ -69,6 +78,7 @@ peers=${JFM_PEERS:-../shared/peers}/setup_peers.sh
 if [ "${BASELINE:-0}" != 0 ]; then
   install_package
   bench_configs "the tree without PATCHES"
+  extra_bench "the tree without PATCHES" baseline
 fi
 
 applied=()
@@ -94,6 +104,7 @@ measure() {  # measure LABEL: the tree as it is now, built, timed and checked
   install_package
   elapsed "build ($label)"
   bench_configs "$label" --json "$logs/${tag}_bench.json"
+  extra_bench "$label" "$tag"
   wait "$cpp_build" || { tail -20 "$logs/cpp_build.log"; status=1; return; }
   timeout -k 10 120 "build/cpp/$check" > "$logs/${check}_$tag.txt" 2>&1 || status=1
   echo "$check ($label): $(tail -1 "$logs/${check}_$tag.txt")"
