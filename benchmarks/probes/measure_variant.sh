@@ -122,7 +122,7 @@ measure() {  # measure LABEL: the tree as it is now, built, timed and checked
   fi
 }
 
-IFS=';' read -r -a variants <<< "${PATCHES:-}"
+IFS=';' read -r -d '' -a variants <<< "${PATCHES:-}" || true  # newlines allowed
 [ ${#variants[@]} -gt 0 ] || variants=("")
 n=0
 for variant in "${variants[@]}"; do
