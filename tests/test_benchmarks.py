@@ -76,7 +76,12 @@ def test_bench_decode_smoke_without_peers(tmp_path):
     for record in records:
         assert record["kernel"] == "xla_reference"
         assert set(record) == SIDE_BY_SIDE_KEYS, record
-        assert record["us"] > 0 and record["gbps"] > 0
+        assert record["us"] > 0
+        # GB/s follows from us and the bytes (rounded to 0.1: a slow CPU run may read 0.0).
+        moved = bench.bytes_moved(
+            record["b"], record["s_q"], record["h_q"], record["h_kv"], record["mean_s_k"]
+        )
+        assert record["gbps"] == pytest.approx(moved / (record["us"] * 1e3), rel=1e-2, abs=0.06)
         # No peer on the CPU: nothing side by side, and no ratio from anywhere else.
         assert record["side_by_side"] is False
         assert record["flashmla_us"] is None and record["ratio"] is None
@@ -156,7 +161,19 @@ def test_bench_decode_fp8_records(tmp_path):
             record["bf16_us"] / record["us"], rel=rounding, abs=1e-3
         )
         assert record["ratio"] == pytest.approx(50.0 / record["us"], rel=rounding, abs=1e-3)
-        assert record["gbps"] > 0 and record["side_by_side"] is True
+        cfg = bench.dense.Config(
+            "only",
+            record["b"],
+            record["s_q"],
+            record["h_q"],
+            record["h_kv"],
+            record["s_k"],
+            record["causal"],
+        )
+        layout = {"fp8_v32": "V32", "fp8_e4m3": "E4M3"}[record["cache"]]
+        moved = bench.bytes_moved(cfg, record["mean_s_k"], layout)
+        assert record["gbps"] == pytest.approx(moved / (record["us"] * 1e3), rel=1e-2, abs=0.06)
+        assert record["side_by_side"] is True
     cfg = bench.dense.Config("only", 2, 1, 16, 1, 0, False)
     assert bench.bytes_moved(cfg, 10.0, "V32") == 2 * (16 * (576 + 512) * 2 + 10 * 656)
     assert bench.bytes_moved(cfg, 10.0, "E4M3") == 2 * (16 * (576 + 512) * 2 + 10 * 576)
