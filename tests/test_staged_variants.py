@@ -1,9 +1,9 @@
 """Every kernel variant staged in benchmarks/probes/variants applies to csrc/ as it is.
 
-A staged variant is a patch that `benchmarks/probes/measure_variant.sh` applies on the GPU
-machine; one that no longer applies (the tree moved under it) would cost a device call to find
-out. Checked strictly (`git apply --check`: no fuzz), after the patches a variant's first line
-names (`Applies on top of: a.patch b.patch`), which go in first.
+A staged variant is a patch that `benchmarks/probes/measure_variant.sh` applies on a Hopper
+GPU; one that no longer applies (the tree moved under it) would only show there. Checked
+strictly (`git apply --check`: no fuzz), after the patches a variant's first line names
+(`Applies on top of: a.patch b.patch`), which go in first.
 """
 
 from __future__ import annotations

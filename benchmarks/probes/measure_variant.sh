@@ -19,7 +19,7 @@
 # PATCHES: variants separated by ";", each a list of patches against csrc/ (paths
 # a/kernels/...) applied in order to the working tree and taken back out after it; empty
 # measures the tree as it is. BASELINE=1 first times the CONFIGS on the tree without them
-# (into the same log), for ratios within one call. MEMCHECK=0 skips the runs under
+# (into the same log), for ratios within one run. MEMCHECK=0 skips the runs under
 # compute-sanitizer (~1-4 min each). EXTRA_BENCH: another benchmark and its arguments, run
 # after each variant's and the baseline's (e.g. "benchmarks/bench_decode_fp8.py --only
 # 128,1,16,16384,0"). QUICK=0 skips the quick tests (100-150 s on an H100 for
