@@ -270,8 +270,22 @@ def differential_us(median_time: Callable[[int], float], repeats: int) -> float:
     return (per_call if per_call > 0 else many / repeats) * 1e6
 
 
+def warm_up(run_once: Callable[[], object], warmup_ms: float) -> None:
+    """Untimed runs for at least `warmup_ms` (at least one): a GPU coming out of idle, or out
+    of another library's work, takes milliseconds to reach its steady clocks."""
+    end = time.perf_counter() + warmup_ms / 1e3
+    run_once()
+    while time.perf_counter() < end:
+        run_once()
+
+
 def jax_time_us(
-    many_calls: Callable, args_of: Callable[[int], tuple], *, repeats: int, runs: int, warmup: int
+    many_calls: Callable,
+    args_of: Callable[[int], tuple],
+    *,
+    repeats: int,
+    runs: int,
+    warmup_ms: float,
 ) -> float:
     """Time of one call of a jitted function of n back-to-back calls, `many_calls(*args_of(n))`,
     in microseconds: the median over `runs` for n = R and n = R / 4, differenced."""
@@ -279,8 +293,7 @@ def jax_time_us(
 
     def median_time(n: int) -> float:
         args = args_of(n)
-        for _ in range(warmup):
-            jax.block_until_ready(many_calls(*args))
+        warm_up(lambda: jax.block_until_ready(many_calls(*args)), warmup_ms)
         times = []
         for _ in range(runs):
             start = time.perf_counter()
@@ -293,7 +306,7 @@ def jax_time_us(
     return differential_us(median_time, repeats)
 
 
-def graph_time_us(calls: list, *, repeats: int, runs: int, warmup: int) -> float:
+def graph_time_us(calls: list, *, repeats: int, runs: int, warmup_ms: float) -> float:
     """The same for a torch peer: calls[:n] captured in one CUDA graph, replay + synchronize
     timed."""
     import torch
@@ -303,16 +316,18 @@ def graph_time_us(calls: list, *, repeats: int, runs: int, warmup: int) -> float
         # thread_local: JAX's own threads may touch CUDA while this thread captures.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outs = [call() for call in calls[:n]]
-        for _ in range(warmup):
+
+        def replay() -> None:
             graph.replay()
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+
+        warm_up(replay, warmup_ms)
         times = []
         for _ in range(runs):
             start = time.perf_counter()
-            graph.replay()
-            torch.cuda.synchronize()
+            replay()
             times.append(time.perf_counter() - start)
-        del graph, outs
+        del outs
         return statistics.median(times)
 
     return differential_us(median_time, repeats)
@@ -326,7 +341,7 @@ def time_op(
     *,
     repeats: int,
     runs: int,
-    warmup: int,
+    warmup_ms: float,
 ) -> float:
     """Median time of one call of our op in microseconds (see the module docstring)."""
     qs, k_cache, block_table, seqlens, _ = inputs
@@ -335,7 +350,7 @@ def time_op(
         lambda n: (qs[:n], k_cache, block_table, seqlens, *metadata),
         repeats=repeats,
         runs=runs,
-        warmup=warmup,
+        warmup_ms=warmup_ms,
     )
 
 
@@ -437,8 +452,8 @@ class TorchPeers:
     times our op. A peer that cannot be imported is reported once and skipped; a peer that fails
     on one config is reported and gives None there."""
 
-    def __init__(self, *, repeats: int, runs: int, warmup: int, dtype_name: str):
-        self.repeats, self.runs, self.warmup = repeats, runs, warmup
+    def __init__(self, *, repeats: int, runs: int, warmup_ms: float, dtype_name: str):
+        self.repeats, self.runs, self.warmup_ms = repeats, runs, warmup_ms
         self.modules: dict[str, object] = {}
         self.reported: set[str] = set()
         for name, module_name in PEER_MODULES.items():
@@ -491,7 +506,7 @@ class TorchPeers:
         del first
 
         return PeerResult(
-            graph_time_us(calls, repeats=self.repeats, runs=self.runs, warmup=self.warmup),
+            graph_time_us(calls, repeats=self.repeats, runs=self.runs, warmup_ms=self.warmup_ms),
             max_abs_diff,
             rel_err,
         )
@@ -620,7 +635,12 @@ def timing_arguments(parser: argparse.ArgumentParser, peers: str) -> None:
     """The options of the timing and of the `peers` beside ours, the same in every benchmark."""
     parser.add_argument("--repeats", type=int, default=20, help="op calls per jitted function (R)")
     parser.add_argument("--runs", type=int, default=30, help="timed runs (median)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--warmup-ms",
+        type=float,
+        default=200.0,
+        help="untimed calls for at least this long before each timed series (at least one)",
+    )
     parser.add_argument(
         "--peers",
         action=argparse.BooleanOptionalAction,
@@ -743,7 +763,7 @@ def header_line(device, date: str, inputs: str, main_kernel: str, args) -> str:
 def torch_peers(args: argparse.Namespace) -> tuple[TorchPeers, str]:
     """The torch peers and the header's note on which of them were imported."""
     peers = TorchPeers(
-        repeats=args.repeats, runs=args.runs, warmup=args.warmup, dtype_name=args.dtype
+        repeats=args.repeats, runs=args.runs, warmup_ms=args.warmup_ms, dtype_name=args.dtype
     )
     return peers, ", ".join(peers.names) or "none importable"
 
@@ -775,9 +795,9 @@ class FlashMLASparsePeer:
     calls. A config it cannot take (refusal) or fails on is reported and gives a PeerResult
     without a time."""
 
-    def __init__(self, module, *, repeats: int, runs: int, warmup: int):
+    def __init__(self, module, *, repeats: int, runs: int, warmup_ms: float):
         self.flash_mla = module
-        self.repeats, self.runs, self.warmup = repeats, runs, warmup
+        self.repeats, self.runs, self.warmup_ms = repeats, runs, warmup_ms
         self.reported: set[str] = set()
 
     @classmethod
@@ -787,7 +807,7 @@ class FlashMLASparsePeer:
             module = importlib.import_module("flash_mla")
         except Exception as error:  # a missing build, torch or CUDA library
             return None, f"off (cannot import flash_mla: {error!r})"
-        return cls(module, repeats=args.repeats, runs=args.runs, warmup=args.warmup), "on"
+        return cls(module, repeats=args.repeats, runs=args.runs, warmup_ms=args.warmup_ms), "on"
 
     def refusal(self, cfg) -> str:
         """Why FlashMLA cannot take `cfg` ("" when it can), known before torch is imported."""
@@ -836,7 +856,7 @@ class FlashMLASparsePeer:
         max_abs_diff, rel_err = agreement(theirs, ours)
         del first, theirs
 
-        us = graph_time_us(calls, repeats=self.repeats, runs=self.runs, warmup=self.warmup)
+        us = graph_time_us(calls, repeats=self.repeats, runs=self.runs, warmup_ms=self.warmup_ms)
         return PeerResult(us, max_abs_diff, rel_err)
 
 
@@ -904,8 +924,8 @@ def sparse_args(parser: argparse.ArgumentParser, argv, scale_help: str) -> argpa
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.runs < 1 or args.warmup < 0:
-        parser.error("--repeats and --runs must be >= 1, --warmup >= 0")
+    if args.repeats < 1 or args.runs < 1 or args.warmup_ms < 0:
+        parser.error("--repeats and --runs must be >= 1, --warmup-ms >= 0")
     if args.scale < 1:
         parser.error("--scale must be >= 1")
     return args
@@ -964,7 +984,7 @@ def main(argv=None, measure_peers: PeerMeasure | None = None) -> int:
             metadata,
             repeats=args.repeats,
             runs=args.runs,
-            warmup=args.warmup,
+            warmup_ms=args.warmup_ms,
         )
         peers: dict[str, PeerResult] = {}
         # The peers run at page 64 only: FlashMLA takes no other.
@@ -986,7 +1006,7 @@ def main(argv=None, measure_peers: PeerMeasure | None = None) -> int:
                 metadata,
                 repeats=args.xla_repeats,
                 runs=args.xla_runs,
-                warmup=1,
+                warmup_ms=0,
             )
             xla_record = record(
                 "xla_reference", cfg, args.dtype, xla_us, mean_s_k, peers, card, date

@@ -177,7 +177,7 @@ def main(argv=None, measure_peers: dense.PeerMeasure | None = None) -> int:
     print(HEADER)
     records, disagreements = [], []
     metadata_fn = jax.jit(fm.get_mla_metadata, static_argnums=(1, 2))
-    timing = {"repeats": args.repeats, "runs": args.runs, "warmup": args.warmup}
+    timing = {"repeats": args.repeats, "runs": args.runs, "warmup_ms": args.warmup_ms}
     for cfg in configs:
         inputs = dense.make_inputs(cfg, jnp.bfloat16, args.seed + cfg.b, args.repeats)
         qs, k_cache, block_table, seqlens, lengths = inputs

@@ -253,14 +253,16 @@ def jitted_calls(implementation: str):
     return many_calls
 
 
-def time_op(many_calls, inputs: Inputs, metadata, *, repeats: int, runs: int, warmup: int) -> float:
+def time_op(
+    many_calls, inputs: Inputs, metadata, *, repeats: int, runs: int, warmup_ms: float
+) -> float:
     """Median time of one call of our op in microseconds (bench_decode.py's method)."""
     return dense.jax_time_us(
         many_calls,
         lambda n: (inputs.qs[:n], inputs.cache, inputs.indices, *metadata),
         repeats=repeats,
         runs=runs,
-        warmup=warmup,
+        warmup_ms=warmup_ms,
     )
 
 
@@ -280,8 +282,8 @@ class FlashMLAPeer(dense.FlashMLASparsePeer):
     as FlashMLA wants them) and the indices. A config it fails on is reported and gives a
     PeerResult without a time."""
 
-    def __init__(self, module, *, repeats: int, runs: int, warmup: int):
-        super().__init__(module, repeats=repeats, runs=runs, warmup=warmup)
+    def __init__(self, module, *, repeats: int, runs: int, warmup_ms: float):
+        super().__init__(module, repeats=repeats, runs=runs, warmup_ms=warmup_ms)
         self.noted_copy = False
 
     def cache_bytes(self, cache):
@@ -434,7 +436,12 @@ def main(argv=None, measure_peer: PeerMeasure | None = None) -> int:
         inputs = make_inputs(cfg, args.seed + cfg.b, args.repeats)
         metadata = schedule(cfg)
         us = time_op(
-            many_calls, inputs, metadata, repeats=args.repeats, runs=args.runs, warmup=args.warmup
+            many_calls,
+            inputs,
+            metadata,
+            repeats=args.repeats,
+            runs=args.runs,
+            warmup_ms=args.warmup_ms,
         )
         peer = dense.flashmla_beside(
             measure_peer,

@@ -256,7 +256,7 @@ def time_backward(
     *,
     repeats: int,
     runs: int,
-    warmup: int,
+    warmup_ms: float,
 ):
     """Median time of one backward call in microseconds: pullbacks of `repeats` forward calls,
     cotangents of out and lse ~ N(0, 1) (bf16, float32), bench_decode.py's method."""
@@ -279,18 +279,18 @@ def time_backward(
         lambda n: (pullbacks[:n], cotangents[:n]),
         repeats=repeats,
         runs=runs,
-        warmup=warmup,
+        warmup_ms=warmup_ms,
     )
 
 
-def time_op(many_calls, inputs: Inputs, *, repeats: int, runs: int, warmup: int) -> float:
+def time_op(many_calls, inputs: Inputs, *, repeats: int, runs: int, warmup_ms: float) -> float:
     """Median time of one call of our op in microseconds (bench_decode.py's method)."""
     return dense.jax_time_us(
         many_calls,
         lambda n: (inputs.qs[:n], inputs.kv, inputs.indices),
         repeats=repeats,
         runs=runs,
-        warmup=warmup,
+        warmup_ms=warmup_ms,
     )
 
 
@@ -426,7 +426,7 @@ def main(argv=None, measure_peer: PeerMeasure | None = None) -> int:
     records = []
     disagreements = []
     many_calls = jitted_calls(args.implementation)
-    timing = {"repeats": args.repeats, "runs": args.runs, "warmup": args.warmup}
+    timing = {"repeats": args.repeats, "runs": args.runs, "warmup_ms": args.warmup_ms}
     for cfg in configs:
         inputs = make_inputs(cfg, args.seed, args.repeats)
         if "fwd" in args.directions:

@@ -52,8 +52,8 @@ SMOKE_ARGS = [
     "2",
     "--repeats",
     "2",
-    "--warmup",
-    "1",
+    "--warmup-ms",
+    "0",
     "--xla-runs",
     "1",
 ]
@@ -305,8 +305,8 @@ SPARSE_SMOKE_ARGS = [
     "2",
     "--repeats",
     "2",
-    "--warmup",
-    "1",
+    "--warmup-ms",
+    "0",
 ]
 
 
@@ -766,7 +766,7 @@ def test_bench_prefill_sparse_flashmla_constraints():
     assert "h_q" in bench.flashmla_refusal(bench.parse_only("576,256,2048,8192"))
     refused = bench.parse_only("576,128,2048,8192").scaled(64)  # topk 64
     assert "topk" in bench.flashmla_refusal(refused)
-    peer = bench.FlashMLAPeer(None, repeats=2, runs=1, warmup=0)
+    peer = bench.FlashMLAPeer(None, repeats=2, runs=1, warmup_ms=0)
     result = peer(refused, None, None)  # refused before torch or FlashMLA is touched
     assert result.us is None and result.rel_err is None
     assert "torch" not in sys.modules

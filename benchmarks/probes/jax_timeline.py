@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     )
     # First the bench's own figure for this config and R, untraced, to set beside the trace.
     bench_us = bench_decode.time_op(
-        cfg, args.implementation, inputs, metadata, repeats=args.calls, runs=30, warmup=3
+        cfg, args.implementation, inputs, metadata, repeats=args.calls, runs=30, warmup_ms=200
     )
     many_calls = bench_decode.jitted_calls(cfg, args.implementation)
     call_args = (qs, k_cache, block_table, seqlens, *metadata)
