@@ -356,8 +356,9 @@ HEAD_PAIRS = tuple(
     (h_q, h_kv) for h_q in (1, 3, 9, 63, 64, 126, 128) for h_kv in (1, 2, 3, 8) if h_q % h_kv == 0
 )
 #: Page sizes of the matrix: FlashMLA's 64, vLLM's 1 and 16, and a large one. The loaders take
-#: 64-token blocks by TMA where pages are a multiple of 64 (64, 256) and gather them token by
-#: token otherwise (1, 16); test_quick_page_sizes covers the other sizes.
+#: 64-token blocks by TMA where pages are a multiple of 64 (64, 256) or a block is whole pages
+#: of 16 or 32 tokens (16), and gather them token by token otherwise (1);
+#: test_quick_page_sizes covers the other sizes.
 PAGES = (1, 16, 64, 256)
 
 
@@ -630,8 +631,8 @@ def test_quick_page_boundaries(s_q, causal, h_q, h_kv):
         check_against_reference(inputs, out, lse, causal=causal)
 
 
-#: Page sizes the loaders take by TMA (multiples of 64) or gather token by token (the others:
-#: powers of two below 64, odd sizes, one above 64).
+#: Page sizes the loaders take by TMA (multiples of 64, and 16 and 32, several pages a block)
+#: or gather token by token (the others: 1, 2, 8, odd sizes, one above 64).
 PAGE_SIZES = (1, 2, 8, 16, 32, 53, 64, 69, 128, 256)
 
 

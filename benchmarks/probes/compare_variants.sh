@@ -10,7 +10,7 @@
 # A variant is `csrc` (the tree as it is), a patch against csrc/ (paths a/kernels/...,
 # b/kernels/...), applied to a copy of the repository, or a directory laid out like csrc/
 # holding only the files it changes, laid over a copy. CONFIGS entries are decode_cycles'
-# arguments (b, s_q, h_q, s_k, causal) joined by commas.
+# arguments (b, s_q, h_q, s_k, causal[, page]) joined by commas.
 #
 # NCU_CONFIGS="128,2,128,16384,0" (optional): for each entry and each of VARIANTS, one launch
 # under ncu (--clock-control none): DRAM bytes read and the kernel's time. The H200 runs these

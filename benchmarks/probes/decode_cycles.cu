@@ -11,7 +11,7 @@
 //
 // Built by CMake with -DJAX_FLASHMLA_BUILD_PROBES=ON (target decode_cycles, with the span probe
 // switched on; see benchmarks/probes/README.md), run on the H200:
-//   decode_cycles [b] [s_q] [h_q] [s_k] [causal]
+//   decode_cycles [b] [s_q] [h_q] [s_k] [causal] [page]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -49,7 +49,8 @@ int main(int argc, char** argv) {
   const int h_q = argc > 3 ? std::atoi(argv[3]) : 128;
   const int s_k = argc > 4 ? std::atoi(argv[4]) : 4096;
   const bool causal = argc > 5 && std::atoi(argv[5]) != 0;
-  const int h_kv = 1, page = jfm::kDefaultPageSize;
+  const int page = argc > 6 ? std::atoi(argv[6]) : jfm::kDefaultPageSize;
+  const int h_kv = 1;
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
 
@@ -152,7 +153,7 @@ int main(int argc, char** argv) {
     CHECK(cudaMemcpy(&part, metadata, sizeof(part), cudaMemcpyDeviceToHost));
     long blocks = 0;
     for (int req = part.begin_req; req <= part.end_req; ++req) {
-      const int n = (lengths[req] + page - 1) / page;
+      const int n = (lengths[req] + jfm::kSchedulerBlockTokens - 1) / jfm::kSchedulerBlockTokens;
       const int lo = req == part.begin_req ? part.begin_block : 0;
       const int hi = req == part.end_req ? std::min(part.end_block, n) : n;
       blocks += std::max(hi - lo, 0);

@@ -68,7 +68,8 @@ struct Case {
   // > 0: the block table has this many entries per request, fewer than the lengths need:
   // the kernel attends clamp(len, 0, table_blocks * page) tokens.
   int table_blocks = 0;
-  // Tokens per cache block: multiples of 64 are loaded by TMA, other pages gathered.
+  // Tokens per cache block: multiples of 64, 16 and 32 are loaded by TMA, other pages
+  // gathered.
   int page = jfm::kDefaultPageSize;
 };
 
@@ -132,6 +133,10 @@ std::vector<Case> all_cases() {
       // Other page sizes, with bad block ids inside the used range.
       {"page1-b3-sq1-h128-len700/1/65", 3, 1, 128, 1, {700, 1, 65}, false, false, 1.f, 5, 0, 1},
       {"page16-b2-sq2-h64-causal-len300/17", 2, 2, 64, 1, {300, 17}, true, false, 1.f, 3, 0, 16},
+      {"page32-fp16-b3-sq1-h128-len500/33/31", 3, 1, 128, 1, {500, 33, 31}, false, true, 1.f, 2,
+       0, 32},
+      {"page16-clamp-b2-sq1-h16x2-len2147483647/40", 2, 1, 16, 2, {2147483647, 40}, false, false,
+       1.f, 0, 7, 16},
       {"page53-fp16-b2-sq1-h9x3-len600/53", 2, 1, 9, 3, {600, 53}, false, true, 1.f, 2, 0, 53},
       {"page128-b2-sq2-h128-causal-len1000/129", 2, 2, 128, 1, {1000, 129}, true, false, 1.f, 2,
        0, 128},

@@ -70,14 +70,17 @@ cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream)
       {row_bytes, row_bytes * tile.group, row_bytes * p.h_q},
       {64, static_cast<cuuint32_t>(tile.heads_per_tile), 1,
        static_cast<cuuint32_t>(tile.s_per_tile)});
-  // k_cache [num_blocks * page, h_kv, 576]: one box is 64 tokens x 64 dims of one KV head (no
-  // map where the loaders gather).
+  // k_cache [num_blocks * page, h_kv, 576]: one box is 64 dims of one KV head over a block's
+  // 64 tokens, or over a page where pages are smaller (no map where the loaders gather).
   const bool kv_ok =
-      p.num_blocks == 0 || sm90::decode_dense::gathers_blocks(p.page) ||
-      encode_map_16bit<3>(&args.kv_map, p.k_cache,
-                          {kHeadDimQK, static_cast<cuuint64_t>(p.h_kv),
-                           static_cast<cuuint64_t>(p.num_blocks * p.page)},
-                          {row_bytes, row_bytes * p.h_kv}, {64, 1, 64});
+      p.num_blocks == 0 ||
+      sm90::decode_dense::block_loader(p.page) == sm90::decode_dense::BlockLoader::kGather ||
+      encode_map_16bit<3>(
+          &args.kv_map, p.k_cache,
+          {kHeadDimQK, static_cast<cuuint64_t>(p.h_kv),
+           static_cast<cuuint64_t>(p.num_blocks * p.page)},
+          {row_bytes, row_bytes * p.h_kv},
+          {64, 1, static_cast<cuuint32_t>(sm90::decode_dense::box_tokens(p.page))});
   if (!q_ok || !kv_ok) return cudaErrorInvalidValue;
 
   cudaError_t err = p.dtype == ElementType::kBF16

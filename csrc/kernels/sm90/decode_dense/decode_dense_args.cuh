@@ -40,14 +40,32 @@ inline TileShape tile_shape(int64_t s_q, int64_t h_q, int64_t h_kv) {
   return t;
 }
 
-// Whether the loaders gather a cache's blocks token by token: where its pages are not a
-// multiple of the 64-token KV block (else each block lies in one page and comes by TMA).
-inline bool gathers_blocks(int64_t page) { return page % kSchedulerBlockTokens != 0; }
+// How the loaders bring a cache's 64-token KV blocks into shared memory, by page size.
+enum class BlockLoader {
+  kWholePages,  // pages a multiple of 64 tokens: a block is part of one page, one TMA box a chunk
+  kPageBoxes,   // pages of 16 or 32 tokens: a block is 64 / page pages, one TMA box a page a chunk
+  kGather,      // any other page: token by token with cp.async (a block may start mid-page)
+};
+
+// The smallest page loaded by TMA boxes. A smaller page (1, 2, 8) would take 72 or more boxes a
+// block; the gather copies those.
+constexpr int64_t kMinBoxTokens = 16;
+
+inline BlockLoader block_loader(int64_t page) {
+  if (page % kSchedulerBlockTokens == 0) return BlockLoader::kWholePages;
+  if (page >= kMinBoxTokens && kSchedulerBlockTokens % page == 0) return BlockLoader::kPageBoxes;
+  return BlockLoader::kGather;
+}
+
+// Rows of one TMA box of the KV map: a whole block, or a whole page where pages are smaller.
+inline int64_t box_tokens(int64_t page) {
+  return page % kSchedulerBlockTokens == 0 ? kSchedulerBlockTokens : page;
+}
 
 struct KernelArgs {
   CUtensorMap q_map;   // [batch * s_q, h_kv, group, 576] viewed 4-D, box {64, hpt, 1, spt}
-  CUtensorMap kv_map;  // [num_blocks * page, h_kv, 576] viewed 3-D, box {64, 1, 64}; unset
-                       // where blocks are gathered (page not a multiple of 64)
+  CUtensorMap kv_map;  // [num_blocks * page, h_kv, 576] viewed 3-D, box {64, 1, box_tokens};
+                       // unset where blocks are gathered
   DenseDecodeParams params;
   TileShape tile;
   float scale_log2;        // softmax_scale * log2(e)

@@ -3,10 +3,10 @@
 // Roles (384 threads, three warpgroups), one device function each:
 //   load_role (WG0): TMA loads of the query tile (one thread) and of every 64-token KV block (9
 //     chunks of 64 dims x 64 rows, 128-byte swizzled) into a 2-stage ring: by TMA where pages
-//     hold whole blocks (a multiple of 64 tokens; one thread, load_block_tma), else gathered
-//     token by token with cp.async by all 128 threads (gather_block, the kGather variant).
-//     Beside each stage, the mask of its rows that hold a loaded token; a token whose page id
-//     is out of range is never read.
+//     hold whole blocks or a block is whole pages of 16 or 32 tokens (one thread,
+//     load_block_tma), else gathered token by token with cp.async by all 128 threads
+//     (gather_block). Beside each stage, the mask of its rows that hold a loaded token; a token
+//     whose page id is out of range is never read.
 //   WG1, the score warpgroup: issue_scores (S = Q K^T on wgmma, both operands in shared
 //     memory), online_softmax (fp32, against a lazily raised reference max: O is rescaled only
 //     when a row's scores pass its reference by more than 2^8, so almost never after the first
@@ -83,28 +83,72 @@ __device__ __forceinline__ RequestWork request_work(const KernelArgs& args,
 struct BlockLoad {
   const int32_t* table;  // the request's block table row
   int length;            // tokens attended
+  int last_page;         // the table entry of the request's last token
   int kv_head;
 };
 
-// One thread: block `blk` by TMA, 9 boxes of 64 tokens x 64 dims from its page (pages that are
-// a multiple of 64 tokens hold whole blocks). A block whose page id is out of range is not
-// read: its row mask is 0 and a plain arrival completes its full barrier.
+// The pages of one KV block loaded by TMA: one (a block is part of a page of 64 or more
+// tokens), or 64 / page whole pages of 16 or 32 tokens, each its own box of every chunk.
+template <BlockLoader kLoader>
+struct BlockPages {
+  static constexpr int kMax = kLoader == BlockLoader::kPageBoxes ? kBlockTokens / kMinBoxTokens : 1;
+  int box_tokens;    // rows of one page's box
+  int32_t id[kMax];  // page ids; -1 past the block's pages or the length
+};
+
+// The page ids of block `blk`, read before the loader waits for a stage so that the table
+// reads overlap the wait. Every entry is read unconditionally (clamped to the request's last
+// page), so the reads are in flight together rather than one after another.
+template <BlockLoader kLoader>
+__device__ __forceinline__ BlockPages<kLoader> block_pages(const KernelArgs& args,
+                                                           const BlockLoad& load, int blk) {
+  BlockPages<kLoader> pages;
+  pages.box_tokens = kLoader == BlockLoader::kPageBoxes ? args.page : kBlockTokens;
+  const int first_token = blk * kBlockTokens;
+  const int first = first_token / args.page;  // the block's first block-table entry
+  int32_t entry[pages.kMax];
+#pragma unroll
+  for (int i = 0; i < pages.kMax; ++i) entry[i] = load.table[min(first + i, load.last_page)];
+#pragma unroll
+  for (int i = 0; i < pages.kMax; ++i) {
+    const int token = first_token + i * pages.box_tokens;
+    pages.id[i] = i * pages.box_tokens < kBlockTokens && token < load.length ? entry[i] : -1;
+  }
+  return pages;
+}
+
+// One thread: block `blk` by TMA, 9 chunks of 64 dims from each of its pages (a box of a page
+// lands at its rows of the chunk; chunks and those rows sit at multiples of 1024 bytes, so the
+// 128-byte swizzle is that of a whole-block box). A page past the length or whose id is out of
+// range is not read: its rows stay out of the stage's row mask, and a block with no page loaded
+// has its full barrier completed by a plain arrival.
+template <BlockLoader kLoader>
 __device__ __forceinline__ void load_block_tma(const KernelArgs& args, SharedStorage& smem,
-                                               int stage, const BlockLoad& load, int blk) {
+                                               int stage, const BlockLoad& load, int blk,
+                                               const BlockPages<kLoader>& pages) {
   const DenseDecodeParams& p = args.params;
-  const int token = blk * kBlockTokens;
-  const int32_t physical = load.table[token / args.page];
-  const bool present = physical >= 0 && physical < p.num_blocks;
-  smem.kv_rows[stage] = present ? ~0ull : 0;  // published by the arrival below (release)
-  if (!present) {
+  const uint64_t box_rows = ~0ull >> (kBlockTokens - pages.box_tokens);
+  uint64_t rows = 0;
+#pragma unroll
+  for (int i = 0; i < pages.kMax; ++i) {
+    if (pages.id[i] >= 0 && pages.id[i] < p.num_blocks) rows |= box_rows << (i * pages.box_tokens);
+  }
+  smem.kv_rows[stage] = rows;  // published by the arrival below (release)
+  if (rows == 0) {
     mbarrier_arrive(&smem.kv_full[stage]);
     return;
   }
-  mbarrier_arrive_expect_tx(&smem.kv_full[stage], kTileBytes);
-  const int row = physical * args.page + token % args.page;
-  for (int c = 0; c < kQKChunks; ++c) {
-    tma_load_3d(smem.kv[stage] + c * kChunkBytes, &args.kv_map, &smem.kv_full[stage],
-                c * kChunkElems, load.kv_head, row, args.kv_cache_hint);
+  mbarrier_arrive_expect_tx(&smem.kv_full[stage], __popcll(rows) * kQKChunks * 128);
+#pragma unroll
+  for (int i = 0; i < pages.kMax; ++i) {
+    if (((rows >> (i * pages.box_tokens)) & 1) == 0) continue;
+    const int token = blk * kBlockTokens + i * pages.box_tokens;
+    const int row = pages.id[i] * args.page + token % args.page;
+    uint8_t* dst = smem.kv[stage] + i * pages.box_tokens * 128;
+    for (int c = 0; c < kQKChunks; ++c) {
+      tma_load_3d(dst + c * kChunkBytes, &args.kv_map, &smem.kv_full[stage], c * kChunkElems,
+                  load.kv_head, row, args.kv_cache_hint);
+    }
   }
 }
 
@@ -145,16 +189,18 @@ __device__ __forceinline__ void gather_block(const KernelArgs& args, SharedStora
 
 // Arrivals that complete a stage's full barrier: the TMA thread, or every gathering thread and
 // lane 0 of each loader warp.
-template <bool kGather>
-constexpr uint32_t kFullArrivals = kGather ? kLoaderThreads + kLoaderThreads / 32 : 1;
+template <BlockLoader kLoader>
+constexpr uint32_t kFullArrivals =
+    kLoader == BlockLoader::kGather ? kLoaderThreads + kLoaderThreads / 32 : 1;
 
 // WG0: for each request with work, the query tile (thread 0), then its KV blocks through the
 // stage ring (thread 0 by TMA, or all 128 threads gathering).
-template <typename Element, bool kGather>
+template <typename Element, BlockLoader kLoader>
 __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage& smem,
                                           const MetadataRow& part, int kv_head, int s0, int j0) {
   const DenseDecodeParams& p = args.params;
   const TileShape& tile = args.tile;
+  constexpr bool kGather = kLoader == BlockLoader::kGather;
   if (!kGather && threadIdx.x != 0) return;
   if (threadIdx.x == 0) {
     prefetch_tensor_map(&args.q_map);
@@ -175,13 +221,16 @@ __device__ __forceinline__ void load_role(const KernelArgs& args, SharedStorage&
       }
     }
     q_phase ^= 1;
-    const BlockLoad load{p.block_table + req * p.max_blocks_per_seq, w.length, kv_head};
+    const BlockLoad load{p.block_table + req * p.max_blocks_per_seq, w.length,
+                         (w.length - 1) / args.page, kv_head};
     for (int blk = w.lo; blk < w.hi; ++blk) {
-      mbarrier_wait(&smem.kv_empty[stage], kv_phase ^ 1);
       if constexpr (kGather) {
+        mbarrier_wait(&smem.kv_empty[stage], kv_phase ^ 1);
         gather_block<Element>(args, smem, stage, load, blk);
       } else {
-        load_block_tma(args, smem, stage, load, blk);
+        const BlockPages<kLoader> pages = block_pages<kLoader>(args, load, blk);
+        mbarrier_wait(&smem.kv_empty[stage], kv_phase ^ 1);
+        load_block_tma<kLoader>(args, smem, stage, load, blk, pages);
       }
       if (++stage == kStages) {
         stage = 0;
@@ -217,13 +266,16 @@ __device__ __forceinline__ ThreadRows thread_rows(const TileShape& tile, int64_t
   return t;
 }
 
-// Rows past the sequence end in a request's last block may hold anything (NaN): zero their V
-// part so that 0 * NaN cannot reach the output through P V. (Only blocks loaded whole need it:
-// the gather zero-fills every row it does not load.)
-__device__ __forceinline__ void zero_value_tail(uint8_t* kv, int valid_rows) {
-  const int units = (kBlockTokens - valid_rows) * (kHeadDimV / 8);
+// A block loaded by TMA comes in whole pages: its rows past the sequence end, and those of a page
+// that was not loaded, may hold anything (NaN). Zero the V part of every row not in `keep` so
+// that 0 * NaN cannot reach the output through P V. (The gather zero-fills every row it does
+// not load.)
+__device__ __forceinline__ void zero_values_except(uint8_t* kv, uint64_t keep) {
+  const int first = __ffsll(static_cast<long long>(~keep)) - 1;  // first row to zero
+  const int units = (kBlockTokens - first) * (kHeadDimV / 8);
   for (int u = threadIdx.x % 128; u < units; u += 128) {
-    const int row = valid_rows + u / (kHeadDimV / 8);
+    const int row = first + u / (kHeadDimV / 8);
+    if ((keep >> row) & 1) continue;
     const int piece = u % (kHeadDimV / 8);  // 16-byte piece of the row's V
     const int chunk = piece / 8, unit = piece % 8;
     *reinterpret_cast<uint4*>(kv + chunk * kChunkBytes + row * 128 + unit * 16) =
@@ -269,14 +321,15 @@ __device__ __forceinline__ void finish_request(const KernelArgs& args, SharedSto
   }
 }
 
-// WG1 and WG2: every request of the part, block by block, then its epilogue. Gathered blocks
-// may hold rows that were not loaded: the stage's row mask masks their keys; a block loaded by
-// TMA is loaded whole or not at all.
-template <typename Element, bool kGather>
+// WG1 and WG2: every request of the part, block by block, then its epilogue. A block of several
+// pages may hold rows that were not loaded: the stage's row mask masks their keys; a block of
+// one page is loaded whole or not at all, and its softmax has no mask test.
+template <typename Element, BlockLoader kLoader>
 __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage& smem,
                                           const MetadataRow& part, int kv_head, int s0, int j0) {
   const DenseDecodeParams& p = args.params;
   const bool score_wg = threadIdx.x / 128 == 1;
+  constexpr bool kMasked = kLoader != BlockLoader::kWholePages;
   const ThreadRows t = thread_rows(args.tile, p.s_q, kv_head, s0, j0);
   int stage = 0;
   uint32_t kv_phase = 0, q_phase = 0;
@@ -312,16 +365,19 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
           issue_scores<Element, kQKChunks>(smem.q, kv, s);
           wgmma_wait<0>();
           if (blk == w.hi - 1) mbarrier_arrive(&smem.q_empty);  // Q is free for the next request
-          if constexpr (!kGather) {
+          if constexpr (kLoader != BlockLoader::kGather) {
             const int valid_rows = w.length - blk * kBlockTokens;
-            if (valid_rows < kBlockTokens) zero_value_tail(kv, valid_rows);
+            const uint64_t in_length =
+                valid_rows < kBlockTokens ? ~0ull >> (kBlockTokens - valid_rows) : ~0ull;
+            const uint64_t keep = loaded & in_length;
+            if (keep != ~0ull) zero_values_except(kv, keep);
           }
           uint32_t packed[16];
           float factor[2];
           const auto attends = [&](int i, int h, int e) {
             const int column = i * 8 + t.quad_col + e;
             const bool in_length = blk * kBlockTokens + column < key_limit[h];
-            if constexpr (kGather) return in_length && ((loaded >> column) & 1);
+            if constexpr (kMasked) return in_length && ((loaded >> column) & 1);
             return in_length;
           };
           online_softmax<Element>(s, attends, args.scale_log2, rows, o, packed, factor);
@@ -347,7 +403,7 @@ __device__ __forceinline__ void math_role(const KernelArgs& args, SharedStorage&
   }
 }
 
-template <typename Element, bool kGather>
+template <typename Element, BlockLoader kLoader>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_kernel(const __grid_constant__ KernelArgs args) {
   extern __shared__ uint8_t smem_raw[];
@@ -364,7 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&smem.kv_full[s], kFullArrivals<kGather>);
+      mbarrier_init(&smem.kv_full[s], kFullArrivals<kLoader>);
       mbarrier_init(&smem.kv_empty[s], kConsumerThreads);
     }
     mbarrier_init(&smem.q_full, 1);
@@ -377,12 +433,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int j0 = (q_tile % args.tile.head_tiles) * args.tile.heads_per_tile;
   if (threadIdx.x / 128 == 0) {
     registers_decrease<40>();
-    load_role<Element, kGather>(args, smem, part, kv_head, s0, j0);
+    load_role<Element, kLoader>(args, smem, part, kv_head, s0, j0);
     return;
   }
   registers_increase<232>();
   if (threadIdx.x / 128 == 1) JFM_SPAN_BEGIN();
-  math_role<Element, kGather>(args, smem, part, kv_head, s0, j0);
+  math_role<Element, kLoader>(args, smem, part, kv_head, s0, j0);
   if (threadIdx.x / 128 == 1) JFM_SPAN_END();
 }
 
@@ -403,9 +459,9 @@ struct DeviceSetup {
   int cluster_ctas;    // resident CTAs in clusters of kClusterTiles; 0 if unknown
 };
 
-template <typename Element, bool kGather>
+template <typename Element, BlockLoader kLoader>
 DeviceSetup query_device_setup(int device) {
-  const auto kernel = dense_decode_kernel<Element, kGather>;
+  const auto kernel = dense_decode_kernel<Element, kLoader>;
   // A failed query sets the runtime's last error; clear it only if it was clear before, so
   // that an error of someone else's stays for them to see.
   const bool error_slot_clear = cudaPeekAtLastError() == cudaSuccess;
@@ -443,10 +499,10 @@ DeviceSetup query_device_setup(int device) {
   return setup;
 }
 
-template <typename Element, bool kGather>
+template <typename Element, BlockLoader kLoader>
 DeviceSetup device_setup() {
   return per_device_once(
-      [](int device) { return query_device_setup<Element, kGather>(device); },
+      [](int device) { return query_device_setup<Element, kLoader>(device); },
       [](const DeviceSetup& setup) { return setup.status == cudaSuccess && setup.plain_ctas > 0; });
 }
 
@@ -454,9 +510,9 @@ DeviceSetup device_setup() {
 // number allows it and clusters keep as many CTAs resident as a plain launch. A KV block all of
 // whose readers are in one cluster is dead once they have read it (evict first); otherwise it
 // stays in the L2 for the other tiles' reads (evict normal).
-template <typename Element, bool kGather>
+template <typename Element, BlockLoader kLoader>
 cudaError_t launch_variant(const KernelArgs& args, cudaStream_t stream) {
-  const DeviceSetup setup = device_setup<Element, kGather>();
+  const DeviceSetup setup = device_setup<Element, kLoader>();
   if (setup.status != cudaSuccess) return setup.status;
   const dim3 grid(static_cast<unsigned>(args.params.num_parts),
                   static_cast<unsigned>(args.params.h_kv),
@@ -470,15 +526,22 @@ cudaError_t launch_variant(const KernelArgs& args, cudaStream_t stream) {
       cluster_tiles == args.tile.num_tiles ? kCacheEvictFirst : kCacheEvictNormal;
   const LaunchShape shape{grid, dim3(kThreads), kSmemBytes, dim3(1, 1, cluster_tiles),
                           /*pdl=*/true};
-  return launch_kernel(dense_decode_kernel<Element, kGather>, shape, stream, launch_args);
+  return launch_kernel(dense_decode_kernel<Element, kLoader>, shape, stream, launch_args);
 }
 
-// Launches the kernel for one element type (instantiated in decode_dense_<type>.cu): blocks
-// by TMA where pages are a multiple of 64 tokens, else gathered token by token.
+// Launches the kernel for one element type (instantiated in decode_dense_<type>.cu), with the
+// block loader of the cache's page size.
 template <typename Element>
 cudaError_t launch_typed(const KernelArgs& args, cudaStream_t stream) {
-  return gathers_blocks(args.page) ? launch_variant<Element, true>(args, stream)
-                                   : launch_variant<Element, false>(args, stream);
+  switch (block_loader(args.page)) {
+    case BlockLoader::kWholePages:
+      return launch_variant<Element, BlockLoader::kWholePages>(args, stream);
+    case BlockLoader::kPageBoxes:
+      return launch_variant<Element, BlockLoader::kPageBoxes>(args, stream);
+    case BlockLoader::kGather:
+      break;
+  }
+  return launch_variant<Element, BlockLoader::kGather>(args, stream);
 }
 
 }  // namespace jfm::sm90::decode_dense
