@@ -59,7 +59,7 @@ inline BlockLoader block_loader(int64_t page) {
 
 // Rows of one TMA box of the KV map: a whole block, or a whole page where pages are smaller.
 inline int64_t box_tokens(int64_t page) {
-  return page % kSchedulerBlockTokens == 0 ? kSchedulerBlockTokens : page;
+  return block_loader(page) == BlockLoader::kWholePages ? kSchedulerBlockTokens : page;
 }
 
 struct KernelArgs {
