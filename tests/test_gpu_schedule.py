@@ -74,11 +74,19 @@ def test_metadata_uses_device_sm_count():
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("with_sink", [False, True])
 @pytest.mark.parametrize(
-    "b,s_q,h,d",
-    [(1, 1, 1, 512), (6, 2, 128, 512), (64, 1, 16, 512), (5, 3, 7, 128), (128, 2, 128, 512)],
+    "b,s_q,h,d,max_pieces",
+    [
+        (1, 1, 1, 512, 3),
+        (6, 2, 128, 512, 3),
+        (64, 1, 16, 512, 3),
+        (5, 3, 7, 128, 3),
+        (2, 1, 3, 200, 3),  # a row that ends inside a warp's 128-wide slice
+        (3, 1, 16, 512, 40),  # pieces beyond the 8 a warp loads at once
+        (128, 2, 128, 512, 3),
+    ],
 )
-def test_combine_kernel_matches_reference(rng, out_dtype, with_sink, b, s_q, h, d):
-    partial_o, partial_lse, num_splits = make_partials(rng, b, s_q, h, d)
+def test_combine_kernel_matches_reference(rng, out_dtype, with_sink, b, s_q, h, d, max_pieces):
+    partial_o, partial_lse, num_splits = make_partials(rng, b, s_q, h, d, max_pieces=max_pieces)
     sink = None
     if with_sink:
         sink = rng.normal(size=h).astype(np.float32)

@@ -287,8 +287,8 @@ def combine_oracle(partial_o, partial_lse, num_splits, sink):
     return out, lse
 
 
-def make_partials(rng, b, s_q, h, d, rows_extra=3, empty_fraction=0.2):
-    pieces = rng.integers(1, 4, b)
+def make_partials(rng, b, s_q, h, d, rows_extra=3, empty_fraction=0.2, max_pieces=3):
+    pieces = rng.integers(1, max_pieces + 1, b)
     pieces[rng.random(b) < 0.2] = 1
     num_splits = np.concatenate([[0], np.cumsum(pieces)]).astype(np.int32)
     rows = int(num_splits[-1]) + rows_extra
