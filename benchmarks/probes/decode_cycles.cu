@@ -1,8 +1,8 @@
 // Probe: times the dense decode kernel from C++ (no JAX): median of 100 launches after 50 of
 // warm-up (each launch synchronised), the median per-launch time of 20 launches back to back
-// (as a jitted loop runs them: lower clocks, the figure to compare), and, built with
-// -DJFM_KERNEL_SPAN (csrc/kernels/common/span.cuh), the cycles per
-// KV block of the first CTA and the SM clock of the last launch. The clock swings between
+// (as a jitted loop runs them: lower clocks, the figure to compare), the host's time to
+// enqueue one launch, and, built with -DJFM_KERNEL_SPAN (csrc/kernels/common/span.cuh), the
+// cycles per KV block of the first CTA and the SM clock of the last launch. The clock swings between
 // ~1.25 and ~1.8 GHz on the H200 under this load (power), so compare variants by cycles per
 // block, and by the JAX benchmark for time.
 //
@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -142,6 +143,21 @@ int main(int argc, char** argv) {
   const double us = median_us(50, 100, 1);
   // Back to back, as a jitted loop of calls runs them: 20 launches per group.
   std::printf("  back to back: %.1f us per launch\n", median_us(0, 15, 20));
+  // The host's time to enqueue one call (the launcher's checks, tensor maps and two kernel
+  // launches), median of 15 groups of 20: where it nears the figure above, a loop of such calls
+  // is limited by the host, not by the GPU.
+  {
+    std::vector<double> host;
+    for (int rep = 0; rep < 15; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < 20; ++i) CHECK(jfm::launch_dense_decode(p, 0));
+      const auto t1 = std::chrono::steady_clock::now();
+      CHECK(cudaDeviceSynchronize());
+      host.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / 20);
+    }
+    std::sort(host.begin(), host.end());
+    std::printf("  host enqueue: %.1f us per launch\n", host[host.size() / 2]);
+  }
   const double flops = double(b) * s_q * h_q * mean_len * 2 * (jfm::kHeadDimQK + jfm::kHeadDimV);
   std::printf("b %d s_q %d h_q %d s_k %d causal %d: mean len %.0f, %d parts, %.1f us, %.1f TFLOPS\n",
               b, s_q, h_q, s_k, causal, mean_len, num_parts, us, flops / us / 1e6);

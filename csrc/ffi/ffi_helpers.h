@@ -85,15 +85,19 @@ inline ffi::Error check_buffer(std::string_view target, std::string_view arg,
   const auto got = buf.dimensions();
   ok = ok && got.size() == dims.size();
   size_t axis = 0;
-  std::string expected_dims = "(";
   for (int64_t want : dims) {
     if (ok && want != kAnyDim && got[axis] != want) ok = false;
-    if (axis) expected_dims += ", ";
-    expected_dims += want == kAnyDim ? "*" : std::to_string(want);
     ++axis;
   }
-  expected_dims += dims.size() == 1 ? ",)" : ")";
+  // Every call of a handler runs this: the message is built only when there is one to give.
   if (ok) return ffi::Error::Success();
+  std::string expected_dims = "(";
+  axis = 0;
+  for (int64_t want : dims) {
+    if (axis++) expected_dims += ", ";
+    expected_dims += want == kAnyDim ? "*" : std::to_string(want);
+  }
+  expected_dims += dims.size() == 1 ? ",)" : ")";
   std::string expected;
   for (ffi::DataType dtype : dtypes) {
     if (!expected.empty()) expected += " or ";
