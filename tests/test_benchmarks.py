@@ -824,3 +824,22 @@ def test_ncu_stalls_summarises_each_launch(tmp_path, capsys):
     top = out.split("top 2 instructions:")[1].strip().splitlines()
     assert len(top) == 2 and "ERRBAR" in top[0] and "IMAD.MOV" in top[1]
     assert ncu_stalls.main([str(path), "--kernel", "missing"]) == 1
+
+
+def test_jax_outputs_probe_prints_both_figures(capsys):
+    """The output-buffer probe runs end to end (on the reference) and prints, per round, the
+    figure of the bench's program, that of the one-output program and their difference."""
+    spec = importlib.util.spec_from_file_location(
+        "jax_outputs", BENCHMARKS / "probes" / "jax_outputs.py"
+    )
+    jax_outputs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jax_outputs)
+    argv = ["2", "1", "16", "128", "0", "--calls", "4", "--runs", "2", "--rounds", "2"]
+    assert jax_outputs.main([*argv, "--warmup-ms", "0", "--implementation", "xla"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    rows = [row for row in rows if row and row[0].isdigit()]
+    assert [row[0] for row in rows] == ["0", "1"]
+    for row in rows:
+        every, one, difference = map(float, row[1:])
+        assert every > 0 and one > 0
+        assert difference == pytest.approx(every - one, abs=0.11)
