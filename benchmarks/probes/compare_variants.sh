@@ -12,6 +12,10 @@
 # holding only the files it changes, laid over a copy. CONFIGS entries are decode_cycles'
 # arguments (b, s_q, h_q, s_k, causal[, page]) joined by commas.
 #
+# EXTRA_CHECKS="decode_sparse_check" (optional): further C++ tests of tests/cpp, built and run
+# for each of CHECKS after decode_check (for a variant of code the decode kernels share, such as
+# the combine).
+#
 # NCU_CONFIGS="128,2,128,16384,0" (optional): for each entry and each of VARIANTS, one launch
 # under ncu (--clock-control none): DRAM bytes read and the kernel's time. The H200 runs these
 # kernels at its power cap, so bytes that need not move cost time too.
@@ -44,12 +48,16 @@ declare -A dirs
 status=0
 for v in $(printf '%s\n' ${VARIANTS:-} ${CHECKS:-} | sort -u); do
   mkdir -p build
-  dirs[$v]=$(build "$v" decode_cycles decode_check) || { echo "build of $v failed"; exit 1; }
+  dirs[$v]=$(build "$v" decode_cycles decode_check ${EXTRA_CHECKS:-}) ||
+    { echo "build of $v failed"; exit 1; }
 done
 for v in ${CHECKS:-}; do
-  echo "== check $v"
-  timeout 300 "${dirs[$v]}/decode_check" > "/tmp/check_$(name "$v").txt" 2>&1 || status=1
-  grep -v "^PASS" "/tmp/check_$(name "$v").txt" | tail -8
+  for test in decode_check ${EXTRA_CHECKS:-}; do
+    echo "== check $v ($test)"
+    log="/tmp/check_$(name "$v")_$test.txt"
+    timeout 300 "${dirs[$v]}/$test" > "$log" 2>&1 || status=1
+    grep -v "^PASS" "$log" | tail -8
+  done
 done
 for config in ${CONFIGS:-}; do
   for v in ${VARIANTS:-}; do
