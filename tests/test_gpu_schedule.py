@@ -80,8 +80,8 @@ def test_metadata_uses_device_sm_count():
         (6, 2, 128, 512, 3),
         (64, 1, 16, 512, 3),
         (5, 3, 7, 128, 3),
-        (2, 1, 3, 200, 3),  # a row that ends inside a warp's 128-wide slice
-        (3, 1, 16, 512, 40),  # pieces beyond the 8 a warp loads at once
+        (2, 1, 3, 200, 3),  # d_v not a multiple of 128
+        (3, 1, 16, 512, 40),  # up to 40 pieces per request
         (128, 2, 128, 512, 3),
     ],
 )

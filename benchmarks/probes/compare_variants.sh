@@ -28,7 +28,8 @@ build() {  # build <variant> <targets...>: prints the build directory
   if [ "$v" != csrc ]; then
     src="/tmp/variant_src_$(name "$v")"
     rm -rf "$src" && mkdir -p "$src" &&
-      git ls-files -z | xargs -0 -n 256 sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' _ |
+      git ls-files -z |  # the tracked files that exist (a deletion may not be committed yet)
+      xargs -0 -n 256 sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' _ |
       xargs -0 cp --parents -t "$src" || return 1
     if [ -d "$v" ]; then
       cp -r "$v"/. "$src/csrc/"

@@ -2,9 +2,9 @@
 // warm-up (each launch synchronised), the median per-launch time of 20 launches back to back
 // (as a jitted loop runs them: lower clocks, the figure to compare), the host's time to
 // enqueue one launch, and, built with -DJFM_KERNEL_SPAN (csrc/kernels/common/span.cuh), the
-// cycles per KV block of the first CTA and the SM clock of the last launch. The clock swings between
-// ~1.25 and ~1.8 GHz on the H200 under this load (power), so compare variants by cycles per
-// block, and by the JAX benchmark for time.
+// cycles per KV block of the first CTA and the SM clock of the last launch. The clock swings
+// between ~1.25 and ~1.8 GHz on the H200 under this load (power), so compare variants by
+// cycles per block, and by the JAX benchmark for time.
 //
 // Inputs as benchmarks/bench_decode.py: lengths ~ max(N(s_k, s_k/2), s_q), a randomly
 // permuted block table, uniform random bf16 values.
